@@ -1,0 +1,1 @@
+"""LRQ-DiT, HALO, Hub export and the Optimum CLI commands."""

@@ -1,0 +1,1 @@
+"""RotateKV: config, calibration, transformers reference cache, and the vLLM plugin."""
