@@ -20,6 +20,7 @@ CONFIG_VERSION = 1
 
 # vLLM --kv-cache-dtype names and the bits they mean.
 KV_CACHE_DTYPES = {"rotkv2": 2, "rotkv3": 3, "rotkv4": 4}
+SINK_MODES = ("topk", "first", "none")
 
 
 @dataclass(frozen=True)
@@ -36,8 +37,12 @@ class RotateKVConfig:
         pre_rope: rotate/quantize keys before RoPE (RotateKV); ``False`` quantizes post-RoPE keys.
         reorder: apply the calibrated channel order (outlier-aware reordering) to keys.
         rotate_values: per-head Hadamard on values.
-        sink_topk: tokens holding any of the top-``sink_topk`` |activations| of a layer's input
-            (over tokens x hidden) at prefill are kept in full precision; 0 disables sinks.
+        sink_mode: which tokens are attention sinks kept in full precision.
+            ``"topk"`` (the paper): at prefill, tokens holding any of the top-``sink_topk``
+            |activations| of the layer's input residual (over tokens x hidden), at most
+            ``max_sink_tokens`` of them, chosen per layer. ``"first"``: the first ``max_sink_tokens``
+            positions of every sequence (no activation statistics needed). ``"none"``: no sinks.
+        sink_topk: activations looked at by ``sink_mode="topk"``.
         max_sink_tokens: at most this many sink tokens per sequence (the side store's size).
         recent_window: the last ``recent_window`` tokens stay in full precision (0: none).
         boosted_layers: layer indices whose K/V use ``boost_bits`` instead.
@@ -55,6 +60,7 @@ class RotateKVConfig:
     pre_rope: bool = True
     reorder: bool = True
     rotate_values: bool = True
+    sink_mode: str = "topk"
     sink_topk: int = 20
     max_sink_tokens: int = 4
     recent_window: int = 0
@@ -81,8 +87,12 @@ class RotateKVConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or v < 0:
                 raise ValueError(f"{name}={v!r}: must be a non-negative int")
-        if self.sink_topk > 0 and self.max_sink_tokens == 0:
-            raise ValueError("max_sink_tokens=0 with sink_topk > 0: set sink_topk=0 to disable sinks")
+        if self.sink_mode not in SINK_MODES:
+            raise ValueError(f"sink_mode={self.sink_mode!r}: expected one of {SINK_MODES}")
+        if self.sink_mode != "none" and self.max_sink_tokens == 0:
+            raise ValueError(f"max_sink_tokens=0 with sink_mode={self.sink_mode!r}: use sink_mode='none'")
+        if self.sink_mode == "topk" and self.sink_topk == 0:
+            raise ValueError("sink_topk=0 with sink_mode='topk': use sink_mode='none'")
         object.__setattr__(self, "boosted_layers", tuple(int(i) for i in self.boosted_layers))
         if any(i < 0 for i in self.boosted_layers) or len(set(self.boosted_layers)) != len(self.boosted_layers):
             raise ValueError(f"boosted_layers={self.boosted_layers}: must be distinct non-negative layer indices")
