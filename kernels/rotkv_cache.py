@@ -1,0 +1,355 @@
+"""RotateKV cache records: write (rotate, permute, quantize, pack) and read (the inverse, then RoPE).
+
+Pure-PyTorch reference (``rotkv_write_ref`` / ``rotkv_read_ref``, built from ``hadamard.py`` and
+``quant.py``), plus the dispatching entry points ``rotkv_write`` / ``rotkv_read`` (custom ops
+``rotkv::rotkv_write`` / ``rotkv::rotkv_read``) that run the Triton kernels of ``rotkv_cache_triton`` when
+the tensor is on CUDA, or on the CPU when ``TRITON_INTERPRET=1`` and Triton is installed, and the
+reference otherwise. This module imports neither Triton nor a GPU library.
+
+One token's record (``record_bytes(width, bits, group_size, scale_format)`` bytes, ``width = H * D``)::
+
+    y      = hadamard_transform(x.reshape(T, H*D), block_size=rot_width)      # kron(I, H_rw / sqrt(rw))
+    y      = y[:, perm]                                                       # optional, block-preserving
+    q, s, z = quantize_groupwise(y, bits, group_size, clip_ratio, scale_format)
+    record = [ pack_codes(q) | s of all groups (raw LE bytes) | z of all groups (raw LE bytes) ]
+
+Reading inverts it: unpack, ``(q - z) * s``, ``y[:, perm] = y``, inverse block Hadamard, reshape to
+``[T, H, D]`` and, given ``cos``/``sin`` (``[T, D]``, Hugging Face Llama convention), RoPE:
+``x * cos + rotate_half(x) * sin`` with ``rotate_half(x) = cat(-x[..., D/2:], x[..., :D/2])``.
+
+Error of ``read(write(x))``: the rotation is orthogonal, so in the rotated basis every element's error is
+the quantizer's (at most ``s/2`` plus the clipping and scale-rounding terms of ``quant.py``), and the
+inverse rotation keeps the L2 norm of the error per rotation block; RoPE is a rotation per channel pair,
+so it keeps the per-pair norm.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import logging
+import os
+
+import torch
+
+from rotkv_kernels.hadamard import hadamard_transform, has_hadamard
+from rotkv_kernels.quant import (
+    SCALE_FORMATS,
+    SUPPORTED_BITS,
+    dequantize_groupwise,
+    pack_codes,
+    quantize_groupwise,
+    scale_dtypes,
+    unpack_codes,
+)
+
+__all__ = [
+    "record_bytes",
+    "check_perm",
+    "rotkv_write_ref",
+    "rotkv_read_ref",
+    "rotkv_write",
+    "rotkv_read",
+    "triton_available",
+    "rotate_half",
+]
+
+logger = logging.getLogger(__name__)
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def record_bytes(width: int, bits: int, group_size: int, scale_format: str) -> int:
+    """Bytes of one token's record: ``width*bits//8 + (width//group_size) * (scale bytes + zero bytes)``.
+
+    Raises:
+        ValueError: unsupported ``bits``/``scale_format``, ``group_size`` not dividing ``width``, or a
+            ``width`` that is not a multiple of 8 (8 codes pack into ``bits`` bytes).
+    """
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits={bits}: supported are {SUPPORTED_BITS}")
+    if scale_format not in SCALE_FORMATS:
+        raise ValueError(f"scale_format={scale_format!r}: expected one of {SCALE_FORMATS}")
+    if width < 8 or width % 8:
+        raise ValueError(f"width={width}: must be a positive multiple of 8 to pack codes")
+    if group_size < 1 or width % group_size:
+        raise ValueError(f"group_size={group_size} must divide the KV width {width}")
+    sd, zd = scale_dtypes(scale_format)
+    return width * bits // 8 + (width // group_size) * (sd.itemsize + zd.itemsize)
+
+
+def check_perm(perm: torch.Tensor, width: int, rot_width: int, check_values: bool = True) -> None:
+    """Validate a channel permutation: int64 ``[width]``, a permutation, mapping each ``rot_width`` block onto itself.
+
+    ``check_values=False`` checks only dtype and shape (no device sync); callers on a GPU hot path should
+    validate once with ``check_values=True`` when they load the permutation.
+
+    Raises:
+        ValueError: wrong dtype/shape, not a permutation, or an index leaving its rotation block.
+    """
+    if not isinstance(perm, torch.Tensor) or perm.dtype != torch.int64 or perm.shape != (width,):
+        got = f"{perm.dtype} {tuple(perm.shape)}" if isinstance(perm, torch.Tensor) else type(perm).__name__
+        raise ValueError(f"perm: expected an int64 tensor of shape ({width},), got {got}")
+    if not check_values:
+        return
+    ar = torch.arange(width, device=perm.device)
+    if not torch.equal(torch.sort(perm).values, ar):
+        raise ValueError("perm is not a permutation of range(H*D)")
+    if not torch.equal(perm // rot_width, ar // rot_width):
+        raise ValueError(
+            f"perm moves channels across rotation blocks of rot_width={rot_width}: each block must map onto itself"
+        )
+
+
+def _check_args(width: int, bits: int, group_size: int, rot_width: int, scale_format: str) -> None:
+    record_bytes(width, bits, group_size, scale_format)
+    if rot_width < 1 or width % rot_width:
+        raise ValueError(f"rot_width={rot_width} must divide the KV width H*D={width}")
+    if not has_hadamard(rot_width):
+        raise ValueError(
+            f"rot_width={rot_width} has no Hadamard matrix (need m * 2**k with m in 1, 12, 20, 28, 36, 44, ...)"
+        )
+
+
+def _check_perm_arg(perm: torch.Tensor | None, width: int, rot_width: int, device: torch.device) -> None:
+    if perm is None:
+        return
+    # Full value checks need a device sync; on a GPU only the metadata is checked (see check_perm).
+    check_perm(perm, width, rot_width, check_values=perm.device.type == "cpu")
+    if perm.device != device:
+        raise ValueError(f"perm is on {perm.device}, the data on {device}: move perm to the same device")
+
+
+def _check_write(x: torch.Tensor, bits, group_size, rot_width, perm, clip_ratio, scale_format) -> None:
+    if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.dtype not in _FLOAT_DTYPES:
+        got = f"{x.dtype} {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"x: expected a [T, H, D] float32/float16/bfloat16 tensor, got {got}")
+    width = x.shape[1] * x.shape[2]
+    _check_args(width, bits, group_size, rot_width, scale_format)
+    if not 0.0 < clip_ratio <= 1.0:
+        raise ValueError(f"clip_ratio={clip_ratio} must be in (0, 1]")
+    _check_perm_arg(perm, width, rot_width, x.device)
+
+
+def _check_read(record, num_heads, head_dim, bits, group_size, rot_width, perm, scale_format, cos, sin,
+                out_dtype) -> None:
+    if num_heads < 1 or head_dim < 1:
+        raise ValueError(f"num_heads={num_heads}, head_dim={head_dim}: must be positive")
+    width = num_heads * head_dim
+    _check_args(width, bits, group_size, rot_width, scale_format)
+    rb = record_bytes(width, bits, group_size, scale_format)
+    if not isinstance(record, torch.Tensor) or record.dtype != torch.uint8 or record.dim() != 2 \
+            or record.shape[1] != rb:
+        got = f"{record.dtype} {tuple(record.shape)}" if isinstance(record, torch.Tensor) else type(record).__name__
+        raise ValueError(f"record: expected uint8 [T, {rb}] (record_bytes of this layout), got {got}")
+    _check_perm_arg(perm, width, rot_width, record.device)
+    if (cos is None) != (sin is None):
+        raise ValueError("cos and sin: pass both (to apply RoPE) or neither")
+    if cos is not None:
+        t = record.shape[0]
+        for name, v in (("cos", cos), ("sin", sin)):
+            if v.shape != (t, head_dim) or v.dtype not in _FLOAT_DTYPES or v.device != record.device:
+                raise ValueError(
+                    f"{name}: expected a float tensor of shape ({t}, {head_dim}) on {record.device}, got "
+                    f"{v.dtype} {tuple(v.shape)} on {v.device}"
+                )
+        if head_dim % 2:
+            raise ValueError(f"head_dim={head_dim} must be even to apply RoPE")
+    if out_dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"out_dtype={out_dtype}: expected float32, float16 or bfloat16")
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """Hugging Face Llama's ``rotate_half``: ``cat(-x[..., D/2:], x[..., :D/2])``."""
+    h = x.shape[-1] // 2
+    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+
+
+def rotkv_write_ref(
+    x: torch.Tensor,
+    *,
+    bits: int,
+    group_size: int,
+    rot_width: int,
+    perm: torch.Tensor | None = None,
+    clip_ratio: float = 1.0,
+    scale_format: str = "fp16",
+) -> torch.Tensor:
+    """Encode ``x`` into RotateKV records (reference).
+
+    Args:
+        x: ``[T, H, D]`` fp32/fp16/bf16: pre-RoPE keys or values. Arithmetic is fp32.
+        bits: 2, 3 or 4. group_size: quantization group along the (permuted) ``H*D`` channels.
+        rot_width: block Hadamard width (``g*D`` for keys, ``D`` for values); divides ``H*D``.
+        perm: optional int64 ``[H*D]`` block-preserving channel permutation applied after the rotation.
+        clip_ratio: min-max clip ratio in (0, 1]. scale_format: ``"fp16"`` or ``"fp8"``.
+    Returns:
+        uint8 ``[T, record_bytes(H*D, bits, group_size, scale_format)]``.
+    Raises:
+        ValueError: any argument that does not fit (see the messages).
+    """
+    _check_write(x, bits, group_size, rot_width, perm, clip_ratio, scale_format)
+    t, h, d = x.shape
+    y = hadamard_transform(x.reshape(t, h * d).to(torch.float32), block_size=rot_width)
+    if perm is not None:
+        y = y[:, perm]
+    codes, scale, zero = quantize_groupwise(y, bits, group_size, clip_ratio, scale_format)
+    return torch.cat([pack_codes(codes, bits), scale.view(torch.uint8), zero.view(torch.uint8)], dim=-1)
+
+
+def rotkv_read_ref(
+    record: torch.Tensor,
+    *,
+    num_heads: int,
+    head_dim: int,
+    bits: int,
+    group_size: int,
+    rot_width: int,
+    perm: torch.Tensor | None = None,
+    scale_format: str = "fp16",
+    cos: torch.Tensor | None = None,
+    sin: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Decode RotateKV records (reference); the inverse of :func:`rotkv_write_ref`, then optional RoPE.
+
+    Args:
+        record: uint8 ``[T, record_bytes(H*D, ...)]``.
+        cos, sin: ``[T, D]`` (both or neither): RoPE at each token's position, applied in fp32.
+    Returns:
+        ``[T, H, D]`` of ``out_dtype``; all arithmetic in fp32, one rounding to ``out_dtype`` at the end.
+    Raises:
+        ValueError: any argument that does not fit (see the messages).
+    """
+    _check_read(record, num_heads, head_dim, bits, group_size, rot_width, perm, scale_format, cos, sin, out_dtype)
+    t = record.shape[0]
+    width = num_heads * head_dim
+    sd, zd = scale_dtypes(scale_format)
+    n_groups = width // group_size
+    cb = width * bits // 8
+    sb = n_groups * sd.itemsize
+    codes = unpack_codes(record[:, :cb], bits)
+    scale = record[:, cb:cb + sb].contiguous().view(sd)
+    zero = record[:, cb + sb:].contiguous().view(zd)
+    y = dequantize_groupwise(codes, scale, zero, group_size, torch.float32)
+    if perm is not None:
+        unperm = torch.empty_like(y)
+        unperm[:, perm] = y
+        y = unperm
+    x = hadamard_transform(y, block_size=rot_width, inverse=True).reshape(t, num_heads, head_dim)
+    if cos is not None:
+        c = cos.to(torch.float32)[:, None, :]
+        s = sin.to(torch.float32)[:, None, :]
+        x = x * c + rotate_half(x) * s
+    return x.to(out_dtype)
+
+
+# ---- dispatch ---------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    """Whether Triton is installed and importable (the kernels modules load without it either way)."""
+    if importlib.util.find_spec("triton") is None:
+        return False
+    try:
+        import triton  # noqa: F401
+    except Exception as e:  # a broken install is reported, not hidden
+        logger.warning("triton is installed but failed to import (%s); using the PyTorch reference", e)
+        return False
+    return True
+
+
+def _interpret_env() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_no_triton_on_cuda() -> None:
+    logger.warning("CUDA tensors but Triton is not installed: rotkv_write/rotkv_read run the PyTorch reference")
+
+
+def _use_triton(t: torch.Tensor) -> bool:
+    if t.device.type == "cuda":
+        if triton_available():
+            return True
+        _warn_no_triton_on_cuda()
+        return False
+    return t.device.type == "cpu" and _interpret_env() and triton_available()
+
+
+@torch.library.custom_op("rotkv::rotkv_write", mutates_args=())
+def _rotkv_write_op(
+    x: torch.Tensor, bits: int, group_size: int, rot_width: int, perm: torch.Tensor | None, clip_ratio: float,
+    scale_format: str,
+) -> torch.Tensor:
+    kw = dict(bits=bits, group_size=group_size, rot_width=rot_width, perm=perm, clip_ratio=clip_ratio,
+              scale_format=scale_format)
+    if _use_triton(x):
+        from rotkv_kernels.rotkv_cache_triton import rotkv_write_triton
+
+        return rotkv_write_triton(x, **kw)
+    return rotkv_write_ref(x, **kw)
+
+
+@_rotkv_write_op.register_fake
+def _(x, bits, group_size, rot_width, perm, clip_ratio, scale_format):
+    width = x.shape[1] * x.shape[2]
+    sd, zd = scale_dtypes(scale_format)
+    return x.new_empty(x.shape[0], width * bits // 8 + (width // group_size) * (sd.itemsize + zd.itemsize),
+                       dtype=torch.uint8)
+
+
+@torch.library.custom_op("rotkv::rotkv_read", mutates_args=())
+def _rotkv_read_op(
+    record: torch.Tensor, num_heads: int, head_dim: int, bits: int, group_size: int, rot_width: int,
+    perm: torch.Tensor | None, scale_format: str, cos: torch.Tensor | None, sin: torch.Tensor | None,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    kw = dict(num_heads=num_heads, head_dim=head_dim, bits=bits, group_size=group_size, rot_width=rot_width,
+              perm=perm, scale_format=scale_format, cos=cos, sin=sin, out_dtype=out_dtype)
+    if _use_triton(record):
+        from rotkv_kernels.rotkv_cache_triton import rotkv_read_triton
+
+        return rotkv_read_triton(record, **kw)
+    return rotkv_read_ref(record, **kw)
+
+
+@_rotkv_read_op.register_fake
+def _(record, num_heads, head_dim, bits, group_size, rot_width, perm, scale_format, cos, sin, out_dtype):
+    return record.new_empty(record.shape[0], num_heads, head_dim, dtype=out_dtype)
+
+
+def rotkv_write(
+    x: torch.Tensor,
+    *,
+    bits: int,
+    group_size: int,
+    rot_width: int,
+    perm: torch.Tensor | None = None,
+    clip_ratio: float = 1.0,
+    scale_format: str = "fp16",
+) -> torch.Tensor:
+    """:func:`rotkv_write_ref`'s contract; runs the Triton kernel on CUDA (or the CPU under
+    ``TRITON_INTERPRET=1``), else the reference. Custom op ``rotkv::rotkv_write``."""
+    return torch.ops.rotkv.rotkv_write(x, bits, group_size, rot_width, perm, float(clip_ratio), scale_format)
+
+
+def rotkv_read(
+    record: torch.Tensor,
+    *,
+    num_heads: int,
+    head_dim: int,
+    bits: int,
+    group_size: int,
+    rot_width: int,
+    perm: torch.Tensor | None = None,
+    scale_format: str = "fp16",
+    cos: torch.Tensor | None = None,
+    sin: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """:func:`rotkv_read_ref`'s contract; runs the Triton kernel on CUDA (or the CPU under
+    ``TRITON_INTERPRET=1``), else the reference. Custom op ``rotkv::rotkv_read``."""
+    return torch.ops.rotkv.rotkv_read(record, num_heads, head_dim, bits, group_size, rot_width, perm,
+                                      scale_format, cos, sin, out_dtype)
