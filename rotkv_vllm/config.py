@@ -229,8 +229,6 @@ class RotateKVLayout:
 
     def packed_bytes_per_token(self, bits: int, scale_format: str) -> int:
         """Bytes of one token's K (or V) on this rank: packed codes plus scales and zeros."""
-        from rotkv_kernels.quant import scale_dtypes
+        from rotkv_kernels.rotkv_cache import record_bytes
 
-        sd, zd = scale_dtypes(scale_format)
-        n_groups = self.kv_width // self.group_size
-        return self.kv_width * bits // 8 + n_groups * (sd.itemsize + zd.itemsize)
+        return record_bytes(self.kv_width, bits, self.group_size, scale_format)
