@@ -20,10 +20,11 @@ What makes it bit-identical on every backend (tested under ``TRITON_INTERPRET=1`
   in the interpreter): ``r = floor(v + 0.5)``, minus one on an exact tie with ``r`` odd; ``v + 0.5`` is exact
   for ``|v| < 2^23`` and larger values are already integers;
 - fp32 -> fp16 is Triton's round-to-nearest-even cast, like torch's;
-- fp32 -> float8_e4m3fn is done on the bits, replicating c10's ``fp8e4m3fn_from_fp32_value`` for the
-  normal range (the scale is at least ``eps = 2^-6``, the smallest e4m3 normal): round the mantissa to
-  3 bits to nearest-even, saturate inputs ``>= 480`` to 448 (``0x7E``); inputs in ``(464, 480)`` round to
-  ``0x7F``, which is NaN in e4m3fn, exactly as torch does.
+- fp32 -> float8_e4m3fn is done on the bits, like c10's ``fp8e4m3fn_from_fp32_value`` for the normal
+  range (the scale is at least ``eps = 2^-6``, the smallest e4m3 normal): round the mantissa to 3 bits to
+  nearest-even, and saturate everything that rounds above 448 (inf included) to 448 (``0x7E``), which is
+  what torch 2.13's CPU cast does (its scalar header would give NaN for inputs in ``(464, 480)``; the
+  tests pin the CPU behaviour).
 
 Byte layout (same as ``pack_codes`` and ``Tensor.view(torch.uint8)``): per row, the packed codes (8 codes
 in ``bits`` bytes, little-endian bit stream), then the scales of all groups (2 bytes for fp16, 1 for fp8,
@@ -85,12 +86,13 @@ if HAS_TRITON:
 
     @triton.jit
     def _fp8e4m3_encode(s):
-        """fp32 ``s >= 2^-6`` (positive normal range) -> float8_e4m3fn byte as int32, like c10."""
+        """fp32 ``s >= 2^-6`` (positive, normal range or +inf) -> float8_e4m3fn byte as int32, like torch."""
         fb = s.to(tl.int32, bitcast=True)
         odd = (fb >> 20) & 1
         # ((7 - 127) << 23) re-biases the exponent, 0x7FFFF + odd rounds the mantissa to nearest-even.
-        r = ((fb + (-1006632960 + 0x7FFFF) + odd) >> 20) & 0xFF
-        return tl.where(fb >= (1087 << 20), 0x7E, r)
+        r = (fb + (-1006632960 + 0x7FFFF) + odd) >> 20
+        # torch (CPU) saturates: anything that rounds above 448, inf included, becomes 448 (0x7E), never NaN.
+        return tl.minimum(r, 0x7E)
 
     @triton.jit
     def _fp8e4m3_decode(byte):
