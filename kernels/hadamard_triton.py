@@ -164,7 +164,8 @@ def hadamard_operands(n: int, inverse: bool, device: torch.device) -> tuple[torc
 
 def is_interpreted() -> bool:
     """Whether this module's kernels were built for the Triton CPU interpreter (``TRITON_INTERPRET=1`` at import)."""
-    return HAS_TRITON and isinstance(_hadamard_fwd_kernel, triton.runtime.interpreter.InterpretedFunction)
+    # triton.jit returns an InterpretedFunction instead of a JITFunction when TRITON_INTERPRET=1 at decoration.
+    return HAS_TRITON and not isinstance(_hadamard_fwd_kernel, triton.runtime.JITFunction)
 
 
 def check_launchable(t: torch.Tensor, what: str) -> None:

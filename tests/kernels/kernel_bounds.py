@@ -11,7 +11,8 @@ import math
 import pytest
 import torch
 
-from rotkv_kernels.hadamard import hadamard_factors
+from rotkv_kernels.hadamard import hadamard_factors, hadamard_transform
+from rotkv_kernels.quant import dequantize_groupwise, scale_dtypes, unpack_codes
 
 U32 = 2.0**-24
 # Unit roundoff (half an ulp, relative) of each output dtype.
@@ -87,3 +88,63 @@ def device_for_triton() -> str:
     if is_interpreted():
         return "cpu"
     pytest.skip("Triton kernels need a GPU or TRITON_INTERPRET=1 (scripts/test.sh sets it)")
+
+
+# ---- RotateKV cache helpers (shared by the reference and Triton cache tests) ----------------------------
+
+
+def block_perm(width: int, block: int, gen: torch.Generator | None = None) -> torch.Tensor:
+    """A random permutation mapping each ``block`` of channels onto itself."""
+    return torch.cat([torch.randperm(block, generator=gen) + b * block for b in range(width // block)])
+
+
+def llama_cos_sin(positions: torch.Tensor, head_dim: int, base: float = 10000.0):
+    """HF Llama rotary tables ``[T, D]``: ``emb = cat(freqs, freqs)``, ``cos(emb)``, ``sin(emb)``."""
+    inv = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    freqs = positions.double()[:, None] * inv[None, :]
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos().float(), emb.sin().float()
+
+
+def decode_rotated(record, width, bits, group_size, scale_format):
+    """Dequantized values of a record in stored (rotated, permuted) order, from quant.py's primitives."""
+    sd, zd = scale_dtypes(scale_format)
+    g = width // group_size
+    cb = width * bits // 8
+    codes = unpack_codes(record[:, :cb], bits)
+    scale = record[:, cb:cb + g * sd.itemsize].contiguous().view(sd)
+    zero = record[:, cb + g * sd.itemsize:].contiguous().view(zd)
+    return dequantize_groupwise(codes, scale, zero, group_size), scale.float(), zero.float()
+
+
+def roundtrip_norm_bound(x, record, *, bits, group_size, rot_width, perm, clip_ratio, scale_format):
+    """Per (token, rotation block) bound on ``||read(write(x)) - x||_2`` (no RoPE).
+
+    In the rotated basis ``y = H x`` every stored element is off by at most ``group_quant_bound`` (stored
+    scale and zero, see kernel_bounds). The permutation only reorders, and the inverse rotation is
+    orthogonal, so the error of each block of ``x`` has the L2 norm of its elements' errors in ``y``. On top:
+    the fp32 rounding of the forward rotation (inside the quantizer's input: ``e_fwd``, it moves values by at
+    most the Hadamard bound, which we add to each element) and of the inverse rotation (``e_inv``).
+    """
+    t, h, d = x.shape
+    width = h * d
+    y = hadamard_transform(x.reshape(t, width).float(), block_size=rot_width)
+    if perm is not None:
+        y = y[:, perm]
+    deq, scale, zero = decode_rotated(record, width, bits, group_size, scale_format)
+    eb = group_quant_bound(y, scale, zero, bits, group_size, clip_ratio)
+    # forward rounding: the quantizer saw fl(Hx), not Hx
+    l1 = x.double().reshape(t, width // rot_width, rot_width).abs().sum(-1)
+    k = ref_hadamard_terms(rot_width)
+    e_fwd = gamma(k) * l1 / math.sqrt(rot_width)
+    # inverse rounding on the dequantized values
+    if perm is not None:
+        unperm = torch.empty_like(deq)
+        unperm[:, perm] = deq
+        deq, eb_unperm = unperm, torch.empty_like(eb)
+        eb_unperm[:, perm] = eb
+        eb = eb_unperm
+    l1_deq = deq.double().reshape(t, width // rot_width, rot_width).abs().sum(-1)
+    e_inv = gamma(k) * l1_deq / math.sqrt(rot_width)
+    per_block = eb.reshape(t, width // rot_width, rot_width).pow(2).sum(-1).sqrt()
+    return per_block + e_fwd * math.sqrt(rot_width) + e_inv * math.sqrt(rot_width)

@@ -1,4 +1,5 @@
 """Without Triton: every module imports, the stubs raise a clear error, the dispatch uses the reference.
+With Triton but without ``TRITON_INTERPRET``, CPU tensors also go to the reference.
 
 Runs in a fresh interpreter where ``import triton`` fails (``sys.modules['triton'] = None``), with
 ``TRITON_INTERPRET=1`` still set, so the dispatch must notice that Triton is missing rather than trust the
@@ -61,3 +62,29 @@ def test_package_import_does_not_import_triton():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip() == "False"
+
+
+DISPATCH_SCRIPT = textwrap.dedent(
+    """
+    import torch
+    from rotkv_kernels.rotkv_cache import _use_triton, rotkv_read, rotkv_read_ref, rotkv_write, rotkv_write_ref
+    x = torch.randn(3, 3, 64)
+    assert not _use_triton(x)
+    kw = dict(bits=2, group_size=192, rot_width=192, clip_ratio=0.8)
+    rec = rotkv_write(x, **kw)
+    assert torch.equal(rec, rotkv_write_ref(x, **kw))
+    rk = dict(num_heads=3, head_dim=64, bits=2, group_size=192, rot_width=192)
+    assert torch.equal(rotkv_read(rec, **rk), rotkv_read_ref(rec, **rk))
+    print("OK")
+    """
+)
+
+
+def test_cpu_dispatch_without_interpreter_is_the_reference():
+    # In a subprocess: triton.language must not be first imported with TRITON_INTERPRET=0 in the test process
+    # (its own @jit helpers such as tl.max would then not be interpretable there).
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    out = subprocess.run([sys.executable, "-c", DISPATCH_SCRIPT], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().endswith("OK")

@@ -2,80 +2,20 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
-from kernel_bounds import U32, gamma, group_quant_bound, ref_hadamard_terms
-from rotkv_kernels.hadamard import hadamard_transform
-from rotkv_kernels.quant import bits_per_element, dequantize_groupwise, scale_dtypes, unpack_codes
-from rotkv_kernels.rotkv_cache import (
-    _use_triton,
-    check_perm,
-    record_bytes,
-    rotkv_read,
-    rotkv_read_ref,
-    rotkv_write,
-    rotkv_write_ref,
+from kernel_bounds import (
+    U32,
+    block_perm,
+    decode_rotated,
+    group_quant_bound,
+    llama_cos_sin,
+    roundtrip_norm_bound,
 )
-
-
-def block_perm(width: int, block: int, gen: torch.Generator | None = None) -> torch.Tensor:
-    """A random permutation mapping each ``block`` of channels onto itself."""
-    return torch.cat([torch.randperm(block, generator=gen) + b * block for b in range(width // block)])
-
-
-def llama_cos_sin(positions: torch.Tensor, head_dim: int, base: float = 10000.0):
-    """HF Llama rotary tables ``[T, D]``: ``emb = cat(freqs, freqs)``, ``cos(emb)``, ``sin(emb)``."""
-    inv = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
-    freqs = positions.double()[:, None] * inv[None, :]
-    emb = torch.cat([freqs, freqs], dim=-1)
-    return emb.cos().float(), emb.sin().float()
-
-
-def decode_rotated(record, width, bits, group_size, scale_format):
-    """Dequantized values of a record in stored (rotated, permuted) order, from quant.py's primitives."""
-    sd, zd = scale_dtypes(scale_format)
-    g = width // group_size
-    cb = width * bits // 8
-    codes = unpack_codes(record[:, :cb], bits)
-    scale = record[:, cb:cb + g * sd.itemsize].contiguous().view(sd)
-    zero = record[:, cb + g * sd.itemsize:].contiguous().view(zd)
-    return dequantize_groupwise(codes, scale, zero, group_size), scale.float(), zero.float()
-
-
-def roundtrip_norm_bound(x, record, *, bits, group_size, rot_width, perm, clip_ratio, scale_format):
-    """Per (token, rotation block) bound on ``||read(write(x)) - x||_2`` (no RoPE).
-
-    In the rotated basis ``y = H x`` every stored element is off by at most ``group_quant_bound`` (stored
-    scale and zero, see kernel_bounds). The permutation only reorders, and the inverse rotation is
-    orthogonal, so the error of each block of ``x`` has the L2 norm of its elements' errors in ``y``. On top:
-    the fp32 rounding of the forward rotation (inside the quantizer's input: ``e_fwd``, it moves values by at
-    most the Hadamard bound, which we add to each element) and of the inverse rotation (``e_inv``).
-    """
-    t, h, d = x.shape
-    width = h * d
-    y = hadamard_transform(x.reshape(t, width).float(), block_size=rot_width)
-    if perm is not None:
-        y = y[:, perm]
-    deq, scale, zero = decode_rotated(record, width, bits, group_size, scale_format)
-    eb = group_quant_bound(y, scale, zero, bits, group_size, clip_ratio)
-    # forward rounding: the quantizer saw fl(Hx), not Hx
-    l1 = x.double().reshape(t, width // rot_width, rot_width).abs().sum(-1)
-    k = ref_hadamard_terms(rot_width)
-    e_fwd = gamma(k) * l1 / math.sqrt(rot_width)
-    # inverse rounding on the dequantized values
-    if perm is not None:
-        unperm = torch.empty_like(deq)
-        unperm[:, perm] = deq
-        deq, eb_unperm = unperm, torch.empty_like(eb)
-        eb_unperm[:, perm] = eb
-        eb = eb_unperm
-    l1_deq = deq.double().reshape(t, width // rot_width, rot_width).abs().sum(-1)
-    e_inv = gamma(k) * l1_deq / math.sqrt(rot_width)
-    per_block = eb.reshape(t, width // rot_width, rot_width).pow(2).sum(-1).sqrt()
-    return per_block + e_fwd * math.sqrt(rot_width) + e_inv * math.sqrt(rot_width)
+from rotkv_kernels.hadamard import hadamard_transform
+from rotkv_kernels.quant import bits_per_element, scale_dtypes
+from rotkv_kernels.rotkv_cache import check_perm, record_bytes, rotkv_read_ref, rotkv_write_ref
 
 
 # (T, H, D, rot_width, group_size): SmolLM2 keys (3 heads x 64, one 192 group) and values (per head),
@@ -157,17 +97,6 @@ def test_rope_matches_complex_rotation():
     for dtype in (torch.float16, torch.bfloat16):
         low = rotkv_read_ref(rec, cos=cos, sin=sin, out_dtype=dtype, **kw)
         assert low.dtype == dtype and torch.equal(low, roped.to(dtype))
-
-
-def test_dispatch_without_interpreter_is_the_reference(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    x = torch.randn(3, 3, 64)
-    assert not _use_triton(x)
-    kw = dict(bits=2, group_size=192, rot_width=192, clip_ratio=0.8)
-    rec = rotkv_write(x, **kw)
-    assert torch.equal(rec, rotkv_write_ref(x, **kw))
-    rkw = dict(num_heads=3, head_dim=64, bits=2, group_size=192, rot_width=192)
-    assert torch.equal(rotkv_read(rec, **rkw), rotkv_read_ref(rec, **rkw))
 
 
 def test_record_bytes_formula_and_config():

@@ -21,14 +21,17 @@ from kernel_bounds import (
     TINY_ABS,
     U32,
     UNIT_ROUNDOFF,
+    block_perm,
+    decode_rotated,
     device_for_triton,
     hadamard_fp32_bound,
+    llama_cos_sin,
     ref_hadamard_terms,
+    roundtrip_norm_bound,
     triton_hadamard_terms,
 )
 from rotkv_kernels.hadamard import hadamard_transform_ref
 from rotkv_kernels.rotkv_cache import record_bytes, rotkv_read, rotkv_read_ref, rotkv_write, rotkv_write_ref
-from test_rotkv_cache import block_perm, decode_rotated, llama_cos_sin, roundtrip_norm_bound
 
 
 @pytest.fixture(scope="module")
