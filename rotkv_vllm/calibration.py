@@ -1,0 +1,392 @@
+"""RotateKV calibration: grouped-head Hadamard channel statistics of pre-RoPE keys -> channel order.
+
+For each layer, pre-RoPE keys ``k`` (``[tokens, H * D]``, the output of ``k_proj``) are rotated by the
+block-diagonal normalized Hadamard of width ``W = g * D`` (``g`` KV heads per group). The signed sum of
+each rotated channel over the calibration tokens (sink tokens excluded, they stay full precision) is
+sorted ascending within each group, so channels with similar means share a quantization group:
+
+    order[j*W:(j+1)*W] = j*W + argsort(sum_t H_W k_t[j*W:(j+1)*W])
+
+Outputs, next to the model (``save_calibration``):
+    rotkv_config.json    {"format": "rotkv-calibration", "format_version": 1, "config": RotateKVConfig,
+                          "layout": {"head_group_size", "group_size"}, "model": {...shapes, k_proj norms},
+                          "calibration": {"source", "num_tokens", "seq_len"}}
+    rotkv.safetensors    layers.{i}.key_order  int64 [H * D];  layers.{i}.key_channel_sum  fp32 [H * D]
+
+    python -m rotkv_vllm.calibration MODEL_DIR --calib-file FILE [--bits 2] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rotkv_kernels.hadamard import hadamard_transform
+from rotkv_vllm.config import RotateKVConfig, RotateKVLayout
+from rotkv_vllm.sinks import sink_token_mask
+
+__all__ = [
+    "CONFIG_FILE",
+    "TENSORS_FILE",
+    "RotateKVCalibration",
+    "calibrate",
+    "describe_model",
+    "find_calibration",
+    "load_calibration",
+    "load_calibration_text",
+    "save_calibration",
+]
+
+logger = logging.getLogger(__name__)
+
+CONFIG_FILE = "rotkv_config.json"
+TENSORS_FILE = "rotkv.safetensors"
+FORMAT = "rotkv-calibration"
+FORMAT_VERSION = 1
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def describe_model(model_or_config) -> dict[str, Any]:
+    """Shapes RotateKV needs from a Llama-architecture (GQA) model, validated.
+
+    Raises:
+        ValueError: an architecture RotateKV does not support, naming what is missing.
+    """
+    cfg = getattr(model_or_config, "config", model_or_config)
+    model_type = getattr(cfg, "model_type", None)
+    missing = [a for a in ("num_hidden_layers", "num_attention_heads", "hidden_size") if getattr(cfg, a, None) is None]
+    if missing:
+        raise ValueError(f"model config (model_type={model_type!r}) has no {missing}: not a decoder-only transformer")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(
+            f"model_type={model_type!r} is not supported: RotateKV needs a Llama-architecture attention "
+            f"(k_proj/v_proj/o_proj, RoPE, no sliding window); supported: {SUPPORTED_MODEL_TYPES}"
+        )
+    if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True):
+        raise ValueError(f"model uses sliding_window={cfg.sliding_window}: RotateKV does not support sliding windows")
+    if getattr(cfg, "kv_lora_rank", None):
+        raise ValueError("model uses MLA (kv_lora_rank): RotateKV needs per-head keys and values")
+    rope = getattr(cfg, "rope_parameters", None) or {}
+    if getattr(cfg, "rope_theta", None) is None and not rope.get("rope_theta"):
+        raise ValueError("model has no rope_theta: RotateKV rotates keys before RoPE and needs a RoPE model")
+    heads = cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    return {
+        "model_type": model_type,
+        "num_hidden_layers": int(cfg.num_hidden_layers),
+        "num_attention_heads": int(heads),
+        "num_key_value_heads": int(kv_heads),
+        "head_dim": int(head_dim),
+        "hidden_size": int(cfg.hidden_size),
+    }
+
+
+def _decoder_layers(model) -> list:
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if layers is None:
+        raise ValueError(f"{type(model).__name__} has no model.layers: not a Llama-architecture causal LM")
+    for i, layer in enumerate(layers):
+        attn = getattr(layer, "self_attn", None)
+        for name in ("k_proj", "v_proj", "o_proj"):
+            if attn is None or not hasattr(attn, name):
+                raise ValueError(f"layer {i} has no self_attn.{name}: RotateKV needs Llama-style attention")
+    return list(layers)
+
+
+def _k_proj_norms(model) -> list[float]:
+    return [float(layer.self_attn.k_proj.weight.detach().float().norm()) for layer in _decoder_layers(model)]
+
+
+@dataclass
+class RotateKVCalibration:
+    """Loaded calibration: config, resolved grouping, and one key channel order per layer."""
+
+    config: RotateKVConfig
+    model_info: dict[str, Any]
+    head_group_size: int
+    key_orders: list[torch.Tensor]
+    key_channel_sums: list[torch.Tensor] = field(default_factory=list)
+    source: dict[str, Any] = field(default_factory=dict)
+
+    def layout(self, tp_size: int = 1) -> RotateKVLayout:
+        """The layout on one tensor-parallel rank. Raises ValueError if groups would straddle ranks."""
+        cfg = dataclasses.replace(self.config, head_group_size=self.head_group_size)
+        try:
+            return RotateKVLayout.resolve(cfg, self.model_info["num_key_value_heads"], self.model_info["head_dim"], tp_size)
+        except ValueError as e:
+            raise ValueError(
+                f"{e}. This calibration groups {self.head_group_size} KV heads; recalibrate with "
+                f"`python -m rotkv_vllm.calibration MODEL --tensor-parallel-size {tp_size}`"
+            ) from None
+
+    def key_order_for_rank(self, layer: int, rank: int = 0, tp_size: int = 1) -> torch.Tensor:
+        """The layer's key order restricted to one rank's heads, as local indices ``[H/tp * D]``."""
+        lay = self.layout(tp_size)
+        w = lay.kv_width
+        return self.key_orders[layer][rank * w : (rank + 1) * w] - rank * w
+
+    def check_model(self, model_or_config) -> None:
+        """Raise ValueError if this calibration was made for another model."""
+        info = describe_model(model_or_config)
+        for k, v in info.items():
+            if self.model_info.get(k) != v:
+                raise ValueError(
+                    f"this RotateKV calibration was made for a model with {k}={self.model_info.get(k)!r}, "
+                    f"but the model has {k}={v!r}: recalibrate with `python -m rotkv_vllm.calibration MODEL_DIR`"
+                )
+        norms = self.model_info.get("k_proj_norms")
+        if norms is not None and hasattr(model_or_config, "model"):
+            mine = _k_proj_norms(model_or_config)
+            if any(abs(a - b) > 1e-2 * max(abs(b), 1e-6) for a, b in zip(mine, norms)):
+                raise ValueError(
+                    "this RotateKV calibration was made for other weights (k_proj norms differ): recalibrate "
+                    "with `python -m rotkv_vllm.calibration MODEL_DIR`"
+                )
+
+
+def _check_orders(orders: list[torch.Tensor], width: int, group_width: int) -> None:
+    for i, o in enumerate(orders):
+        if o.shape != (width,) or o.dtype != torch.int64:
+            raise ValueError(f"layers.{i}.key_order has shape {tuple(o.shape)}/{o.dtype}, expected ({width},)/int64")
+        blocks = o.view(-1, group_width)
+        base = torch.arange(0, width, group_width).unsqueeze(1)
+        if not torch.equal(blocks.sort(dim=1).values, base + torch.arange(group_width)):
+            raise ValueError(f"layers.{i}.key_order is not a permutation within each {group_width}-channel head group")
+
+
+def load_calibration_text(*, text: str | None = None, text_file: str | os.PathLike | None = None,
+                          dataset: str | None = None) -> tuple[str, str]:
+    """Exactly one of: literal ``text``; a ``text_file``; a ``datasets`` spec ``name[:config[:split]]``.
+
+    Returns ``(text, description of the source)``.
+    """
+    given = [x is not None for x in (text, text_file, dataset)]
+    if sum(given) != 1:
+        raise ValueError("give exactly one of text=, text_file= or dataset= for calibration")
+    if text is not None:
+        if not text.strip():
+            raise ValueError("calibration text is empty")
+        return text, "text"
+    if text_file is not None:
+        p = Path(text_file)
+        if not p.is_file():
+            raise ValueError(f"calibration file {p} does not exist")
+        return p.read_text(encoding="utf-8"), f"file:{p.name}"
+    import datasets  # optional dependency, only for this path
+
+    parts = dataset.split(":")
+    name, conf, split = parts[0], (parts[1] if len(parts) > 1 else None), (parts[2] if len(parts) > 2 else "train")
+    ds = datasets.load_dataset(name, conf, split=split)
+    col = "text" if "text" in ds.column_names else ds.column_names[0]
+    return "\n".join(ds[col]), f"dataset:{dataset}"
+
+
+@torch.no_grad()
+def calibrate(
+    model,
+    tokenizer,
+    config: RotateKVConfig | None = None,
+    *,
+    text: str | None = None,
+    text_file: str | os.PathLike | None = None,
+    dataset: str | None = None,
+    num_sequences: int = 32,
+    seq_len: int = 512,
+    tp_size: int = 1,
+    progress: bool = True,
+) -> RotateKVCalibration:
+    """Run ``model`` over calibration text and compute each layer's key channel order.
+
+    Args:
+        model: a transformers Llama-architecture causal LM (any dtype; statistics in fp32).
+        tokenizer: its tokenizer.
+        config: the RotateKV config to calibrate for (default ``RotateKVConfig()``).
+        text / text_file / dataset: the calibration text (exactly one).
+        num_sequences, seq_len: how much text: consecutive chunks of ``seq_len`` tokens.
+        tp_size: tensor-parallel size the calibration must support (head groups never straddle ranks).
+    """
+    config = config or RotateKVConfig()
+    info = describe_model(model)
+    layers = _decoder_layers(model)
+    layout = RotateKVLayout.resolve(config, info["num_key_value_heads"], info["head_dim"], tp_size)
+    body, source = load_calibration_text(text=text, text_file=text_file, dataset=dataset)
+    ids = tokenizer(body, return_tensors="pt", add_special_tokens=False).input_ids[0]
+    n_seq = min(num_sequences, ids.numel() // seq_len)
+    if n_seq < 1:
+        raise ValueError(f"calibration text has {ids.numel()} tokens, fewer than seq_len={seq_len}")
+    chunks = ids[: n_seq * seq_len].view(n_seq, seq_len)
+
+    width = info["num_key_value_heads"] * info["head_dim"]
+    sums = [torch.zeros(width, dtype=torch.float64) for _ in layers]
+    sink_masks: dict[int, torch.Tensor | None] = {}
+    handles = []
+
+    def layer_pre_hook(idx):
+        def hook(module, args, kwargs):
+            h = kwargs.get("hidden_states", args[0] if args else None)
+            sink_masks[idx] = sink_token_mask(config, h.shape[0], h.shape[1], h, device=h.device)
+        return hook
+
+    def k_hook(idx):
+        def hook(module, inputs, out):
+            k = out.detach().to(torch.float32)  # [B, T, H*D] pre-RoPE keys
+            y = hadamard_transform(k, block_size=layout.group_width)
+            m = sink_masks.get(idx)
+            if m is not None:
+                y = y * (~m).unsqueeze(-1)
+            sums[idx] += y.sum(dim=(0, 1)).to(torch.float64)
+        return hook
+
+    for i, layer in enumerate(layers):
+        handles.append(layer.register_forward_pre_hook(layer_pre_hook(i), with_kwargs=True))
+        handles.append(layer.self_attn.k_proj.register_forward_hook(k_hook(i)))
+    device = next(model.parameters()).device
+    try:
+        from tqdm.auto import tqdm
+
+        it = tqdm(range(n_seq), desc="RotateKV calibration", unit="seq", disable=not progress)
+        for s in it:
+            model(chunks[s : s + 1].to(device), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+
+    w = layout.group_width
+    orders = []
+    for s in sums:
+        blocks = s.view(-1, w)
+        orders.append((blocks.argsort(dim=1) + torch.arange(0, width, w).unsqueeze(1)).reshape(-1).to(torch.int64))
+    info = dict(info, k_proj_norms=_k_proj_norms(model))
+    return RotateKVCalibration(
+        config=config,
+        model_info=info,
+        head_group_size=layout.head_group_size,
+        key_orders=orders,
+        key_channel_sums=[s.to(torch.float32) for s in sums],
+        source={"source": source, "num_tokens": int(n_seq * seq_len), "seq_len": seq_len},
+    )
+
+
+def save_calibration(calib: RotateKVCalibration, out_dir: str | os.PathLike) -> Path:
+    """Write ``rotkv_config.json`` and ``rotkv.safetensors`` into ``out_dir`` (atomically, file by file)."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {f"layers.{i}.key_order": o.contiguous() for i, o in enumerate(calib.key_orders)}
+    for i, s in enumerate(calib.key_channel_sums):
+        tensors[f"layers.{i}.key_channel_sum"] = s.contiguous()
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "config": calib.config.to_dict(),
+        "layout": {"head_group_size": calib.head_group_size},
+        "model": calib.model_info,
+        "calibration": calib.source,
+    }
+    tmp_t = out / (TENSORS_FILE + ".tmp")
+    save_file(tensors, str(tmp_t), metadata={"format": FORMAT})
+    tmp_c = out / (CONFIG_FILE + ".tmp")
+    tmp_c.write_text(json.dumps(meta, indent=2, sort_keys=True))
+    os.replace(tmp_t, out / TENSORS_FILE)
+    os.replace(tmp_c, out / CONFIG_FILE)
+    return out
+
+
+def load_calibration(path: str | os.PathLike) -> RotateKVCalibration:
+    """Load a calibration from a folder holding ``rotkv_config.json`` + ``rotkv.safetensors``.
+
+    Raises:
+        ValueError: missing files, another format or version, or inconsistent tensors.
+    """
+    from safetensors.torch import load_file
+
+    p = Path(path)
+    if p.is_file():
+        p = p.parent
+    cfg_file, t_file = p / CONFIG_FILE, p / TENSORS_FILE
+    if not cfg_file.is_file() or not t_file.is_file():
+        raise ValueError(
+            f"{p} has no RotateKV calibration ({CONFIG_FILE} + {TENSORS_FILE}); create it with "
+            f"`python -m rotkv_vllm.calibration {p} --calib-file TEXT_FILE`"
+        )
+    meta = json.loads(cfg_file.read_text())
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{cfg_file} is not a RotateKV calibration (format={meta.get('format')!r})")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(
+            f"{cfg_file} has format_version {meta.get('format_version')}, this rotkv reads {FORMAT_VERSION}: recalibrate"
+        )
+    config = RotateKVConfig.from_dict(meta["config"])
+    info = meta["model"]
+    g = int(meta["layout"]["head_group_size"])
+    tensors = load_file(str(t_file))
+    n_layers = info["num_hidden_layers"]
+    try:
+        orders = [tensors[f"layers.{i}.key_order"] for i in range(n_layers)]
+    except KeyError as e:
+        raise ValueError(f"{t_file} lacks {e.args[0]}: the file is truncated or from another model") from None
+    sums = [tensors[f"layers.{i}.key_channel_sum"] for i in range(n_layers) if f"layers.{i}.key_channel_sum" in tensors]
+    width = info["num_key_value_heads"] * info["head_dim"]
+    _check_orders(orders, width, g * info["head_dim"])
+    return RotateKVCalibration(config=config, model_info=info, head_group_size=g, key_orders=orders,
+                               key_channel_sums=sums, source=meta.get("calibration", {}))
+
+
+def find_calibration(model: str | os.PathLike, revision: str | None = None) -> Path | None:
+    """The folder holding a RotateKV calibration for ``model`` (a local folder or a Hub repo id), or None.
+
+    For a repo id only the local Hugging Face cache is consulted (no download).
+    """
+    p = Path(model)
+    if p.is_dir():
+        return p if (p / CONFIG_FILE).is_file() and (p / TENSORS_FILE).is_file() else None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:  # pragma: no cover - huggingface_hub is a dependency
+        return None
+    found = [try_to_load_from_cache(str(model), f, revision=revision) for f in (CONFIG_FILE, TENSORS_FILE)]
+    if all(isinstance(f, str) for f in found):
+        return Path(found[0]).parent
+    return None
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m rotkv_vllm.calibration", description=__doc__.split("\n")[0])
+    ap.add_argument("model", help="local model folder (transformers checkpoint)")
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--calib-file", help="calibration text file (never the evaluation text)")
+    src.add_argument("--calib-dataset", help="datasets spec name[:config[:split]]")
+    ap.add_argument("--bits", type=int, default=2, choices=(2, 3, 4))
+    ap.add_argument("--config-json", help="a RotateKVConfig JSON file (overrides --bits)")
+    ap.add_argument("--num-sequences", type=int, default=32)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--tensor-parallel-size", type=int, default=1)
+    ap.add_argument("--out", help="output folder (default: the model folder)")
+    args = ap.parse_args(argv)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    config = (RotateKVConfig.from_json(Path(args.config_json).read_text()) if args.config_json
+              else RotateKVConfig.for_bits(args.bits))
+    tok = AutoTokenizer.from_pretrained(args.model)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    calib = calibrate(model, tok, config, text_file=args.calib_file, dataset=args.calib_dataset,
+                      num_sequences=args.num_sequences, seq_len=args.seq_len, tp_size=args.tensor_parallel_size)
+    out = save_calibration(calib, args.out or args.model)
+    print(f"RotateKV calibration ({calib.source['num_tokens']} tokens, head groups of {calib.head_group_size}) "
+          f"written to {out / CONFIG_FILE} and {out / TENSORS_FILE}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,376 @@
+"""The transformers reference path: attention over quantized-then-dequantized K/V, and its baselines.
+
+This is the accuracy oracle for RotateKV: a transformers model runs teacher-forced with every layer's
+attention reading K/V exactly as a quantized cache would return them. One harness implements every
+method so that comparisons come from one run:
+
+    fp        no quantization (reproduces the unmodified model's logits bit for bit)
+    int4/int2 per-token asymmetric min-max on post-RoPE K/V, no rotation
+    kivi2     keys per channel over groups of 32 tokens (the incomplete last group stays full precision,
+              as KIVI's residual), values per token
+    quarot2   post-RoPE per-head Hadamard, then per-token (QuaRot's KV cache)
+    rotkv*    RotateKV from a :class:`RotateKVConfig` + calibration: pre-RoPE grouped-head Hadamard and
+              calibrated channel order for keys, per-head Hadamard for values, attention sinks (and the
+              extensions: recent full-precision window, boosted layers, K/V at different bits)
+
+Mechanics: a forward hook on ``k_proj`` stashes pre-RoPE keys, a forward pre-hook on each decoder layer
+stashes its input residual (for sinks) and ``(cos, sin)``, and an attention function registered with
+transformers' ``AttentionInterface`` as ``"rotkv_ref"`` builds the dequantized K/V. Tokens kept in full
+precision (sinks, recent window, KIVI's residual) are handled exactly: scores and values for key ``s``
+seen from query ``t`` use full-precision K/V where ``fp_mask[t, s]``, quantized K/V elsewhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+
+from rotkv_kernels.hadamard import hadamard_transform
+from rotkv_kernels.quant import bits_per_element, fake_quantize_groupwise
+from rotkv_vllm.calibration import RotateKVCalibration, _decoder_layers, describe_model
+from rotkv_vllm.config import RotateKVConfig, RotateKVLayout
+from rotkv_vllm.sinks import sink_token_mask
+
+__all__ = ["KVMethod", "method_from_name", "quantized_kv", "perplexity", "KVStats", "METHOD_NAMES"]
+
+ATTN_NAME = "rotkv_ref"
+METHOD_NAMES = ("fp", "int4", "int2", "kivi2", "quarot2", "rotkv2", "rotkv3", "rotkv4")
+KINDS = ("fp", "per_token", "kivi", "quarot", "rotkv")
+
+
+@dataclass(frozen=True)
+class KVMethod:
+    """One way of storing K/V. ``kind`` selects the algorithm; ``rotkv`` carries RotateKV's config.
+
+    For the baselines, ``key_bits``/``value_bits``/``clip_ratio``/``scale_format`` apply and the
+    per-token group is ``group_size`` (``None``: the same group RotateKV resolves for the model).
+    """
+
+    name: str
+    kind: str
+    key_bits: int = 16
+    value_bits: int = 16
+    group_size: int | None = None
+    clip_ratio: float = 1.0
+    scale_format: str = "fp16"
+    kivi_token_group: int = 32
+    rotkv: RotateKVConfig | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"kind={self.kind!r}: expected one of {KINDS}")
+        if self.kind == "rotkv" and self.rotkv is None:
+            raise ValueError("kind='rotkv' needs rotkv=RotateKVConfig(...)")
+
+    @classmethod
+    def from_config(cls, config: RotateKVConfig, name: str = "rotkv") -> "KVMethod":
+        return cls(name=name, kind="rotkv", key_bits=config.key_bits, value_bits=config.value_bits, rotkv=config)
+
+
+def method_from_name(name: str) -> KVMethod:
+    """A named method: ``fp``, ``int4``, ``int2``, ``kivi2``, ``quarot2`` or ``rotkv2/3/4`` (defaults)."""
+    if name == "fp":
+        return KVMethod("fp", "fp")
+    if name in ("int2", "int3", "int4"):
+        b = int(name[3])
+        return KVMethod(name, "per_token", b, b)
+    if name == "kivi2":
+        return KVMethod(name, "kivi", 2, 2)
+    if name == "quarot2":
+        return KVMethod(name, "quarot", 2, 2)
+    if name in ("rotkv2", "rotkv3", "rotkv4"):
+        return KVMethod.from_config(RotateKVConfig.for_bits(int(name[-1])), name)
+    raise ValueError(f"unknown KV method {name!r}: expected one of {METHOD_NAMES} or a KVMethod")
+
+
+@dataclass
+class KVStats:
+    """Stored-bits accounting over the evaluated windows (state of the cache at each window's end)."""
+
+    stored_bits: float = 0.0
+    elements: int = 0
+    fp_tokens: int = 0
+    tokens: int = 0
+
+    @property
+    def avg_bits(self) -> float:
+        return self.stored_bits / max(self.elements, 1)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [B, H, T, D]; cos/sin: [B, T, D] (HF convention)."""
+    cos, sin = cos.unsqueeze(1).to(x.dtype), sin.unsqueeze(1).to(x.dtype)
+    return x * cos + _rotate_half(x) * sin
+
+
+class _State:
+    """Per-model harness state shared by the hooks and the attention function."""
+
+    def __init__(self, method: KVMethod, info: dict, layout: RotateKVLayout,
+                 calibration: RotateKVCalibration | None, stats: KVStats):
+        self.method = method
+        self.info = info
+        self.layout = layout
+        self.calibration = calibration
+        self.stats = stats
+        self.pre_k: dict[int, torch.Tensor] = {}
+        self.hidden: dict[int, torch.Tensor] = {}
+        self.rope: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.orders: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def order(self, layer: int, device) -> tuple[torch.Tensor, torch.Tensor] | None:
+        cfg = self.method.rotkv
+        if cfg is None or not cfg.reorder:
+            return None
+        if layer not in self.orders:
+            perm = self.calibration.key_orders[layer].to(device)
+            self.orders[layer] = (perm, torch.argsort(perm))
+        return self.orders[layer]
+
+
+def _fq_tokens(x: torch.Tensor, bits: int, group: int, clip: float, fmt: str) -> torch.Tensor:
+    """Fake-quantize ``[B, H, T, D]`` per token over groups of the flattened ``H * D`` channels."""
+    b, h, t, d = x.shape
+    y = x.transpose(1, 2).reshape(b, t, h * d)
+    y = fake_quantize_groupwise(y, bits, group, clip, fmt)
+    return y.reshape(b, t, h, d).transpose(1, 2)
+
+
+def _transform(st: _State, layer: int, key: torch.Tensor, value: torch.Tensor):
+    """Dequantized (K, V) as ``[B, Hkv, S, D]`` fp32, the full-precision mask ``[B, T, S]`` (or None),
+    and the per-element stored bits of quantized K and V."""
+    m = st.method
+    lay = st.layout
+    k = key.to(torch.float32)
+    v = value.to(torch.float32)
+    b, h, s, d = k.shape
+    group = m.group_size or lay.group_size
+    if m.kind == "per_token":
+        kq = _fq_tokens(k, m.key_bits, group, m.clip_ratio, m.scale_format)
+        vq = _fq_tokens(v, m.value_bits, group, m.clip_ratio, m.scale_format)
+        bits = (bits_per_element(m.key_bits, group, m.scale_format), bits_per_element(m.value_bits, group, m.scale_format))
+        return kq, vq, None, bits
+    if m.kind == "quarot":
+        kr = hadamard_transform(k, block_size=d)
+        vr = hadamard_transform(v, block_size=d)
+        kq = hadamard_transform(_fq_tokens(kr, m.key_bits, group, m.clip_ratio, m.scale_format), block_size=d, inverse=True)
+        vq = hadamard_transform(_fq_tokens(vr, m.value_bits, group, m.clip_ratio, m.scale_format), block_size=d, inverse=True)
+        bits = (bits_per_element(m.key_bits, group, m.scale_format), bits_per_element(m.value_bits, group, m.scale_format))
+        return kq, vq, None, bits
+    if m.kind == "kivi":
+        g = m.kivi_token_group
+        nfull = (s // g) * g
+        kq = k.clone()
+        if nfull:
+            blocks = k[:, :, :nfull].reshape(b, h, nfull // g, g, d).transpose(-1, -2)  # [.., D, g]
+            blocks = fake_quantize_groupwise(blocks, m.key_bits, g, m.clip_ratio, m.scale_format)
+            kq[:, :, :nfull] = blocks.transpose(-1, -2).reshape(b, h, nfull, d)
+        vq = _fq_tokens(v, m.value_bits, group, m.clip_ratio, m.scale_format)
+        t_idx = torch.arange(s, device=k.device)
+        # Key s is quantized once its token group is complete: at query t >= (s // g + 1) * g - 1.
+        complete_at = (t_idx // g + 1) * g - 1
+        fp = t_idx.unsqueeze(1) < complete_at.unsqueeze(0)  # [T, S]
+        bits = (bits_per_element(m.key_bits, g, m.scale_format), bits_per_element(m.value_bits, group, m.scale_format))
+        return kq, vq, fp.unsqueeze(0).expand(b, s, s), bits
+
+    # RotateKV
+    cfg = m.rotkv
+    kb, vb = cfg.bits_for_layer(layer)
+    kclip, vclip = cfg.clip_ratios(kb, vb)
+    w = lay.group_width
+    if cfg.pre_rope:
+        kin = st.pre_k[layer].to(torch.float32)  # [B, S, H*D]
+    else:
+        kin = k.transpose(1, 2).reshape(b, s, h * d)
+    y = hadamard_transform(kin, block_size=w)
+    order = st.order(layer, k.device)
+    if order is not None:
+        y = y[..., order[0]]
+    y = fake_quantize_groupwise(y, kb, lay.group_size, kclip, cfg.scale_format)
+    if order is not None:
+        y = y[..., order[1]]
+    kq = hadamard_transform(y, block_size=w, inverse=True).reshape(b, s, h, d).transpose(1, 2)
+    if cfg.pre_rope:
+        cos, sin = st.rope[layer]
+        kq = _apply_rope(kq, cos, sin)
+    if cfg.rotate_values:
+        vr = hadamard_transform(v, block_size=d)
+        vq = hadamard_transform(_fq_tokens(vr, vb, lay.group_size, vclip, cfg.scale_format), block_size=d, inverse=True)
+    else:
+        vq = _fq_tokens(v, vb, lay.group_size, vclip, cfg.scale_format)
+    fp = None
+    sinks = sink_token_mask(cfg, b, s, st.hidden.get(layer), device=k.device)
+    if sinks is not None:
+        fp = sinks.unsqueeze(1).expand(b, s, s)
+    if cfg.recent_window:
+        t_idx = torch.arange(s, device=k.device)
+        recent = (t_idx.unsqueeze(1) - t_idx.unsqueeze(0)) < cfg.recent_window  # [T, S]
+        fp = recent.unsqueeze(0).expand(b, s, s) if fp is None else (fp | recent)
+    bits = (bits_per_element(kb, lay.group_size, cfg.scale_format), bits_per_element(vb, lay.group_size, cfg.scale_format))
+    return kq, vq, fp, bits
+
+
+def _account(st: _State, fp: torch.Tensor | None, bits: tuple[float, float], b: int, s: int, h: int, d: int) -> None:
+    """Bits stored for K and V of one layer at the end of the window (last query row of fp_mask)."""
+    n_fp = int(fp[:, -1, :].sum()) if fp is not None else 0
+    n = b * s
+    per_tok = h * d
+    st.stats.stored_bits += ((n - n_fp) * (bits[0] + bits[1]) + n_fp * 2 * 16) * per_tok
+    st.stats.elements += 2 * n * per_tok
+    st.stats.fp_tokens += n_fp
+    st.stats.tokens += n
+
+
+def _mixed_attention(query, k_fp, v_fp, k_q, v_q, fp, attention_mask, scaling, groups):
+    """Softmax attention where key/value ``s`` for query ``t`` is full precision iff ``fp[b, t, s]``."""
+    b, hq, t, d = query.shape
+    s = k_fp.shape[2]
+    rep = lambda x: x.repeat_interleave(groups, dim=1) if groups > 1 else x  # noqa: E731
+    q = query.to(torch.float32)
+    s_fp = q @ rep(k_fp).transpose(-1, -2) * scaling
+    s_q = q @ rep(k_q).transpose(-1, -2) * scaling
+    fp4 = fp[:, -t:, :].unsqueeze(1)  # rows of the current queries
+    scores = torch.where(fp4, s_fp, s_q)
+    if attention_mask is not None and attention_mask.dtype == torch.bool:
+        scores = scores.masked_fill(~attention_mask[..., -s:], float("-inf"))
+    elif attention_mask is not None:
+        scores = scores + attention_mask[..., -s:].to(scores.dtype)
+    else:
+        causal = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(diagonal=s - t)
+        scores = scores.masked_fill(~causal, float("-inf"))
+    p = torch.softmax(scores, dim=-1)
+    fpf = fp4.to(p.dtype)
+    out = (p * fpf) @ rep(v_fp) + (p * (1 - fpf)) @ rep(v_q)
+    return out.transpose(1, 2).contiguous().to(query.dtype)
+
+
+def _attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    st: _State | None = getattr(module, "_rotkv_state", None)
+    if st is None or st.method.kind == "fp":
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    layer = module.layer_idx
+    b, h, s, d = key.shape
+    kq, vq, fp, bits = _transform(st, layer, key, value)
+    _account(st, fp, bits, b, s, h, d)
+    scaling = scaling if scaling is not None else d ** -0.5
+    if fp is None:
+        return sdpa_attention_forward(module, query, kq.to(query.dtype), vq.to(query.dtype), attention_mask,
+                                      dropout=dropout, scaling=scaling, **kwargs)
+    out = _mixed_attention(query, key.to(torch.float32), value.to(torch.float32), kq, vq, fp, attention_mask,
+                           scaling, query.shape[1] // h)
+    return out, None
+
+
+def _register_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    # Idempotent: registering the same name again overwrites with the same function.
+    AttentionInterface.register(ATTN_NAME, _attention)
+    AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
+
+
+@contextlib.contextmanager
+def quantized_kv(model, method: KVMethod | str, calibration: RotateKVCalibration | None = None,
+                 stats: KVStats | None = None) -> Iterator[KVStats]:
+    """Within the block, ``model`` (a transformers Llama-architecture causal LM, teacher-forced, no
+    KV cache reuse) attends over K/V stored with ``method``. Yields the bits accounting.
+
+    Raises:
+        ValueError: an unsupported model, a RotateKV method without the calibration it needs, or a
+            calibration made for another model.
+    """
+    method = method_from_name(method) if isinstance(method, str) else method
+    info = describe_model(model)
+    layers = _decoder_layers(model)
+    cfg = method.rotkv or RotateKVConfig()
+    if method.kind == "rotkv":
+        if calibration is not None:
+            calibration.check_model(model)
+            cfg = dataclasses.replace(cfg, head_group_size=calibration.head_group_size)
+        elif cfg.reorder:
+            raise ValueError(f"method {method.name!r} reorders channels and needs a calibration "
+                             "(rotkv_vllm.calibration.calibrate / load_calibration)")
+        if cfg.boosted_layers and max(cfg.boosted_layers) >= info["num_hidden_layers"]:
+            raise ValueError(f"boosted_layers={cfg.boosted_layers} exceed the model's {info['num_hidden_layers']} layers")
+    layout = RotateKVLayout.resolve(cfg, info["num_key_value_heads"], info["head_dim"])
+    stats = stats if stats is not None else KVStats()
+    st = _State(method, info, layout, calibration, stats)
+    _register_attention()
+    handles = []
+    need_hidden = method.kind == "rotkv" and method.rotkv.sink_mode == "topk"
+
+    def layer_hook(idx):
+        def hook(module, args, kwargs):
+            h = kwargs.get("hidden_states", args[0] if args else None)
+            if need_hidden:
+                st.hidden[idx] = h
+            pe = kwargs.get("position_embeddings")
+            if pe is not None:
+                st.rope[idx] = pe
+        return hook
+
+    def k_hook(idx):
+        def hook(module, inputs, out):
+            st.pre_k[idx] = out
+        return hook
+
+    for i, layer in enumerate(layers):
+        layer.self_attn._rotkv_state = st
+        if method.kind == "rotkv":
+            handles.append(layer.register_forward_pre_hook(layer_hook(i), with_kwargs=True))
+            handles.append(layer.self_attn.k_proj.register_forward_hook(k_hook(i)))
+    previous = model.config._attn_implementation
+    model.set_attn_implementation(ATTN_NAME)
+    try:
+        yield stats
+    finally:
+        model.set_attn_implementation(previous)
+        for h in handles:
+            h.remove()
+        for layer in layers:
+            if hasattr(layer.self_attn, "_rotkv_state"):
+                del layer.self_attn._rotkv_state
+
+
+@torch.no_grad()
+def perplexity(model, token_ids: torch.Tensor, *, window: int = 1024, method: KVMethod | str = "fp",
+               calibration: RotateKVCalibration | None = None, stats: KVStats | None = None,
+               progress: bool = False) -> float:
+    """Perplexity over consecutive non-overlapping windows of ``window`` tokens of ``token_ids`` ([N]).
+
+    Each window is scored on its tokens 1..window-1 (teacher-forced); trailing tokens that do not fill
+    a window are dropped. ``exp(mean NLL)`` over all scored tokens.
+    """
+    ids = token_ids.reshape(-1)
+    n_win = ids.numel() // window
+    if n_win < 1:
+        raise ValueError(f"{ids.numel()} tokens do not fill one window of {window}")
+    device = next(model.parameters()).device
+    nll, count = 0.0, 0
+    rng = range(n_win)
+    if progress:
+        from tqdm.auto import tqdm
+
+        rng = tqdm(rng, desc=f"ppl {getattr(method, 'name', method)}", leave=False)
+    with quantized_kv(model, method, calibration, stats):
+        for w in rng:
+            x = ids[w * window : (w + 1) * window].unsqueeze(0).to(device)
+            logits = model(x, use_cache=False).logits.float()
+            loss = F.cross_entropy(logits[0, :-1], x[0, 1:], reduction="sum")
+            nll += float(loss)
+            count += window - 1
+    return math.exp(nll / count)
