@@ -49,9 +49,12 @@ def capture_kv(n_tokens: int) -> tuple[list[torch.Tensor], list[torch.Tensor], i
     h, d = cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads
     ids = tok(CALIB.read_text()[: 20 * n_tokens], return_tensors="pt").input_ids[:, :n_tokens]
     keys, values, hooks = [], [], []
+    def keep(store):
+        return lambda mod, inp, out: store.append(out[0].reshape(-1, h, d))
+
     for layer in model.model.layers:
-        hooks.append(layer.self_attn.k_proj.register_forward_hook(lambda m, i, o: keys.append(o[0].reshape(-1, h, d))))
-        hooks.append(layer.self_attn.v_proj.register_forward_hook(lambda m, i, o: values.append(o[0].reshape(-1, h, d))))
+        hooks.append(layer.self_attn.k_proj.register_forward_hook(keep(keys)))
+        hooks.append(layer.self_attn.v_proj.register_forward_hook(keep(values)))
     with torch.no_grad():
         model(ids)
     for hk in hooks:
@@ -114,7 +117,8 @@ def main() -> None:
                            ratio_rotated_vs_plain=round(e_rot / e_plain, 3))
                 if rot_perm:
                     e_rp = rel_err(torch.cat(rot_perm), xs)
-                    row.update(rel_err_rotated_reordered=round(e_rp, 4), ratio_reordered_vs_plain=round(e_rp / e_plain, 3))
+                    row.update(rel_err_rotated_reordered=round(e_rp, 4),
+                               ratio_reordered_vs_plain=round(e_rp / e_plain, 3))
                 rows.append(row)
 
     k = torch.cat(keys)[:512].contiguous()

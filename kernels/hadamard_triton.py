@@ -28,18 +28,19 @@ Arithmetic intensity. Per element, the two stages cost ``2 * (a_pad + b) * a_pad
 counted as 2; the factor ``a_pad / a`` is the padding waste) and move ``2 * itemsize`` bytes (one read,
 one write). Examples (fp16/bf16 in and out, 4 bytes per element):
 
-    n      split (a_pad x b)    flops/elem   flops/byte
-    64     dense 64             128          32
-    128    dense 128            256          64
-    192    12->16 x 16          43           11
-    576    36->64 x 16          142          36
-    1152   36->64 x 32          213          53
-    1536   24->32 x 64          128          32
-    4096   64 x 64              256          64
+    n      split (a -> a_pad) x b    flops/elem   flops/byte
+    64     dense, b = 64             128          32
+    128    dense, b = 128            256          64
+    192    12 -> 16 x 16             85           21
+    576    36 -> 64 x 16             284          71
+    1152   36 -> 64 x 32             341          85
+    1536   24 -> 32 x 64             256          64
+    4096   64 x 64                   256          64
 
-With fp32 (non-tensor-core, "ieee") dots an H100/H200 has a ridge point near 14 flops/byte, so most of
-these sizes are compute-bound on GPU; a TF32 or split-fp16 dot would make them memory-bound at a
-precision cost. The read path of the KV cache (``rotkv_cache_triton``) uses the same tile routine.
+Dense orders cost ``2 * b_pad`` flops per element. With fp32 (non-tensor-core, "ieee") dots an H100/H200
+has a ridge point near 14 flops/byte (~67 TFLOP/s over ~4.8 TB/s), so all of these sizes are compute-bound
+on a GPU; a TF32 or split-fp16 dot would make them memory-bound at a precision cost (not measured: no GPU
+was available when this was written). The KV cache read path (``rotkv_cache_triton``) uses the same tiles.
 
 Block-diagonal mode (``block_size=bs``) applies ``kron(I, H_bs / sqrt(bs))``: the rows are ``x`` viewed
 as ``[-1, bs]``.
@@ -225,7 +226,7 @@ if HAS_TRITON:
     def _hadamard_fwd_kernel(x_ptr, out_ptr, m1_ptr, m2_ptr, n_rows, scale,
                              A: tl.constexpr, B: tl.constexpr, A_PAD: tl.constexpr, B_PAD: tl.constexpr,
                              BLOCK_ROWS: tl.constexpr, TWO_STAGE: tl.constexpr):
-        """One program: BLOCK_ROWS rows of width A*B, ``out = scale * (M-products)``; forward or inverse by operands."""
+        """One program: BLOCK_ROWS rows of width A*B -> ``scale * A X B^T`` (forward or inverse by the operands)."""
         pid = tl.program_id(0)
         r = pid * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
         i = tl.arange(0, A_PAD)

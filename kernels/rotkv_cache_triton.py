@@ -45,7 +45,7 @@ from rotkv_kernels.hadamard_triton import (
     hadamard_operands,
     hadamard_plan,
 )
-from rotkv_kernels.quant_triton import check_triton_group_size, scale_bytes
+from rotkv_kernels.quant_triton import check_triton_group_size
 from rotkv_kernels.rotkv_cache import _check_read, _check_write, record_bytes
 
 try:  # Triton is optional: the module must import without it (the stubs below raise instead).
