@@ -1,0 +1,145 @@
+"""The vLLM plugin's registration: argument parsing, config validation, dtype map, backend selection,
+version gate. No engine is started; these run vLLM's own parsing and validation code."""
+
+from __future__ import annotations
+
+import importlib.metadata
+from typing import get_args
+
+import pytest
+import torch
+
+pytest.importorskip("vllm")
+
+from rotkv_vllm import vllm_plugin  # noqa: E402
+from rotkv_vllm.vllm_backend import RotateKVAttentionBackend  # noqa: E402
+
+ROTKV = ("rotkv2", "rotkv3", "rotkv4")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def registered():
+    vllm_plugin.register()
+    yield
+
+
+def test_entry_point_declared():
+    eps = {ep.name: ep.value for ep in importlib.metadata.entry_points(group="vllm.general_plugins")}
+    assert eps.get("rotkv") == "rotkv_vllm.vllm_plugin:register"
+
+
+def test_register_is_idempotent():
+    import vllm.config.cache as cache_mod
+    import vllm.v1.attention.selector as selector
+
+    before = (cache_mod.CacheDType, selector._cached_get_attn_backend)
+    vllm_plugin._registered = False  # force the whole body to run again
+    vllm_plugin.register()
+    vllm_plugin.register()
+    assert (cache_mod.CacheDType, selector._cached_get_attn_backend) == before
+    names = get_args(cache_mod.CacheDType)
+    assert all(names.count(n) == 1 for n in ROTKV)
+    assert getattr(selector._cached_get_attn_backend, "_rotkv_wrapped", False)
+    assert not getattr(selector._cached_get_attn_backend._rotkv_original, "_rotkv_wrapped", False)
+
+
+def _parser():
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    return AsyncEngineArgs.add_cli_args(FlexibleArgumentParser())
+
+
+@pytest.mark.parametrize("name", ROTKV)
+def test_argparse_accepts_rotkv(name):
+    args = _parser().parse_args(["--model", "m", "--kv-cache-dtype", name])
+    assert args.kv_cache_dtype == name
+
+
+def test_argparse_still_rejects_unknown(capsys):
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["--model", "m", "--kv-cache-dtype", "rotkv9"])
+    err = capsys.readouterr().err
+    # vLLM's own argparse message, which now lists ours among the choices.
+    assert "invalid choice: 'rotkv9'" in err and "rotkv2" in err and "fp8" in err
+
+
+def test_cache_config_validation():
+    from pydantic import ValidationError
+    from vllm.config import CacheConfig
+
+    assert CacheConfig(cache_dtype="rotkv3").cache_dtype == "rotkv3"
+    with pytest.raises(ValidationError, match="rotkv4"):
+        CacheConfig(cache_dtype="rotkv5")
+
+
+def test_engine_args_path_used_by_llm(tmp_path):
+    """``LLM(kv_cache_dtype=...)`` builds its config through EngineArgs.create_engine_config."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    from rotkv_vllm.bundled_model import smollm2_path
+
+    model = smollm2_path()
+    if not (model / "config.json").exists():
+        pytest.skip("bundled model not converted")
+    cfg = EngineArgs(model=str(model), kv_cache_dtype="rotkv2", max_model_len=256).create_engine_config()
+    assert cfg.cache_config.cache_dtype == "rotkv2"
+    with pytest.raises(Exception, match="rotkv2"):  # pydantic lists the valid values, ours included
+        EngineArgs(model=str(model), kv_cache_dtype="rotkv1", max_model_len=256).create_engine_config()
+
+
+def test_storage_dtype_is_uint8():
+    from vllm.utils.torch_utils import STR_DTYPE_TO_TORCH_DTYPE, kv_cache_dtype_str_to_dtype
+
+    for n in ROTKV:
+        assert STR_DTYPE_TO_TORCH_DTYPE[n] is torch.uint8
+        assert kv_cache_dtype_str_to_dtype(n, None) is torch.uint8
+
+
+def test_backend_registered_under_its_name():
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    assert AttentionBackendEnum["ROTKV"].get_class() is RotateKVAttentionBackend
+    assert RotateKVAttentionBackend.get_name() == "ROTKV"
+
+
+def _select(**kw):
+    from vllm.config import VllmConfig, set_current_vllm_config
+    from vllm.v1.attention.selector import get_attn_backend
+
+    with set_current_vllm_config(VllmConfig()):
+        return get_attn_backend(64, torch.bfloat16, **kw)
+
+
+def test_selection_routes_rotkv_and_leaves_others():
+    assert _select(kv_cache_dtype="rotkv2") is RotateKVAttentionBackend
+    assert _select(kv_cache_dtype="auto") is not RotateKVAttentionBackend
+
+
+@pytest.mark.parametrize("kw,needle", [
+    ({"has_sliding_window": True}, "sliding window not supported"),
+    ({"use_mla": True}, "MLA not supported"),
+])
+def test_selection_refuses_unsupported_layers(kw, needle):
+    with pytest.raises(ValueError, match=needle):
+        _select(kv_cache_dtype="rotkv3", **kw)
+
+
+def test_selection_refuses_head_size_without_hadamard():
+    from vllm.config import VllmConfig, set_current_vllm_config
+    from vllm.v1.attention.selector import get_attn_backend
+
+    with set_current_vllm_config(VllmConfig()), pytest.raises(ValueError, match="head_size not supported"):
+        get_attn_backend(184, torch.bfloat16, kv_cache_dtype="rotkv2")  # 184 = 23 * 8: no Hadamard construction
+
+
+@pytest.mark.parametrize("version,ok", [
+    ("0.32.0", True), ("0.32.0+cpu", True), ("0.31.2", False), ("0.32.1", False), ("0.33.0rc1", False),
+    ("0.32.0.post1", False), ("dev", False),
+])
+def test_version_gate(version, ok):
+    if ok:
+        vllm_plugin._check_vllm_version(version)
+    else:
+        with pytest.raises(RuntimeError, match="written for vLLM 0.32.0"):
+            vllm_plugin._check_vllm_version(version)
