@@ -1,0 +1,159 @@
+"""Adaptive Rotation Scheme: orthogonality, exact rebuild, zigzag balance, folding equivalence, the auto decision."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from optimum_plugin.lrq_dit.calibration import LayerStats
+from optimum_plugin.lrq_dit.config import LayerPlan, LRQDiTConfig
+from optimum_plugin.lrq_dit.modules import LRQLinear, fake_quant_per_token
+from optimum_plugin.lrq_dit.quantizer import plan_layer, quantize_linear
+from optimum_plugin.lrq_dit.rotation import (
+    OutlierRotation,
+    apply_block_rotation,
+    default_block_size,
+    fluctuation,
+    greedy_block_rotation,
+    pack_bits,
+    rebuild_block_rotation,
+    rotate,
+    smoothing_factors,
+    unpack_bits,
+    zigzag_permutation,
+)
+
+
+def _acts(n: int, tokens: int = 512, salient: tuple[int, ...] = (), scale: float = 50.0, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, n, generator=g)
+    for c in salient:
+        x[:, c] *= scale
+    return x
+
+
+def _stats(x: torch.Tensor) -> LayerStats:
+    st = LayerStats.empty(x.shape[1], capacity=x.shape[0], seed=0)
+    st.update(x)
+    return st
+
+
+@pytest.mark.parametrize("block", [8, 12, 32])
+def test_greedy_rotation_is_orthogonal_lowers_the_max_and_rebuilds_exactly(block):
+    x = _acts(4 * block, salient=(1, block + 3), seed=block).to(torch.float64)
+    g = torch.Generator().manual_seed(0)
+    ch, sg, r = greedy_block_rotation(x, block, steps=4, generator=g)
+    eye = torch.eye(block, dtype=torch.float64).expand_as(r)
+    assert torch.allclose(r @ r.transpose(1, 2), eye, atol=1e-12)
+    y = apply_block_rotation(x, r)
+    xb, yb = x.reshape(-1, 4, block), y.reshape(-1, 4, block)
+    # Each kept step lowered its block's max, so no block got worse, and the salient blocks improved a lot.
+    assert (yb.abs().amax(dim=(0, 2)) <= xb.abs().amax(dim=(0, 2))).all()
+    assert yb[:, 0].abs().max() < 0.5 * xb[:, 0].abs().max()
+    assert torch.equal(rebuild_block_rotation(ch, sg), r)
+
+
+def test_sign_bits_roundtrip():
+    b = torch.rand(2, 3, 4, 12) < 0.5
+    assert torch.equal(unpack_bits(pack_bits(b), 12), b)
+
+
+def test_zigzag_deals_the_largest_channels_to_distinct_blocks():
+    n, block = 64, 16
+    k = n // block
+    m = torch.rand(n, generator=torch.Generator().manual_seed(1))
+    perm = zigzag_permutation(m, block)
+    assert torch.equal(perm.sort().values, torch.arange(n))
+    block_of = torch.empty(n, dtype=torch.long)
+    block_of[perm] = torch.arange(n) // block
+    top = torch.argsort(m, descending=True)
+    # Ranks 0..K-1 go to blocks 0..K-1, ranks K..2K-1 back from K-1 to 0.
+    assert block_of[top[:k]].tolist() == list(range(k))
+    assert block_of[top[k : 2 * k]].tolist() == list(range(k - 1, -1, -1))
+    # Each block's sum of channel maxima is within one channel's value of the mean.
+    sums = torch.zeros(k).index_add_(0, block_of, m)
+    assert (sums - sums.mean()).abs().max() <= m.max()
+
+
+@pytest.mark.parametrize("rotation", ["hadamard", "outlier_aware"])
+@pytest.mark.parametrize("n, block", [(96, None), (1152, 128)])
+def test_folding_is_exact_up_to_rounding(rotation, n, block):
+    """(rotate(x / s)) (rotate(W * s))^T == x W^T: the transforms cancel in the product."""
+    if rotation == "outlier_aware" and n == 1152:
+        block = 64
+    x = _acts(n, tokens=64, salient=(5,), scale=30.0)
+    w = torch.randn(24, n, generator=torch.Generator().manual_seed(2)) * 0.05
+    s = smoothing_factors(x.abs().amax(0), w, 0.5)
+    b = default_block_size(n, rotation, block)
+    mats = perm = None
+    if rotation == "outlier_aware":
+        oa = OutlierRotation.fit(x / s, b, steps=3)
+        mats, perm = oa.matrices(), oa.perm
+    xr = rotate(x / s, rotation, b, mats, perm)
+    wr = rotate(w * s, rotation, b, mats, perm)
+    ref = (x.double() @ w.double().T)
+    got = (xr.double() @ wr.double().T)
+    # fp32 transforms: relative error of a few 1e-7 per element, accumulated over n terms.
+    bound = 64 * n * 2**-24 * (x.abs().double() @ w.abs().double().T)
+    assert ((got - ref).abs() <= bound).all()
+
+
+def test_rotation_flattens_a_salient_channel():
+    x = _acts(128, salient=(7,), scale=80.0)
+    before = fake_quant_per_token(x, 4) - x
+    for rot in ("hadamard", "outlier_aware"):
+        mats = perm = None
+        b = default_block_size(128, rot, None)
+        if rot == "outlier_aware":
+            oa = OutlierRotation.fit(x, b, steps=4)
+            mats, perm = oa.matrices(), oa.perm
+        xr = rotate(x, rot, b, mats, perm)
+        after = fake_quant_per_token(xr, 4) - xr
+        # The rotation is orthogonal, so these errors are comparable in the original space. Spread over a block of
+        # b >= 64 channels, the salient channel's share of each token's range drops by sqrt(b) >= 8, so the
+        # per-token range (which sets the 4-bit step) shrinks by more than half.
+        assert after.pow(2).sum() < 0.5 * before.pow(2).sum()
+
+
+def test_block_sizes():
+    assert default_block_size(1152, "hadamard", None) == 1152  # 1152 = 36 * 32 has a (Paley II) Hadamard matrix
+    assert default_block_size(1152, "outlier_aware", None) == 64
+    assert default_block_size(1152, "hadamard", 128) == 128  # block-diagonal on request
+    assert default_block_size(80, "outlier_aware", None) == 40  # 40 = 20 * 2
+    with pytest.raises(ValueError, match="does not divide"):
+        default_block_size(96, "hadamard", 64)
+    with pytest.raises(ValueError, match="no Hadamard"):
+        default_block_size(120, "hadamard", 6)
+
+
+def test_fluctuation_metric_and_auto_decision():
+    mild = _acts(64)
+    salient = _acts(64, salient=(3, 40), scale=100.0)
+    assert fluctuation(mild.abs().amax(0)) < 2.0
+    assert fluctuation(salient.abs().amax(0)) > 50.0
+    lin = nn.Linear(64, 32)
+    cfg = LRQDiTConfig(act_bits=4, smooth_alpha=None, fluctuation_threshold=8.0)
+    assert plan_layer("a", lin, cfg, _stats(mild)).rotation == "hadamard"
+    assert plan_layer("b", lin, cfg, _stats(salient)).rotation == "outlier_aware"
+    # Weight-only: no rotation, no smoothing.
+    assert plan_layer("c", lin, LRQDiTConfig(act_bits=None), None) == LayerPlan()
+    with pytest.raises(ValueError, match="calibration"):
+        plan_layer("d", lin, cfg, None)
+
+
+@pytest.mark.parametrize("rotation", ["hadamard", "outlier_aware", "none"])
+def test_quantized_layer_matches_float_layer_at_8_bits(rotation):
+    """W8A8 through the whole module (smoothing, rotation, packing, dequant): close to the float layer."""
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 48)
+    x = _acts(64, tokens=256, salient=(9,), scale=20.0)
+    cfg = LRQDiTConfig(weight_bits=8, act_bits=8, rotation=rotation)
+    st = _stats(x)
+    plan = plan_layer("l", lin, cfg, st)
+    q, plan = quantize_linear(lin, cfg, plan, st)
+    assert isinstance(q, LRQLinear) and q.plan.rotation == rotation
+    with torch.no_grad():
+        ref, out = lin(x), q(x)
+    rel = (out - ref).norm() / ref.norm()
+    assert rel < 0.02
