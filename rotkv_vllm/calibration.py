@@ -7,11 +7,16 @@ sorted ascending within each group, so channels with similar means share a quant
 
     order[j*W:(j+1)*W] = j*W + argsort(sum_t H_W k_t[j*W:(j+1)*W])
 
+With ``center_keys`` the per-channel mean ``mu`` of the pre-RoPE keys is stored too (the cache keeps
+``k - mu``); the centered channels all have mean zero, so the order then sorts rotated channels by
+their standard deviation instead, which groups channels of similar range.
+
 Outputs, next to the model (``save_calibration``):
     rotkv_config.json    {"format": "rotkv-calibration", "format_version": 1, "config": RotateKVConfig,
                           "layout": {"head_group_size", "group_size"}, "model": {...shapes, k_proj norms},
                           "calibration": {"source", "num_tokens", "seq_len"}}
-    rotkv.safetensors    layers.{i}.key_order  int64 [H * D];  layers.{i}.key_channel_sum  fp32 [H * D]
+    rotkv.safetensors    layers.{i}.key_order  int64 [H * D];  layers.{i}.key_channel_sum  fp32 [H * D];
+                         layers.{i}.key_mean  fp32 [H * D] (pre-RoPE, unrotated)
 
     python -m rotkv_vllm.calibration MODEL_DIR --calib-file FILE [--bits 2] [--out DIR]
 """
@@ -117,6 +122,7 @@ class RotateKVCalibration:
     head_group_size: int
     key_orders: list[torch.Tensor]
     key_channel_sums: list[torch.Tensor] = field(default_factory=list)
+    key_means: list[torch.Tensor] = field(default_factory=list)
     source: dict[str, Any] = field(default_factory=dict)
 
     def layout(self, tp_size: int = 1) -> RotateKVLayout:
@@ -229,6 +235,9 @@ def calibrate(
 
     width = info["num_key_value_heads"] * info["head_dim"]
     sums = [torch.zeros(width, dtype=torch.float64) for _ in layers]
+    sqsums = [torch.zeros(width, dtype=torch.float64) for _ in layers]
+    raw_sums = [torch.zeros(width, dtype=torch.float64) for _ in layers]
+    counts = [0 for _ in layers]
     sink_masks: dict[int, torch.Tensor | None] = {}
     handles = []
 
@@ -242,10 +251,15 @@ def calibrate(
         def hook(module, inputs, out):
             k = out.detach().to(torch.float32)  # [B, T, H*D] pre-RoPE keys
             y = hadamard_transform(k, block_size=layout.group_width)
+            keep = torch.ones(k.shape[:2], dtype=torch.bool, device=k.device)
             m = sink_masks.get(idx)
             if m is not None:
-                y = y * (~m).unsqueeze(-1)
-            sums[idx] += y.sum(dim=(0, 1)).to(torch.float64)
+                keep = ~m
+            y, k = y[keep].to(torch.float64), k[keep].to(torch.float64)
+            sums[idx] += y.sum(dim=0)
+            sqsums[idx] += (y * y).sum(dim=0)
+            raw_sums[idx] += k.sum(dim=0)
+            counts[idx] += int(keep.sum())
         return hook
 
     for i, layer in enumerate(layers):
@@ -264,7 +278,11 @@ def calibrate(
 
     w = layout.group_width
     orders = []
-    for s in sums:
+    means = [r / max(c, 1) for r, c in zip(raw_sums, counts)]
+    for s, sq, c in zip(sums, sqsums, counts):
+        if config.center_keys:
+            # Centered channels have mean 0: group channels of similar spread instead.
+            s = (sq / max(c, 1) - (s / max(c, 1)) ** 2).clamp_min(0).sqrt()
         blocks = s.view(-1, w)
         orders.append((blocks.argsort(dim=1) + torch.arange(0, width, w).unsqueeze(1)).reshape(-1).to(torch.int64))
     info = dict(info, k_proj_norms=_k_proj_norms(model))
@@ -274,6 +292,7 @@ def calibrate(
         head_group_size=layout.head_group_size,
         key_orders=orders,
         key_channel_sums=[s.to(torch.float32) for s in sums],
+        key_means=[m.to(torch.float32) for m in means],
         source={"source": source, "num_tokens": int(n_seq * seq_len), "seq_len": seq_len},
     )
 
@@ -287,6 +306,8 @@ def save_calibration(calib: RotateKVCalibration, out_dir: str | os.PathLike) -> 
     tensors = {f"layers.{i}.key_order": o.contiguous() for i, o in enumerate(calib.key_orders)}
     for i, s in enumerate(calib.key_channel_sums):
         tensors[f"layers.{i}.key_channel_sum"] = s.contiguous()
+    for i, m in enumerate(calib.key_means):
+        tensors[f"layers.{i}.key_mean"] = m.contiguous()
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -338,10 +359,13 @@ def load_calibration(path: str | os.PathLike) -> RotateKVCalibration:
     except KeyError as e:
         raise ValueError(f"{t_file} lacks {e.args[0]}: the file is truncated or from another model") from None
     sums = [tensors[f"layers.{i}.key_channel_sum"] for i in range(n_layers) if f"layers.{i}.key_channel_sum" in tensors]
+    means = [tensors[f"layers.{i}.key_mean"] for i in range(n_layers) if f"layers.{i}.key_mean" in tensors]
     width = info["num_key_value_heads"] * info["head_dim"]
     _check_orders(orders, width, g * info["head_dim"])
+    if config.center_keys and len(means) != n_layers:
+        raise ValueError(f"{cfg_file} asks for center_keys but {t_file} lacks layers.*.key_mean: recalibrate")
     return RotateKVCalibration(config=config, model_info=info, head_group_size=g, key_orders=orders,
-                               key_channel_sums=sums, source=meta.get("calibration", {}))
+                               key_channel_sums=sums, key_means=means, source=meta.get("calibration", {}))
 
 
 def find_calibration(model: str | os.PathLike, revision: str | None = None) -> Path | None:

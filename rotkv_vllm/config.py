@@ -29,8 +29,13 @@ class RotateKVConfig:
 
     Attributes:
         key_bits / value_bits: integer bits per stored element (2, 3 or 4).
-        group_size: channels per quantization group along the (reordered) channel dim of one rotated
-            head group. ``None``: the whole rotated group if it is at most 256 wide, else 128.
+        group_size: channels per key quantization group along the (reordered) channel dim of one
+            rotated head group. ``None``: the whole rotated group if it is at most 256 wide, else 128.
+        value_group_size: channels per value quantization group along ``H * D``; ``None``: the same
+            rule as ``group_size``.
+        center_keys: subtract the calibrated per-channel mean of the pre-RoPE keys before rotating and
+            add it back after dequantizing (free at run time; removes the channel offsets that make
+            per-token key quantization hard).
         key_clip_ratio / value_clip_ratio: min-max clip ratio; ``None`` = 0.8 at 2 bits, 1.0 otherwise.
         head_group_size: KV heads rotated together by one Hadamard of width ``g * head_dim``.
             ``None``: the largest ``g`` dividing the per-rank KV head count whose width has a Hadamard.
@@ -54,6 +59,8 @@ class RotateKVConfig:
     key_bits: int = 2
     value_bits: int = 2
     group_size: int | None = None
+    value_group_size: int | None = None
+    center_keys: bool = False
     key_clip_ratio: float | None = None
     value_clip_ratio: float | None = None
     head_group_size: int | None = None
@@ -74,9 +81,10 @@ class RotateKVConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or v not in SUPPORTED_BITS:
                 raise ValueError(f"{name}={v!r}: supported bit widths are {SUPPORTED_BITS}")
-        if self.group_size is not None and (not isinstance(self.group_size, int) or self.group_size < 8
-                                            or self.group_size % 8):
-            raise ValueError(f"group_size={self.group_size!r}: must be a positive multiple of 8 (or None)")
+        for name in ("group_size", "value_group_size"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or v < 8 or v % 8):
+                raise ValueError(f"{name}={v!r}: must be a positive multiple of 8 (or None)")
         for name in ("key_clip_ratio", "value_clip_ratio"):
             v = getattr(self, name)
             if v is not None and not (isinstance(v, (int, float)) and 0.0 < v <= 1.0):
@@ -161,13 +169,19 @@ class RotateKVLayout:
         num_kv_heads: KV heads on this rank.
         head_dim: width of one head.
         head_group_size: heads per rotated group; ``group_width = head_group_size * head_dim``.
-        group_size: quantization group (divides ``group_width``).
+        group_size: key quantization group (divides ``group_width``).
+        value_group_size: value quantization group (divides ``kv_width``).
     """
 
     num_kv_heads: int
     head_dim: int
     head_group_size: int
     group_size: int
+    value_group_size: int = 0
+
+    def __post_init__(self) -> None:
+        if self.value_group_size == 0:
+            object.__setattr__(self, "value_group_size", self.group_size)
 
     @property
     def group_width(self) -> int:
@@ -222,13 +236,20 @@ class RotateKVLayout:
                     f"group_size={gs} does not divide the rotated head-group width {width} "
                     f"({g} heads x {head_dim}); choose a divisor of {width}"
                 )
-        return cls(num_kv_heads=heads, head_dim=head_dim, head_group_size=g, group_size=gs)
+        kv_width = heads * head_dim
+        if config.value_group_size is None:
+            vgs = width if width <= 256 else 128
+        else:
+            vgs = config.value_group_size
+            if kv_width % vgs:
+                raise ValueError(f"value_group_size={vgs} does not divide the per-rank KV width {kv_width}")
+        return cls(num_kv_heads=heads, head_dim=head_dim, head_group_size=g, group_size=gs, value_group_size=vgs)
 
-    def bits_per_element(self, bits: int, scale_format: str) -> float:
-        return bits_per_element(bits, self.group_size, scale_format)
+    def bits_per_element(self, bits: int, scale_format: str, key: bool = True) -> float:
+        return bits_per_element(bits, self.group_size if key else self.value_group_size, scale_format)
 
-    def packed_bytes_per_token(self, bits: int, scale_format: str) -> int:
-        """Bytes of one token's K (or V) on this rank: packed codes plus scales and zeros."""
+    def packed_bytes_per_token(self, bits: int, scale_format: str, key: bool = True) -> int:
+        """Bytes of one token's K (``key=True``) or V on this rank: packed codes plus scales and zeros."""
         from rotkv_kernels.rotkv_cache import record_bytes
 
-        return record_bytes(self.kv_width, bits, self.group_size, scale_format)
+        return record_bytes(self.kv_width, bits, self.group_size if key else self.value_group_size, scale_format)

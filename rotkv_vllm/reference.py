@@ -129,6 +129,12 @@ class _State:
         self.rope: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.orders: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
+    def key_mean(self, layer: int, device) -> torch.Tensor | None:
+        cfg = self.method.rotkv
+        if cfg is None or not cfg.center_keys:
+            return None
+        return self.calibration.key_means[layer].to(device)
+
     def order(self, layer: int, device) -> tuple[torch.Tensor, torch.Tensor] | None:
         cfg = self.method.rotkv
         if cfg is None or not cfg.reorder:
@@ -193,6 +199,9 @@ def _transform(st: _State, layer: int, key: torch.Tensor, value: torch.Tensor):
         kin = st.pre_k[layer].to(torch.float32)  # [B, S, H*D]
     else:
         kin = k.transpose(1, 2).reshape(b, s, h * d)
+    mu = st.key_mean(layer, k.device)
+    if mu is not None:
+        kin = kin - mu
     y = hadamard_transform(kin, block_size=w)
     order = st.order(layer, k.device)
     if order is not None:
@@ -200,15 +209,19 @@ def _transform(st: _State, layer: int, key: torch.Tensor, value: torch.Tensor):
     y = fake_quantize_groupwise(y, kb, lay.group_size, kclip, cfg.scale_format)
     if order is not None:
         y = y[..., order[1]]
-    kq = hadamard_transform(y, block_size=w, inverse=True).reshape(b, s, h, d).transpose(1, 2)
+    kq = hadamard_transform(y, block_size=w, inverse=True)
+    if mu is not None:
+        kq = kq + mu
+    kq = kq.reshape(b, s, h, d).transpose(1, 2)
     if cfg.pre_rope:
         cos, sin = st.rope[layer]
         kq = _apply_rope(kq, cos, sin)
     if cfg.rotate_values:
         vr = hadamard_transform(v, block_size=d)
-        vq = hadamard_transform(_fq_tokens(vr, vb, lay.group_size, vclip, cfg.scale_format), block_size=d, inverse=True)
+        vq = hadamard_transform(_fq_tokens(vr, vb, lay.value_group_size, vclip, cfg.scale_format), block_size=d,
+                                inverse=True)
     else:
-        vq = _fq_tokens(v, vb, lay.group_size, vclip, cfg.scale_format)
+        vq = _fq_tokens(v, vb, lay.value_group_size, vclip, cfg.scale_format)
     fp = None
     sinks = sink_token_mask(cfg, b, s, st.hidden.get(layer), device=k.device)
     if sinks is not None:
@@ -217,7 +230,7 @@ def _transform(st: _State, layer: int, key: torch.Tensor, value: torch.Tensor):
         t_idx = torch.arange(s, device=k.device)
         recent = (t_idx.unsqueeze(1) - t_idx.unsqueeze(0)) < cfg.recent_window  # [T, S]
         fp = recent.unsqueeze(0).expand(b, s, s) if fp is None else (fp | recent)
-    bits = (bits_per_element(kb, lay.group_size, cfg.scale_format), bits_per_element(vb, lay.group_size, cfg.scale_format))
+    bits = (lay.bits_per_element(kb, cfg.scale_format), lay.bits_per_element(vb, cfg.scale_format, key=False))
     return kq, vq, fp, bits
 
 
@@ -301,8 +314,8 @@ def quantized_kv(model, method: KVMethod | str, calibration: RotateKVCalibration
         if calibration is not None:
             calibration.check_model(model)
             cfg = dataclasses.replace(cfg, head_group_size=calibration.head_group_size)
-        elif cfg.reorder:
-            raise ValueError(f"method {method.name!r} reorders channels and needs a calibration "
+        elif cfg.reorder or cfg.center_keys:
+            raise ValueError(f"method {method.name!r} uses calibrated key statistics and needs a calibration "
                              "(rotkv_vllm.calibration.calibrate / load_calibration)")
         if cfg.boosted_layers and max(cfg.boosted_layers) >= info["num_hidden_layers"]:
             raise ValueError(f"boosted_layers={cfg.boosted_layers} exceed the model's {info['num_hidden_layers']} layers")
