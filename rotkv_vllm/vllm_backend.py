@@ -94,13 +94,6 @@ def _write(x: torch.Tensor, **kw) -> torch.Tensor:
     return (rotkv_cache.rotkv_write if x.is_cuda else rotkv_cache.rotkv_write_ref)(x, **kw)
 
 
-def _read(record: torch.Tensor, **kw) -> torch.Tensor:
-    """``rotkv_read`` on CUDA (Triton); the PyTorch reference on the CPU (see :func:`_write`)."""
-    from rotkv_kernels import rotkv_cache
-
-    return (rotkv_cache.rotkv_read if record.is_cuda else rotkv_cache.rotkv_read_ref)(record, **kw)
-
-
 # ================================================================================================
 # Runtime: the calibration resolved against one model and one tensor-parallel rank
 # ================================================================================================
@@ -159,6 +152,33 @@ class RotateKVRuntime:
         bad = [i for i in self.config.boosted_layers if i >= self.num_layers]
         if bad:
             raise ValueError(f"boosted_layers {bad} do not exist in a model with {self.num_layers} layers")
+
+    # ---- CPU read path ----------------------------------------------------------------------------
+    @property
+    def key_channel_order(self) -> torch.Tensor:
+        """Order of decoded key channels (and of queries): RoPE pairs interleaved when RoPE is applied."""
+        if "_korder" not in self.__dict__:
+            lay = self.layout
+            self.__dict__["_korder"] = (interleave_order(lay.num_kv_heads, lay.head_dim) if self.config.pre_rope
+                                        else torch.arange(lay.kv_width))
+        return self.__dict__["_korder"]
+
+    def key_decoder(self, layer: int) -> KeyDecoder:
+        cache = self.__dict__.setdefault("_decoders", {})
+        if layer not in cache:
+            lay = self.layout
+            cache[layer] = KeyDecoder.build(lay.kv_width, lay.group_width, self.codec(layer).key_order,
+                                            self.key_channel_order)
+        return cache[layer]
+
+    @property
+    def rope_complex(self) -> torch.Tensor:
+        """``complex64 [max_position, D/2]``: ``cos + i sin`` of each position and frequency."""
+        if "_rope_c" not in self.__dict__:
+            half = self.layout.head_dim // 2
+            self.__dict__["_rope_c"] = torch.complex(self.rope_cos[:, :half].contiguous(),
+                                                     self.rope_sin[:, :half].contiguous())
+        return self.__dict__["_rope_c"]
 
     # ---- sizes ----------------------------------------------------------------------------------
     def codec(self, layer: int) -> LayerCodec:
@@ -294,6 +314,97 @@ def inverse_rope(k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     k = k.to(torch.float32)
     c, s = cos.unsqueeze(1), sin.unsqueeze(1)
     return (k * c - _rotate_half(k) * s) / (c * c + s * s)
+
+
+# ---- the CPU read path ---------------------------------------------------------------------------
+# The same maths as ``rotkv_read_ref``, arranged for a CPU serving many cached tokens per step: codes are
+# unpacked with byte shifts, the inverse permutation and inverse block Hadamard of keys are one fixed
+# matrix per rotation block (a GEMM), RoPE is one complex multiply (key channels are stored as
+# interleaved (i, i + D/2) pairs; queries get the same order, which leaves q.k unchanged), and values
+# stay in their rotated basis until after attention: sum_j p_j (H^T v_j) = H^T sum_j p_j v_j, so the
+# inverse Hadamard runs once per query instead of once per cached token.
+def unpack_codes_fast(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """``quant.unpack_codes`` for ``uint8 [N, W * bits / 8]`` -> ``uint8 [N, W]`` (2 and 4 bits are byte
+    aligned: code ``i`` of a byte sits at bit ``i * bits``; 3 bits: 8 codes in a 24-bit little-endian word)."""
+    n, m = packed.shape
+    if bits in (2, 4):
+        per = 8 // bits
+        shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
+        return ((packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)).view(n, m * per)
+    if bits == 3:
+        p = packed.view(n, m // 3, 3).to(torch.int32)
+        word = p[..., 0] | (p[..., 1] << 8) | (p[..., 2] << 16)
+        shifts = torch.arange(0, 24, 3, dtype=torch.int32, device=packed.device)
+        return ((word.unsqueeze(-1) >> shifts) & 7).to(torch.uint8).view(n, m // 3 * 8)
+    raise ValueError(f"bits={bits}: supported are 2, 3, 4")
+
+
+def dequantize_records(record: torch.Tensor, bits: int, width: int, group_size: int, scale_format: str,
+                       valid: torch.Tensor | None = None) -> torch.Tensor:
+    """``(codes - zero) * scale`` of records ``uint8 [N, record_bytes]`` -> ``fp32 [N, width]``, in the stored
+    (rotated, permuted) channel basis. Rows where ``valid`` (``bool [N]``) is False decode to exact zeros,
+    whatever bytes they hold (unwritten slots may hold NaN scales)."""
+    from rotkv_kernels.quant import scale_dtypes
+
+    n = record.shape[0]
+    sd, zd = scale_dtypes(scale_format)
+    ng, cb = width // group_size, width * bits // 8
+    se = cb + ng * sd.itemsize
+    codes = unpack_codes_fast(record[:, :cb], bits).view(n, ng, group_size).to(torch.float32)
+    scale = record[:, cb:se].contiguous().view(sd).to(torch.float32).unsqueeze(-1)
+    zero = record[:, se: se + ng * zd.itemsize].contiguous().view(zd).to(torch.float32).unsqueeze(-1)
+    if valid is not None:
+        keep = valid.view(n, 1, 1)
+        scale = torch.where(keep, scale, 0.0)
+        zero = torch.where(keep, zero, 0.0)
+    return torch.addcmul(-zero * scale, codes, scale).view(n, width)
+
+
+def interleave_order(num_heads: int, head_dim: int) -> torch.Tensor:
+    """``int64 [H * D]``: per head, channels ``0, D/2, 1, D/2 + 1, ...`` (RoPE pairs side by side)."""
+    half = head_dim // 2
+    one = torch.stack((torch.arange(half), torch.arange(half) + half), dim=1).reshape(-1)
+    return (torch.arange(num_heads).unsqueeze(1) * head_dim + one).reshape(-1)
+
+
+@dataclass(frozen=True)
+class KeyDecoder:
+    """Stored key channels -> pre-RoPE keys, as one matrix per rotation block.
+
+    Attributes:
+        blocks: ``fp32 [W / rw, rw, rw]``; ``k[:, b] = y[:, b] @ blocks[b]`` (``y`` dequantized).
+        out_order: ``int64 [W]``: decoded channel ``j`` is original channel ``out_order[j]``.
+    """
+
+    blocks: torch.Tensor
+    out_order: torch.Tensor
+
+    @classmethod
+    def build(cls, width: int, rot_width: int, perm: torch.Tensor | None, out_order: torch.Tensor) -> "KeyDecoder":
+        from rotkv_kernels.hadamard import hadamard_transform
+
+        eye = torch.eye(width, dtype=torch.float64)
+        y = torch.empty_like(eye)
+        if perm is not None:
+            y[:, perm] = eye
+        else:
+            y = eye
+        full = hadamard_transform(y, block_size=rot_width, inverse=True)[:, out_order]  # row j: image of e_j
+        nb = width // rot_width
+        blocks = torch.stack([full[b * rot_width:(b + 1) * rot_width, b * rot_width:(b + 1) * rot_width]
+                              for b in range(nb)])
+        off = full.clone()
+        for b in range(nb):
+            off[b * rot_width:(b + 1) * rot_width, b * rot_width:(b + 1) * rot_width] = 0
+        assert not off.any(), "key decoding must be block diagonal (orders stay inside rotation blocks)"
+        return cls(blocks=blocks.to(torch.float32).contiguous(), out_order=out_order)
+
+    def __call__(self, y: torch.Tensor) -> torch.Tensor:
+        n, w = y.shape
+        nb, rw, _ = self.blocks.shape
+        if nb == 1:
+            return y @ self.blocks[0]
+        return torch.einsum("nbi,bij->nbj", y.view(n, nb, rw), self.blocks).reshape(n, w)
 
 
 # ---- process-wide runtime (one model per vLLM worker process) ------------------------------------
@@ -703,46 +814,55 @@ class RotateKVAttentionImpl(AttentionImpl[RotateKVAttentionMetadata]):
     # ---- read -----------------------------------------------------------------------------------
     def read_context(self, layer_idx: int, kv_cache: torch.Tensor, tile: AttentionTile
                      ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Dequantized context of a tile: K (RoPE applied) and V, ``fp32 [G, L, H, D]``, zero where invalid."""
+        """Dequantized context of a tile, ``fp32 [G, L, H, D]`` each, zero where invalid:
+        K with RoPE applied, channels in ``runtime.key_channel_order`` within each head; V in its stored
+        (per-head Hadamard-rotated) basis. This is the CPU path; a GPU path replaces this method and
+        :meth:`attend` by fused kernels over the same records."""
         rt, lay, cfg = self.runtime, self.runtime.layout, self.runtime.config
         codec = rt.codec(layer_idx)
         records, sinks = self._cache_views(kv_cache)
         g, length = tile.ctx_blk.shape
+        h, d, w = lay.num_kv_heads, lay.head_dim, lay.kv_width
         rec = records[tile.ctx_blk, tile.ctx_off].reshape(g * length, -1)
-        cos = sin = None
+        valid = tile.ctx_valid.reshape(-1)
+        y = dequantize_records(rec[:, : codec.key_bytes], codec.key_bits, w, lay.group_size, cfg.scale_format, valid)
+        k = rt.key_decoder(layer_idx)(y).view(g, length, h, d)
         if cfg.pre_rope:
-            cos = rt.rope_cos[:length].repeat(g, 1)
-            sin = rt.rope_sin[:length].repeat(g, 1)
-        h, d = lay.num_kv_heads, lay.head_dim
-        k = _read(rec[:, : codec.key_bytes], num_heads=h, head_dim=d, bits=codec.key_bits,
-                             group_size=lay.group_size, rot_width=lay.group_width, perm=codec.key_order,
-                             scale_format=cfg.scale_format, cos=cos, sin=sin, out_dtype=torch.float32)
-        v = _read(rec[:, codec.key_bytes: codec.key_bytes + codec.value_bytes], num_heads=h,
-                             head_dim=d, bits=codec.value_bits, group_size=lay.group_size,
-                             rot_width=d if cfg.rotate_values else 1, perm=None, scale_format=cfg.scale_format,
-                             out_dtype=torch.float32)
-        k = k.view(g, length, h, d)
+            kc = torch.view_as_complex(k.view(g, length, h, d // 2, 2))
+            k = torch.view_as_real(kc * rt.rope_complex[:length].view(1, length, 1, d // 2)).view(g, length, h, d)
+        vrec = rec[:, codec.key_bytes: codec.key_bytes + codec.value_bytes]
+        v = dequantize_records(vrec, codec.value_bits, w, lay.group_size, cfg.scale_format, valid)
         v = v.view(g, length, h, d)
         if sinks is not None:
             s = min(rt.sink_tokens, length)
-            full = sinks[tile.first_blk, :s].to(torch.float32)  # [G, s, 2, H, D]
+            full = sinks[tile.first_blk, :s].to(torch.float32)  # [G, s, 2, H, D], K post-RoPE, V original
+            sk = full[:, :, 0].reshape(g, s, w)[..., rt.key_channel_order].view(g, s, h, d)
+            sv = full[:, :, 1]
+            if cfg.rotate_values:
+                from rotkv_kernels.hadamard import hadamard_transform
+
+                sv = hadamard_transform(sv, block_size=d)
             keep = tile.ctx_valid[:, :s, None, None]
-            k[:, :s] = torch.where(keep, full[:, :, 0], k[:, :s])
-            v[:, :s] = torch.where(keep, full[:, :, 1], v[:, :s])
-        # Padding positions decode arbitrary bytes (possibly inf/NaN scales): zero them before attention.
-        invalid = ~tile.ctx_valid[:, :, None, None]
-        return k.masked_fill(invalid, 0.0), v.masked_fill(invalid, 0.0)
+            k[:, :s] = torch.where(keep, sk, k[:, :s])
+            v[:, :s] = torch.where(keep, sv, v[:, :s])
+        return k, v
 
     def attend(self, layer_idx: int, query: torch.Tensor, kv_cache: torch.Tensor, md: RotateKVAttentionMetadata,
                output: torch.Tensor) -> None:
         """``output[t] = softmax(q_t K^T * scale) V`` over each query's causal context, per tile."""
+        from rotkv_kernels.hadamard import hadamard_transform
+
+        rt, cfg, d = self.runtime, self.runtime.config, self.head_size
+        q_order = rt.key_channel_order[:d]  # the same order within every head
         for tile in md.tiles:
             k, v = self.read_context(layer_idx, kv_cache, tile)
-            q = query[tile.tok_idx].to(torch.float32).transpose(1, 2)  # [G, Hq, Q, D]
+            q = query[tile.tok_idx].to(torch.float32)[..., q_order].transpose(1, 2)  # [G, Hq, Q, D]
             o = F.scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2), attn_mask=tile.mask,
                                                scale=self.scale, enable_gqa=self.num_heads != self.num_kv_heads)
-            o = o.transpose(1, 2)  # [G, Q, Hq, D]
-            output[tile.tok_idx[tile.q_valid]] = o[tile.q_valid].to(output.dtype)
+            o = o.transpose(1, 2)[tile.q_valid]  # [n, Hq, D], still in V's rotated basis
+            if cfg.rotate_values:
+                o = hadamard_transform(o, block_size=d, inverse=True)
+            output[tile.tok_idx[tile.q_valid]] = o.to(output.dtype)
 
     def forward(self, layer: AttentionLayer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 kv_cache: torch.Tensor, attn_metadata: RotateKVAttentionMetadata | None, output: torch.Tensor,

@@ -310,3 +310,21 @@ def test_tensor_parallel_ranks_take_their_own_heads_and_orders():
         assert torch.equal(local.sort().values, torch.arange(128))
     with pytest.raises(ValueError, match="tensor"):
         _calibration(cfg, 2, 4, 64, 4).layout(2)  # a group of 4 heads cannot split over 2 ranks
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_fast_unpack_and_dequantize_match_quant_reference(bits):
+    from rotkv_kernels.quant import dequantize_groupwise, quantize_groupwise, unpack_codes
+
+    gen = torch.Generator().manual_seed(bits)
+    packed = torch.randint(0, 256, (37, 96 * bits // 8), dtype=torch.uint8, generator=gen)
+    assert torch.equal(vb.unpack_codes_fast(packed, bits), unpack_codes(packed, bits))
+    x = torch.randn(37, 3, 32, generator=gen)
+    rec = rotkv_write_ref(x, bits=bits, group_size=32, rot_width=1, scale_format="fp16")
+    codes, scale, zero = quantize_groupwise(x.view(37, 96), bits, 32, 1.0, "fp16")
+    ref = dequantize_groupwise(codes, scale, zero, 32)
+    valid = torch.arange(37) % 5 != 0
+    got = vb.dequantize_records(rec, bits, 96, 32, "fp16", valid)
+    # Same fp32 products, one rounding apart (addcmul vs subtract-then-multiply).
+    assert torch.allclose(got[valid], ref[valid], rtol=1e-6, atol=1e-6 * float(ref.abs().max()))
+    assert torch.equal(got[~valid], torch.zeros_like(got[~valid]))
