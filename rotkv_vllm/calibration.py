@@ -376,11 +376,13 @@ def find_calibration(model: str | os.PathLike, revision: str | None = None) -> P
     p = Path(model)
     if p.is_dir():
         return p if (p / CONFIG_FILE).is_file() and (p / TENSORS_FILE).is_file() else None
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError
+
     try:
-        from huggingface_hub import try_to_load_from_cache
-    except ImportError:  # pragma: no cover - huggingface_hub is a dependency
+        found = [try_to_load_from_cache(str(model), f, revision=revision) for f in (CONFIG_FILE, TENSORS_FILE)]
+    except HFValidationError:  # neither an existing folder nor a valid repo id
         return None
-    found = [try_to_load_from_cache(str(model), f, revision=revision) for f in (CONFIG_FILE, TENSORS_FILE)]
     if all(isinstance(f, str) for f in found):
         return Path(found[0]).parent
     return None

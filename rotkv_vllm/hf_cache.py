@@ -24,7 +24,7 @@ from typing import Iterator
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-from rotkv_kernels.rotkv_cache import record_bytes, rotkv_read, rotkv_write
+from rotkv_kernels.rotkv_cache import record_bytes, rotate_half, rotkv_read, rotkv_write
 from rotkv_vllm.calibration import RotateKVCalibration, _decoder_layers, describe_model
 from rotkv_vllm.config import RotateKVConfig, RotateKVLayout
 from rotkv_vllm.sinks import sink_token_mask
@@ -35,7 +35,8 @@ __all__ = ["RotateKVCache", "RotateKVLayer", "rotkv_cache"]
 class RotateKVLayer(DynamicLayer):
     """One layer's RotateKV cache. ``keys``/``values`` hold only the full-precision side store."""
 
-    def __init__(self, layer_idx: int, config: RotateKVConfig, layout: RotateKVLayout, key_order: torch.Tensor | None):
+    def __init__(self, layer_idx: int, config: RotateKVConfig, layout: RotateKVLayout, key_order: torch.Tensor | None,
+                 key_mean: torch.Tensor | None = None):
         super().__init__()
         self.layer_idx = layer_idx
         self.config = config
@@ -43,6 +44,8 @@ class RotateKVLayer(DynamicLayer):
         self.key_bits, self.value_bits = config.bits_for_layer(layer_idx)
         self.key_clip, self.value_clip = config.clip_ratios(self.key_bits, self.value_bits)
         self.key_order = key_order
+        # Calibrated pre-RoPE key mean [H, D] (center_keys): stored keys are k - mean.
+        self.key_mean = None if key_mean is None else key_mean.reshape(layout.num_kv_heads, layout.head_dim)
         self.key_records: torch.Tensor | None = None  # uint8 [B, S, key record bytes]
         self.value_records: torch.Tensor | None = None
         self.cos: torch.Tensor | None = None  # [B, S, D]
@@ -64,10 +67,12 @@ class RotateKVLayer(DynamicLayer):
     def _write(self, x: torch.Tensor, *, key: bool) -> torch.Tensor:
         b, t, h, d = x.shape
         lay = self.layout
+        if key and self.key_mean is not None:
+            x = x.to(torch.float32) - self.key_mean
         rec = rotkv_write(
             x.reshape(b * t, h, d),
             bits=self.key_bits if key else self.value_bits,
-            group_size=lay.group_size,
+            group_size=lay.group_size if key else lay.value_group_size,
             rot_width=(lay.group_width if key else (d if self.config.rotate_values else lay.kv_width)),
             perm=self.key_order if key else None,
             clip_ratio=self.key_clip if key else self.value_clip,
@@ -79,19 +84,25 @@ class RotateKVLayer(DynamicLayer):
         b, s, _ = rec.shape
         lay = self.layout
         d = lay.head_dim
+        # With a key mean, RoPE must come after adding it back: RoPE(k^ + mu), so apply it here.
+        rope_in_kernel = key and self.key_mean is None
         out = rotkv_read(
             rec.reshape(b * s, -1),
             num_heads=lay.num_kv_heads,
             head_dim=d,
             bits=self.key_bits if key else self.value_bits,
-            group_size=lay.group_size,
+            group_size=lay.group_size if key else lay.value_group_size,
             rot_width=(lay.group_width if key else (d if self.config.rotate_values else lay.kv_width)),
             perm=self.key_order if key else None,
             scale_format=self.config.scale_format,
-            cos=self.cos.reshape(b * s, d) if key else None,
-            sin=self.sin.reshape(b * s, d) if key else None,
+            cos=self.cos.reshape(b * s, d) if rope_in_kernel else None,
+            sin=self.sin.reshape(b * s, d) if rope_in_kernel else None,
             out_dtype=torch.float32,
         )
+        if key and self.key_mean is not None:
+            out = out + self.key_mean
+            cos, sin = self.cos.reshape(b * s, 1, d), self.sin.reshape(b * s, 1, d)
+            out = out * cos + rotate_half(out) * sin
         return out.reshape(b, s, lay.num_kv_heads, d).transpose(1, 2).to(dtype)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -196,15 +207,16 @@ def rotkv_cache(model, calibration: RotateKVCalibration | None = None,
         config = config or calibration.config
         config = dataclasses.replace(config, head_group_size=calibration.head_group_size)
     config = config or RotateKVConfig()
-    if config.reorder and calibration is None:
-        raise ValueError("this RotateKV config reorders key channels: pass calibration=load_calibration(MODEL_DIR)")
+    if (config.reorder or config.center_keys) and calibration is None:
+        raise ValueError("this RotateKV config uses calibrated key statistics: pass calibration=load_calibration(MODEL_DIR)")
     if not config.pre_rope:
         raise ValueError("the RotateKV cache stores pre-RoPE keys: pre_rope=False is only for the reference ablation")
     layout = RotateKVLayout.resolve(config, info["num_key_value_heads"], info["head_dim"])
     record_bytes(layout.kv_width, config.key_bits, layout.group_size, config.scale_format)  # validates early
     device = next(model.parameters()).device
     cache_layers = [
-        RotateKVLayer(i, config, layout, calibration.key_orders[i].to(device) if config.reorder else None)
+        RotateKVLayer(i, config, layout, calibration.key_orders[i].to(device) if config.reorder else None,
+                      calibration.key_means[i].to(device) if config.center_keys else None)
         for i in range(info["num_hidden_layers"])
     ]
     cache = RotateKVCache(cache_layers)

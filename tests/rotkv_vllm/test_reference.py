@@ -1,0 +1,135 @@
+import dataclasses
+
+import pytest
+import torch
+
+from rotkv_kernels.rotkv_cache import rotkv_read_ref, rotkv_write_ref
+from rotkv_vllm.calibration import calibrate
+from rotkv_vllm.config import RotateKVConfig
+from rotkv_vllm.reference import KVMethod, KVStats, _mixed_attention, method_from_name, perplexity, quantized_kv
+
+
+@pytest.fixture(scope="module")
+def smol_calib(smollm2, calib_text):
+    model, tok = smollm2
+    return calibrate(model, tok, RotateKVConfig(center_keys=True), text=calib_text, num_sequences=2, seq_len=256,
+                     progress=False)
+
+
+def test_fp_reproduces_the_unmodified_logits_exactly(smollm2, eval_ids):
+    model, _ = smollm2
+    x = eval_ids[:300][None]
+    with torch.no_grad():
+        ref = model(x).logits
+        with quantized_kv(model, "fp"):
+            out = model(x).logits
+        after = model(x).logits
+    assert torch.equal(ref, out)
+    assert torch.equal(ref, after)  # the harness left the model as it was
+
+
+def test_error_falls_with_bits(smollm2, eval_ids, smol_calib):
+    model, _ = smollm2
+    x = eval_ids[:256][None]
+    with torch.no_grad():
+        ref = model(x).logits.float()
+        errs = []
+        for bits in (2, 3, 4):
+            cfg = dataclasses.replace(smol_calib.config, key_bits=bits, value_bits=bits)
+            with quantized_kv(model, KVMethod.from_config(cfg), smol_calib):
+                errs.append(float((model(x).logits.float() - ref).norm() / ref.norm()))
+    assert errs[0] > errs[1] > errs[2] > 0
+    assert errs[2] < 0.1
+
+
+def test_reference_keys_equal_the_cache_kernels(smollm2, eval_ids, smol_calib):
+    """The harness's dequantized post-RoPE keys of a layer == rotkv_read(rotkv_write(pre-RoPE k)) + mean, RoPE."""
+    from rotkv_vllm import reference
+
+    model, _ = smollm2
+    x = eval_ids[:64][None]
+    cfg = dataclasses.replace(smol_calib.config, sink_mode="none", head_group_size=smol_calib.head_group_size)
+    captured = {}
+    orig = reference._transform
+
+    def spy(st, layer, key, value):
+        out = orig(st, layer, key, value)
+        if layer == 3:
+            captured.update(pre_k=st.pre_k[3].detach().clone(), rope=st.rope[3], kq=out[0].detach().clone())
+        return out
+
+    reference._transform = spy
+    try:
+        with torch.no_grad(), quantized_kv(model, KVMethod.from_config(cfg), smol_calib):
+            model(x)
+    finally:
+        reference._transform = orig
+    lay = smol_calib.layout()
+    mu = smol_calib.key_means[3]
+    pre = (captured["pre_k"][0] - mu).reshape(64, lay.num_kv_heads, lay.head_dim)
+    kb, _ = cfg.bits_for_layer(3)
+    clip, _ = cfg.clip_ratios(kb, kb)
+    rec = rotkv_write_ref(pre, bits=kb, group_size=lay.group_size, rot_width=lay.group_width,
+                          perm=smol_calib.key_orders[3], clip_ratio=clip, scale_format=cfg.scale_format)
+    k = rotkv_read_ref(rec, num_heads=lay.num_kv_heads, head_dim=lay.head_dim, bits=kb, group_size=lay.group_size,
+                       rot_width=lay.group_width, perm=smol_calib.key_orders[3], scale_format=cfg.scale_format)
+    k = k + mu.view(lay.num_kv_heads, lay.head_dim)
+    cos, sin = captured["rope"]
+    from rotkv_kernels.rotkv_cache import rotate_half
+
+    k = k * cos[0][:, None] + rotate_half(k) * sin[0][:, None]
+    torch.testing.assert_close(captured["kq"][0].transpose(0, 1), k, rtol=1e-5, atol=1e-5)
+
+
+def test_mixed_attention_limits():
+    """fp mask all True == attention on fp K/V; all False == attention on quantized K/V."""
+    torch.manual_seed(0)
+    q = torch.randn(1, 4, 10, 8)
+    k, v, k2, v2 = (torch.randn(1, 2, 10, 8) for _ in range(4))
+
+    def plain(kk, vv):
+        kk, vv = kk.repeat_interleave(2, 1), vv.repeat_interleave(2, 1)
+        out = torch.nn.functional.scaled_dot_product_attention(q, kk, vv, is_causal=True, scale=0.3)
+        return out.transpose(1, 2)
+
+    ones = torch.ones(1, 10, 10, dtype=torch.bool)
+    torch.testing.assert_close(_mixed_attention(q, k, v, k2, v2, ones, None, 0.3, 2), plain(k, v))
+    torch.testing.assert_close(_mixed_attention(q, k, v, k2, v2, ~ones, None, 0.3, 2), plain(k2, v2))
+
+
+def test_bits_accounting_with_first_sinks(smollm2, eval_ids, smol_calib):
+    model, _ = smollm2
+    cfg = dataclasses.replace(smol_calib.config, sink_mode="first", max_sink_tokens=2, scale_format="fp8")
+    st = KVStats()
+    perplexity(model, eval_ids[:512], window=256, method=KVMethod.from_config(cfg), calibration=smol_calib, stats=st)
+    q_bits = 2 + 16 / 192
+    assert st.avg_bits == pytest.approx((254 * q_bits + 2 * 16) / 256, rel=1e-9)
+
+
+def test_kivi_bits_and_residual():
+    m = method_from_name("kivi2")
+    assert (m.kind, m.kivi_token_group) == ("kivi", 32)
+    with pytest.raises(ValueError, match="unknown KV method"):
+        method_from_name("int9")
+
+
+def test_rotkv_needs_calibration_and_the_right_model(smollm2, tiny_llama, smol_calib):
+    model, _ = smollm2
+    with pytest.raises(ValueError, match="needs a calibration"):
+        with quantized_kv(model, "rotkv2"):
+            pass
+    with pytest.raises(ValueError, match="recalibrate"):
+        with quantized_kv(tiny_llama[0], "rotkv2", smol_calib):
+            pass
+
+
+def test_perplexity_orders_methods(smollm2, eval_ids, smol_calib):
+    """On real text: fp < rotkv4 < int2, with rotkv4 within 10% of fp (2 windows of 512)."""
+    model, _ = smollm2
+    ids = eval_ids[:1024]
+    fp = perplexity(model, ids, window=512, method="fp")
+    r4 = perplexity(model, ids, window=512, method=KVMethod.from_config(
+        dataclasses.replace(smol_calib.config, key_bits=4, value_bits=4)), calibration=smol_calib)
+    i2 = perplexity(model, ids, window=512, method="int2")
+    assert fp < r4 < i2
+    assert r4 < 1.10 * fp
