@@ -103,6 +103,7 @@ class LayerCodec:
 
     Attributes:
         key_order: this rank's channel order for keys, ``int64 [W]`` local indices, or None (no reorder).
+        key_mean: this rank's calibrated pre-RoPE key mean ``fp32 [W]`` (``center_keys``), or None.
     """
 
     key_bits: int
@@ -112,6 +113,7 @@ class LayerCodec:
     key_bytes: int
     value_bytes: int
     key_order: torch.Tensor | None
+    key_mean: torch.Tensor | None = None
 
 
 @dataclass
@@ -123,6 +125,7 @@ class RotateKVRuntime:
         layout: head grouping and quantization group on this rank.
         num_layers: decoder layers (one codec each).
         key_orders: per layer, this rank's key channel order (``int64 [W]``), or None without reorder.
+        key_means: per layer, this rank's pre-RoPE key mean (``fp32 [W]``), or None without center_keys.
         dtype: activation dtype (sink tokens are stored in it).
         rope_cos / rope_sin: ``fp32 [max_position, D]`` in the HF convention, or None (pre_rope off).
         tp_rank / tp_size: this rank among the tensor-parallel ranks.
@@ -134,6 +137,7 @@ class RotateKVRuntime:
     num_layers: int
     key_orders: list[torch.Tensor] | None
     dtype: torch.dtype
+    key_means: list[torch.Tensor] | None = None
     rope_cos: torch.Tensor | None = None
     rope_sin: torch.Tensor | None = None
     tp_rank: int = 0
@@ -149,6 +153,8 @@ class RotateKVRuntime:
             raise ValueError(f"{len(self.key_orders)} key orders for {self.num_layers} layers")
         if self.config.reorder and self.key_orders is None:
             raise ValueError("reorder=True needs the calibrated key orders")
+        if self.config.center_keys and (self.key_means is None or len(self.key_means) != self.num_layers):
+            raise ValueError("center_keys=True needs the calibrated key means of every layer")
         bad = [i for i in self.config.boosted_layers if i >= self.num_layers]
         if bad:
             raise ValueError(f"boosted_layers {bad} do not exist in a model with {self.num_layers} layers")
@@ -194,8 +200,9 @@ class RotateKVRuntime:
             self._codecs[layer] = LayerCodec(
                 key_bits=kb, value_bits=vb, key_clip=kc, value_clip=vc,
                 key_bytes=rb(lay.kv_width, kb, lay.group_size, cfg.scale_format),
-                value_bytes=rb(lay.kv_width, vb, lay.group_size, cfg.scale_format),
+                value_bytes=rb(lay.kv_width, vb, lay.value_group_size, cfg.scale_format),
                 key_order=order,
+                key_mean=self.key_means[layer] if cfg.center_keys else None,
             )
         return self._codecs[layer]
 
@@ -258,8 +265,12 @@ class RotateKVRuntime:
         orders = None
         if cfg.reorder:
             orders = [calibration.key_order_for_rank(i, tp_rank, tp_size).to(torch.int64) for i in range(n_layers)]
+        means = None
+        if cfg.center_keys:
+            w = layout.kv_width
+            means = [m.to(torch.float32)[tp_rank * w:(tp_rank + 1) * w].contiguous() for m in calibration.key_means]
         cos, sin = rope if (rope is not None and cfg.pre_rope) else (None, None)
-        return cls(config=cfg, layout=layout, num_layers=n_layers, key_orders=orders, dtype=dtype,
+        return cls(config=cfg, layout=layout, num_layers=n_layers, key_orders=orders, dtype=dtype, key_means=means,
                    rope_cos=cos, rope_sin=sin, tp_rank=tp_rank, tp_size=tp_size, key=key)
 
 
@@ -800,10 +811,13 @@ class RotateKVAttentionImpl(AttentionImpl[RotateKVAttentionMetadata]):
         if cfg.pre_rope:
             pos = md.positions[tok]
             k = inverse_rope(k, rt.rope_cos[pos], rt.rope_sin[pos])
-        krec = _write(k.to(torch.float32), bits=codec.key_bits, group_size=lay.group_size,
+        k = k.to(torch.float32)
+        if codec.key_mean is not None:
+            k = k - codec.key_mean.view(lay.num_kv_heads, lay.head_dim)
+        krec = _write(k, bits=codec.key_bits, group_size=lay.group_size,
                                  rot_width=lay.group_width, perm=codec.key_order, clip_ratio=codec.key_clip,
                                  scale_format=cfg.scale_format)
-        vrec = _write(v.to(torch.float32), bits=codec.value_bits, group_size=lay.group_size,
+        vrec = _write(v.to(torch.float32), bits=codec.value_bits, group_size=lay.value_group_size,
                                  rot_width=lay.head_dim if cfg.rotate_values else 1, perm=None,
                                  clip_ratio=codec.value_clip, scale_format=cfg.scale_format)
         records[md.store_blk, md.store_off, : codec.key_bytes + codec.value_bytes] = torch.cat((krec, vrec), dim=1)
@@ -826,12 +840,15 @@ class RotateKVAttentionImpl(AttentionImpl[RotateKVAttentionMetadata]):
         rec = records[tile.ctx_blk, tile.ctx_off].reshape(g * length, -1)
         valid = tile.ctx_valid.reshape(-1)
         y = dequantize_records(rec[:, : codec.key_bytes], codec.key_bits, w, lay.group_size, cfg.scale_format, valid)
-        k = rt.key_decoder(layer_idx)(y).view(g, length, h, d)
+        k = rt.key_decoder(layer_idx)(y)
+        if codec.key_mean is not None:
+            k = k + codec.key_mean[rt.key_channel_order]
+        k = k.view(g, length, h, d)
         if cfg.pre_rope:
             kc = torch.view_as_complex(k.view(g, length, h, d // 2, 2))
             k = torch.view_as_real(kc * rt.rope_complex[:length].view(1, length, 1, d // 2)).view(g, length, h, d)
         vrec = rec[:, codec.key_bytes: codec.key_bytes + codec.value_bytes]
-        v = dequantize_records(vrec, codec.value_bits, w, lay.group_size, cfg.scale_format, valid)
+        v = dequantize_records(vrec, codec.value_bits, w, lay.value_group_size, cfg.scale_format, valid)
         v = v.view(g, length, h, d)
         if sinks is not None:
             s = min(rt.sink_tokens, length)

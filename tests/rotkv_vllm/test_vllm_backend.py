@@ -46,7 +46,8 @@ def _calibration(cfg: RotateKVConfig, layers: int, kv_heads: int, d: int, g: int
         orders.append(torch.cat(blocks).to(torch.int64))
     info = dict(model_type="llama", num_hidden_layers=layers, num_attention_heads=2 * kv_heads,
                 num_key_value_heads=kv_heads, head_dim=d, hidden_size=2 * kv_heads * d)
-    return RotateKVCalibration(config=cfg, model_info=info, head_group_size=g, key_orders=orders)
+    means = [torch.randn(w, generator=gen) for _ in range(layers)]
+    return RotateKVCalibration(config=cfg, model_info=info, head_group_size=g, key_orders=orders, key_means=means)
 
 
 def _runtime(cfg, layers=2, kv_heads=2, d=64, g=2, tp_rank=0, tp_size=1):
@@ -149,21 +150,24 @@ class Engine:
         k_post = torch.stack(self.hist[n][f"k{li}"][: upto + 1])
         v = torch.stack(self.hist[n][f"v{li}"][: upto + 1])
         pos = torch.arange(upto + 1)
-        cos = sin = None
         k_in = k_post.float()
         if cfg.pre_rope:
-            cos, sin = rt.rope_cos[pos], rt.rope_sin[pos]
-            k_in = vb.inverse_rope(k_post, cos, sin)
-        krec = rotkv_write_ref(k_in, bits=codec.key_bits, group_size=lay.group_size, rot_width=lay.group_width,
-                               perm=codec.key_order, clip_ratio=codec.key_clip, scale_format=cfg.scale_format)
+            k_in = vb.inverse_rope(k_post, rt.rope_cos[pos], rt.rope_sin[pos])
+        mu = codec.key_mean.view(self.hkv, self.d) if cfg.center_keys else torch.zeros(self.hkv, self.d)
+        krec = rotkv_write_ref(k_in - mu, bits=codec.key_bits, group_size=lay.group_size,
+                               rot_width=lay.group_width, perm=codec.key_order, clip_ratio=codec.key_clip,
+                               scale_format=cfg.scale_format)
         kq = rotkv_read_ref(krec, num_heads=self.hkv, head_dim=self.d, bits=codec.key_bits,
                             group_size=lay.group_size, rot_width=lay.group_width, perm=codec.key_order,
-                            scale_format=cfg.scale_format, cos=cos, sin=sin)
+                            scale_format=cfg.scale_format) + mu
+        if cfg.pre_rope:
+            c, s_ = rt.rope_cos[pos][:, None], rt.rope_sin[pos][:, None]
+            kq = kq * c + vb._rotate_half(kq) * s_
         vw = self.d if cfg.rotate_values else 1
-        vrec = rotkv_write_ref(v.float(), bits=codec.value_bits, group_size=lay.group_size, rot_width=vw,
+        vrec = rotkv_write_ref(v.float(), bits=codec.value_bits, group_size=lay.value_group_size, rot_width=vw,
                                clip_ratio=codec.value_clip, scale_format=cfg.scale_format)
         vq = rotkv_read_ref(vrec, num_heads=self.hkv, head_dim=self.d, bits=codec.value_bits,
-                            group_size=lay.group_size, rot_width=vw, scale_format=cfg.scale_format)
+                            group_size=lay.value_group_size, rot_width=vw, scale_format=cfg.scale_format)
         s = rt.sink_tokens
         kq[:s] = k_post[:s].float()
         vq[:s] = v[:s].float()
@@ -188,6 +192,8 @@ def _check(eng: Engine, outs, queries, qtok):
 CONFIGS = {
     "k2v2-sinks": RotateKVConfig.for_bits(2, sink_mode="first", max_sink_tokens=3),
     "k3v3-fp8-nosink": RotateKVConfig.for_bits(3, sink_mode="none", scale_format="fp8"),
+    "k2-centered-vgroup32": RotateKVConfig.for_bits(2, sink_mode="first", max_sink_tokens=2, center_keys=True,
+                                                    group_size=64, value_group_size=32),
     "k4-boosted-post-rope": RotateKVConfig.for_bits(4, sink_mode="first", max_sink_tokens=1, pre_rope=False,
                                                     rotate_values=False, boosted_layers=(1,), boost_bits=4),
 }
@@ -250,7 +256,8 @@ def test_packed_layout_byte_count():
     """Bytes per token are exactly the formula: ``W * (bits + 32 / G) / 8`` for K and for V (fp16 scale and
     zero), plus S sink tokens of 2 * W * 2 bytes per block; the spec hands vLLM exactly that page."""
     for bits, fmt, per_group in ((2, "fp16", 4), (3, "fp16", 4), (4, "fp16", 4), (2, "fp8", 2)):
-        cfg = RotateKVConfig.for_bits(bits, sink_mode="first", max_sink_tokens=4, group_size=128, scale_format=fmt)
+        cfg = RotateKVConfig.for_bits(bits, sink_mode="first", max_sink_tokens=4, group_size=128,
+                                      value_group_size=128, scale_format=fmt)
         rt, _ = _runtime(cfg, kv_heads=4, d=64, g=4)
         w = 4 * 64
         per_elem = bits + 8 * per_group / 128  # 2.25 bits at 2 bits + fp16, group 128
