@@ -368,23 +368,61 @@ def load_calibration(path: str | os.PathLike) -> RotateKVCalibration:
                                key_channel_sums=sums, key_means=means, source=meta.get("calibration", {}))
 
 
-def find_calibration(model: str | os.PathLike, revision: str | None = None) -> Path | None:
+def find_calibration(model: str | os.PathLike, revision: str | None = None, *,
+                     token: str | None = None) -> Path | None:
     """The folder holding a RotateKV calibration for ``model`` (a local folder or a Hub repo id), or None.
 
-    For a repo id only the local Hugging Face cache is consulted (no download).
+    For a repo id, ``rotkv_config.json`` and ``rotkv.safetensors`` are fetched through ``huggingface_hub``
+    (``snapshot_download`` restricted to those two files): both from the one commit ``revision`` (default
+    ``main``) points at, into the shared Hugging Face cache, from ``HF_ENDPOINT``, with ``token`` or
+    ``HF_TOKEN``; with ``HF_HUB_OFFLINE`` set only the cache is read. Returns the snapshot folder, or None
+    when the folder or repo holds no calibration.
+
+    Raises:
+        ValueError: a repo id that does not exist (or is private and no token was given), an unknown
+            revision, or a calibration that cannot be had: offline (or the Hub unreachable) and not cached.
     """
     p = Path(model)
     if p.is_dir():
         return p if (p / CONFIG_FILE).is_file() and (p / TENSORS_FILE).is_file() else None
-    from huggingface_hub import try_to_load_from_cache
-    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import (
+        HFValidationError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+    from huggingface_hub.utils import validate_repo_id
 
     try:
-        found = [try_to_load_from_cache(str(model), f, revision=revision) for f in (CONFIG_FILE, TENSORS_FILE)]
+        validate_repo_id(str(model))
     except HFValidationError:  # neither an existing folder nor a valid repo id
         return None
-    if all(isinstance(f, str) for f in found):
-        return Path(found[0]).parent
+    where = f"{model}@{revision or 'main'}"
+    try:
+        snap = Path(snapshot_download(str(model), revision=revision, token=token,
+                                      allow_patterns=[CONFIG_FILE, TENSORS_FILE]))
+    except RepositoryNotFoundError:
+        raise ValueError(
+            f"Hub repo {str(model)!r} does not exist or is private: check the id, and give a token (HF_TOKEN) "
+            "for a private repo"
+        ) from None
+    except RevisionNotFoundError:
+        raise ValueError(f"Hub repo {str(model)!r} has no revision {revision!r}") from None
+    except LocalEntryNotFoundError:
+        why = ("HF_HUB_OFFLINE is set" if constants.is_offline_mode()
+               else f"the Hub at {constants.ENDPOINT} could not be reached")
+        raise ValueError(
+            f"{why} and the RotateKV calibration of {where} ({CONFIG_FILE}, {TENSORS_FILE}) is not in the Hugging "
+            f"Face cache {constants.HF_HUB_CACHE}: fetch it once online"
+        ) from None
+    if (snap / CONFIG_FILE).is_file() and (snap / TENSORS_FILE).is_file():
+        return snap
+    if constants.is_offline_mode():
+        raise ValueError(
+            f"HF_HUB_OFFLINE is set and the cached snapshot of {where} ({snap}) lacks {CONFIG_FILE} / "
+            f"{TENSORS_FILE}: fetch them once online (or the repo has no calibration)"
+        )
     return None
 
 
