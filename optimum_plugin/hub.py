@@ -77,7 +77,7 @@ class CardSpec:
         calibration: what the statistics were computed on (source, amount), or None when no data was used.
         evaluation: rows ``{"metric", "data", "reference", "quantized"}`` (numbers; the ratio is computed) and
             optionally ``"reference_name"``, ``"lower_is_better"``.
-        size: ``{"what", "bf16_bytes", "quantized_bytes"}``: storage against bf16.
+        sizes: rows ``{"what", "bf16_bytes", "quantized_bytes"}``: storage against bf16.
         usage: ``(caption, language, code)``; ``{repo}`` in the code is replaced by the repo id or folder.
         command: the command line that produced the folder.
     """
@@ -93,7 +93,7 @@ class CardSpec:
     config: dict[str, Any] = field(default_factory=dict)
     calibration: dict[str, Any] | None = None
     evaluation: list[dict[str, Any]] = field(default_factory=list)
-    size: dict[str, Any] | None = None
+    sizes: list[dict[str, Any]] = field(default_factory=list)
     usage: list[tuple[str, str, str]] = field(default_factory=list)
     command: str | None = None
 
@@ -147,11 +147,13 @@ def model_card(spec: CardSpec, repo: str):
             lines.append(f"| {row['metric']} | {row.get('data', '')} | {_fmt(ref)}{f' ({name})' if name else ''} "
                          f"| {_fmt(q)} | {ratio} |")
         lines.append("")
-    if spec.size:
-        s = spec.size
-        ratio = s["bf16_bytes"] / s["quantized_bytes"] if s["quantized_bytes"] else float("nan")
-        lines += ["## Size", "", f"{s['what']}: {human_bytes(s['quantized_bytes'])} against {human_bytes(s['bf16_bytes'])} in "
-                  f"bf16 ({ratio:.2f}x smaller).", ""]
+    if spec.sizes:
+        lines += ["## Size", ""]
+        for s in spec.sizes:
+            ratio = s["bf16_bytes"] / s["quantized_bytes"] if s["quantized_bytes"] else float("nan")
+            lines.append(f"- {s['what']}: {human_bytes(s['quantized_bytes'])} against {human_bytes(s['bf16_bytes'])} "
+                         f"in bf16 ({ratio:.2f}x smaller).")
+        lines.append("")
     if spec.calibration is not None:
         lines += ["## Calibration data", "", "```json", json.dumps(spec.calibration, indent=2, sort_keys=True), "```",
                   ""]
@@ -407,6 +409,12 @@ def push_to_hub(
     except Exception as e:
         if isinstance(e, ValueError) and _status(e) is None:
             raise
+        if _status(e) in (401, 403):
+            raise ValueError(
+                f"the token of {user!r} may not write to {repo_id} (HTTP {_status(e)}): push to a repo of your own "
+                "namespace or use a token with write access to it (--token / token= or HF_TOKEN). Nothing was "
+                "committed."
+            ) from e
         raise HubPushError(
             f"pushing {root} to {repo_id}@{branch} failed after {retried - retried_before + 1} attempt(s): "
             f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. Nothing was committed (a Hub commit is "

@@ -330,8 +330,8 @@ class RotateKVQuantizer(_HubQuantizer):
             config={**calib.config.to_dict(), "head_group_size": calib.head_group_size},
             calibration={**calib.source, "sequences": calib.source.get("num_tokens", 0) // max(seq_len, 1)},
             evaluation=evaluation,
-            size={"what": f"KV cache per token (all {info['num_hidden_layers']} layers, sink tokens aside)",
-                  "bf16_bytes": bf16_bytes, "quantized_bytes": kv_bytes},
+            sizes=[{"what": f"KV cache per token (all {info['num_hidden_layers']} layers, sink tokens aside)",
+                    "bf16_bytes": bf16_bytes, "quantized_bytes": kv_bytes}],
             usage=usage, command=command)
         self._write_card(out, spec, repo_id)
         logger.info("RotateKV: wrote %s (%d files)", out, sum(1 for _ in out.iterdir()))
@@ -468,7 +468,7 @@ class LRQDiTQuantizer(_HubQuantizer):
         pipe_kwargs = dict(pipe_kwargs or {})
         model = getattr(self.pipeline, self.component)
         out = _prepare_output(save_dir, overwrite, self.source_folder)
-        bf16_bytes = 2 * sum(p.numel() for p in model.parameters())
+        bf16_bytes = 2 * sum(p.numel() for p in model.parameters())  # the float component, before quantizing
         eval_prompts = list(eval_prompts if eval_prompts is not None else prompts[:4])
         eval_steps = eval_steps or num_inference_steps
         ref_images = self._sample(eval_prompts, eval_steps, seed, pipe_kwargs) if evaluate else None
@@ -488,6 +488,14 @@ class LRQDiTQuantizer(_HubQuantizer):
             ]
         self.pipeline.save_pretrained(out)
         q_bytes = _folder_bytes(out / self.component, ".safetensors")
+        from optimum_plugin.lrq_dit.modules import LRQLinear
+
+        lin_q = lin_bf16 = 0
+        for m in getattr(self.pipeline, self.component).modules():
+            if isinstance(m, LRQLinear):
+                bias = 0 if m.bias is None else m.bias.numel() * m.bias.element_size()
+                lin_q += m.storage_bytes() - bias
+                lin_bf16 += 2 * m.in_features * m.out_features
         kinds: dict[str, int] = {}
         for plan in resolved.layers.values():
             kinds[plan.rotation] = kinds.get(plan.rotation, 0) + 1
@@ -514,9 +522,11 @@ class LRQDiTQuantizer(_HubQuantizer):
                          "num_inference_steps": num_inference_steps, "batch_size": batch_size, "seed": seed,
                          **{k: v for k, v in pipe_kwargs.items() if isinstance(v, (int, float, str, bool))}},
             evaluation=evaluation,
-            size={"what": f"{self.component} weights on disk (packed codes; unquantized tensors in "
-                          f"{str(model.dtype).removeprefix('torch.')})",
-                  "bf16_bytes": bf16_bytes, "quantized_bytes": q_bytes},
+            sizes=[{"what": f"the {len(resolved.layers)} quantized linear layers of {self.component} (packed codes, "
+                            "row parameters, rotation and smoothing state; biases aside)",
+                    "bf16_bytes": lin_bf16, "quantized_bytes": lin_q},
+                   {"what": f"{self.component} on disk (unquantized tensors in {str(model.dtype).removeprefix('torch.')})",
+                    "bf16_bytes": bf16_bytes, "quantized_bytes": q_bytes}],
             usage=usage, command=command)
         self._write_card(out, spec, repo_id)
         return out
@@ -644,14 +654,37 @@ class HALOQuantizer(_HubQuantizer):
                                "reference": ref, "reference_name": f"source, {str(self.model.dtype)[6:]}",
                                "quantized": ppl})
         q_bytes = _folder_bytes(out, ".safetensors")
+        sizes = []
+        if export_format == "w8a8":
+            from safetensors import safe_open
+
+            from optimum_plugin.halo.export import TRANSFORM_SCHEME
+
+            lin_q = lin_bf16 = 0
+            with safe_open(str(out / "model.safetensors"), "pt") as f:
+                for k in f.keys():
+                    if k.endswith(".weight_scale"):
+                        prefix = k[: -len(".weight_scale")]
+                        w = f.get_slice(prefix + ".weight")
+                        rows, cols = w.get_shape()
+                        lin_bf16 += 2 * rows * cols
+                        lin_q += rows * cols + 4 * rows  # int8 codes + fp32 row scales
+                        transform = f"{prefix}.{TRANSFORM_SCHEME}_input.weight"
+                        if transform in f.keys():
+                            b = f.get_slice(transform).get_shape()[0]
+                            lin_q += 2 * b * b
+            sizes.append({"what": "the int8 linear layers (codes, row scales and stored Hadamard transforms)",
+                          "bf16_bytes": lin_bf16, "quantized_bytes": lin_q})
         tied = bool(getattr(getattr(self.model, "config", None), "tie_word_embeddings", False))
+        sizes.append({"what": "all weights on disk" + (" (tied embeddings stored once)" if tied else ""),
+                      "bf16_bytes": 2 * merged_params, "quantized_bytes": q_bytes})
         if export_format == "w8a8":
             label = "W8A8 (INT8 weights per channel, INT8 activations per token)"
             summary = (f"A HALO export: {label} in the compressed-tensors format, each quantized linear layer with "
                        f"its Hadamard input transform ({hadamard}), exactly HALO's INT8 forward. vLLM serves it "
                        "(on its CPU platform with `rotkv`'s HALO plugin installed). Do not load it with "
                        "`AutoModelForCausalLM.from_pretrained`: transformers drops the Hadamard transforms; use "
-                       "`load_w8a8` below.")
+                       "`load_halo` below.")
             usage = [("Serve it with vLLM:", "bash", "vllm serve {repo}"),
                      ("Evaluate it in PyTorch with vLLM's integer maths:", "python",
                       "from optimum_plugin.quantizers import load_halo\n\n"
@@ -672,8 +705,7 @@ class HALOQuantizer(_HubQuantizer):
                     "skip_modules": list(skip_modules) if skip_modules is not None else ["lm_head"],
                     "training": self.halo_config.to_dict() if self.halo_config is not None else None},
             calibration=None, evaluation=evaluation,
-            size={"what": "weights on disk" + (" (tied embeddings stored once)" if tied else ""),
-                  "bf16_bytes": 2 * merged_params, "quantized_bytes": q_bytes},
+            sizes=sizes,
             usage=usage, command=command)
         self._write_card(out, spec, repo_id)
         return out

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import dataclasses
 import datetime as _dt
 import hashlib
 import json
@@ -487,13 +486,14 @@ def _make_handler(hub: HubServer):
             repo_type = payload.get("type") or "model"
             private = payload.get("visibility") == "private" or bool(payload.get("private"))
             repo_id = f"{ns}/{name}"
+            prefix = "" if repo_type == "model" else f"{repo_type}s/"
+            url = f"{hub.url}/{prefix}{repo_id}"
             try:
                 hub.create_repo(repo_id, user[0], private, repo_type)
-            except HubError as e:
-                e.message = f"{e.message}: {repo_id}"
-                raise
-            prefix = "" if repo_type == "model" else f"{repo_type}s/"
-            self._send(200, {"url": f"{hub.url}/{prefix}{repo_id}", "name": repo_id, "id": repo_id})
+            except HubError as e:  # like the Hub, a 409 still names the repo's URL (create_repo(exist_ok) reads it)
+                return self._send(e.status, {"error": f"{e.message}: {repo_id}", "url": url},
+                                  {"X-Error-Message": e.message})
+            self._send(200, {"url": url, "name": repo_id, "id": repo_id})
 
         def _validate_yaml(self) -> None:
             payload = self._json()

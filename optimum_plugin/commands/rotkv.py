@@ -88,10 +88,9 @@ def _summary(name: str, out: Path, spec, pushed) -> str:
         rname = f" [{row['reference_name']}]" if row.get("reference_name") else ""
         fmt = (lambda x: f"{x:.4g}" if isinstance(x, float) else str(x))
         lines.append(f"  evaluation   {row['metric']} on {row['data']}: {fmt(ref)}{rname} -> {fmt(q)}{ratio}")
-    if spec.size:
-        s = spec.size
-        lines.append(f"  size         {s['what']}: {human_bytes(s['quantized_bytes'])} vs {human_bytes(s['bf16_bytes'])} in bf16 "
-                     f"({s['bf16_bytes'] / max(s['quantized_bytes'], 1):.2f}x smaller)")
+    for s in spec.sizes:
+        lines.append(f"  size         {s['what']}: {human_bytes(s['quantized_bytes'])} vs {human_bytes(s['bf16_bytes'])} "
+                     f"in bf16 ({s['bf16_bytes'] / max(s['quantized_bytes'], 1):.2f}x smaller)")
     repo = str(out)
     if pushed is not None:
         repo = pushed.repo_id
