@@ -66,6 +66,8 @@ __all__ = [
     "RotateKVRuntime",
     "LayerCodec",
     "resolve_runtime",
+    "effective_config",
+    "check_servable",
     "current_runtime",
     "install_runtime",
     "rope_tables",
@@ -75,7 +77,8 @@ __all__ = [
     "RotateKVAttentionImpl",
 ]
 
-logger = logging.getLogger(__name__)
+# Under vLLM's "vllm" logger, so these lines appear in `vllm serve` output with vLLM's own.
+logger = logging.getLogger(f"vllm.{__name__}")
 
 CALIBRATE_HINT = "python -m rotkv_vllm.calibration {model} --calib-file YOUR_TEXT.txt --bits {bits}"
 # Model types whose vLLM attention receives RoPE(k_proj(x)) keys (no per-head key norm), so the
@@ -251,15 +254,7 @@ class RotateKVRuntime:
             ValueError: an unknown dtype name, a config this backend cannot serve, or head groups that
                 would straddle tensor-parallel ranks.
         """
-        if kv_cache_dtype not in KV_CACHE_DTYPES:
-            raise ValueError(f"kv_cache_dtype={kv_cache_dtype!r}: expected one of {sorted(KV_CACHE_DTYPES)}")
-        bits = KV_CACHE_DTYPES[kv_cache_dtype]
-        cfg = calibration.config
-        if (cfg.key_bits, cfg.value_bits) != (bits, bits):
-            logger.info("rotkv: calibration made for K%d/V%d; --kv-cache-dtype %s stores K%d/V%d",
-                        cfg.key_bits, cfg.value_bits, kv_cache_dtype, bits, bits)
-            cfg = dataclasses.replace(cfg, key_bits=bits, value_bits=bits)
-        cfg = dataclasses.replace(cfg, head_group_size=calibration.head_group_size)
+        cfg = effective_config(calibration, kv_cache_dtype)
         layout = calibration.layout(tp_size)
         n_layers = int(calibration.model_info["num_hidden_layers"])
         orders = None
@@ -272,6 +267,25 @@ class RotateKVRuntime:
         cos, sin = rope if (rope is not None and cfg.pre_rope) else (None, None)
         return cls(config=cfg, layout=layout, num_layers=n_layers, key_orders=orders, dtype=dtype, key_means=means,
                    rope_cos=cos, rope_sin=sin, tp_rank=tp_rank, tp_size=tp_size, key=key)
+
+
+def effective_config(calibration, kv_cache_dtype: str) -> RotateKVConfig:
+    """The config the backend stores with: the calibration's, with the bits of ``kv_cache_dtype``
+    (``rotkv2`` = 2-bit K and V) and the calibrated head grouping. The transformers reference given this
+    config and the same calibration computes what the backend computes.
+
+    Raises:
+        ValueError: an unknown dtype name.
+    """
+    if kv_cache_dtype not in KV_CACHE_DTYPES:
+        raise ValueError(f"kv_cache_dtype={kv_cache_dtype!r}: expected one of {sorted(KV_CACHE_DTYPES)}")
+    bits = KV_CACHE_DTYPES[kv_cache_dtype]
+    cfg = calibration.config
+    if (cfg.key_bits, cfg.value_bits) != (bits, bits):
+        logger.info("rotkv: calibration made for K%d/V%d; --kv-cache-dtype %s stores K%d/V%d",
+                    cfg.key_bits, cfg.value_bits, kv_cache_dtype, bits, bits)
+        cfg = dataclasses.replace(cfg, key_bits=bits, value_bits=bits)
+    return dataclasses.replace(cfg, head_group_size=calibration.head_group_size)
 
 
 def check_servable(config: RotateKVConfig) -> None:

@@ -51,7 +51,8 @@ __all__ = [
     "is_rotkv_cache_dtype",
 ]
 
-logger = logging.getLogger(__name__)
+# Under vLLM's "vllm" logger, so these lines appear in `vllm serve` output with vLLM's own.
+logger = logging.getLogger(f"vllm.{__name__}")
 
 # The vLLM release whose internals this module patches (major, minor, patch).
 SUPPORTED_VLLM_VERSION = (0, 32, 0)

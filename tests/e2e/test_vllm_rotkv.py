@@ -1,0 +1,297 @@
+"""RotateKV on the real vLLM engine (CPU): the server, the capacity the engine reports, accuracy through
+vLLM against the transformers reference, prefix caching, preemption, tensor parallelism, start-up errors.
+
+Each offline engine runs in its own process (``rotkv_engine_job.py``); the server test shares one
+``vllm serve`` for all its requests. The bundled SmolLM2-135M is calibrated once on
+``calib_wikitext2_valid.txt`` into a serving folder (``$ROTKV_CACHE/vllm/SmolLM2-135M-Instruct``).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("vllm")
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+JOB = Path(__file__).with_name("rotkv_engine_job.py")
+KV_GIB = 1
+MAX_LEN = 2048  # a multiple of every block size used, so capacity = blocks * block_size exactly
+
+
+def run_job(llm: dict, tasks: list[dict], env: dict | None = None, timeout: float = 900) -> dict:
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump({"llm": llm, "tasks": tasks, "env": env or {}}, f)
+    full_env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=str(KV_GIB), **(env or {}))
+    p = subprocess.run([sys.executable, str(JOB), f.name], capture_output=True, text=True, timeout=timeout,
+                       env=full_env)
+    os.unlink(f.name)
+    for line in p.stdout.splitlines():
+        if line.startswith("ROTKV_JOB_RESULT "):
+            return json.loads(line[len("ROTKV_JOB_RESULT "):])
+    raise AssertionError(f"engine job failed (exit {p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-6000:]}")
+
+
+@pytest.fixture(scope="module")
+def served_model() -> Path:
+    from rotkv_vllm.bundled_model import cache_root, ensure_smollm2
+    from rotkv_vllm.demo import prepare_model, serving_config
+
+    src = ensure_smollm2()
+    return prepare_model(src, cache_root() / "vllm" / src.name, serving_config(2), num_sequences=8)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(served_model):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(served_model)
+
+
+@pytest.fixture(scope="module")
+def windows(tokenizer) -> list[list[int]]:
+    from rotkv_vllm.bundled_model import shared_data_path
+
+    ids = tokenizer(shared_data_path("wikitext2_test.txt").read_text(encoding="utf-8")[:40_000],
+                    add_special_tokens=False).input_ids
+    return [ids[i * 256:(i + 1) * 256] for i in range(4)]
+
+
+@pytest.fixture(scope="module")
+def prompts(tokenizer) -> list[list[int]]:
+    from rotkv_vllm.bundled_model import shared_data_path
+
+    lines = shared_data_path("wikitext2_test.txt").read_text(encoding="utf-8").splitlines()
+    out = []
+    for ln in lines[200:]:
+        ids = tokenizer(ln.strip(), add_special_tokens=False).input_ids
+        if len(ids) >= 48 and not ln.strip().startswith("="):
+            out.append(ids[:48])
+        if len(out) == 8:
+            return out
+    raise AssertionError("not enough prompts")
+
+
+def _engine(served_model, dtype: str, **kw) -> dict:
+    # Chunks of 32 tokens: prefill attends over the packed cache chunk after chunk.
+    return dict(model=str(served_model), kv_cache_dtype=dtype, enforce_eager=True, max_model_len=MAX_LEN,
+                enable_chunked_prefill=True, max_num_batched_tokens=32, max_num_seqs=16, seed=0,
+                disable_log_stats=False, **kw)
+
+
+@pytest.fixture(scope="module")
+def jobs(served_model, windows, prompts) -> dict[str, dict]:
+    tasks = [{"kind": "capacity"}, {"kind": "ppl", "windows": windows},
+             {"kind": "greedy", "prompts": prompts, "max_new": 16}]
+    return {dt: run_job(_engine(served_model, dt), tasks) for dt in ("auto", "rotkv2", "rotkv4")}
+
+
+# ---- capacity -------------------------------------------------------------------------------------
+def _expected_tokens(served_model, dtype: str) -> int:
+    """Tokens the planner must fit in KV_GIB, from first principles (not from the backend's code):
+    per layer and block, ``B`` records of ``C = sum over K, V of (W * bits / 8 + W / G * 4)`` bytes (fp16
+    scale + zero per group of ``G``), rounded up to even, plus ``S`` sink tokens of ``2 * W * 2`` bytes."""
+    from rotkv_vllm.calibration import load_calibration
+
+    cal = load_calibration(served_model)
+    cfg, info = cal.config, cal.model_info
+    layers, w = info["num_hidden_layers"], info["num_key_value_heads"] * info["head_dim"]
+    if dtype == "auto":
+        block, page = 128, 128 * 2 * w * 2
+    else:
+        bits = int(dtype[-1])
+        assert cfg.scale_format == "fp16" and not cfg.boosted_layers
+        lay = cal.layout()
+        c = w * bits // 8 + w // lay.group_size * 4 + w * bits // 8 + w // lay.value_group_size * 4
+        c += c % 2
+        sinks = cfg.max_sink_tokens if cfg.sink_mode == "first" else 0
+        block = 256
+        page = block * c + sinks * 2 * w * 2
+    return (KV_GIB << 30) // (layers * page) * block
+
+
+def test_engine_reports_packed_capacity(jobs, served_model):
+    cap = {dt: jobs[dt]["capacity"]["kv_cache_size_tokens"] for dt in jobs}
+    for dt in jobs:
+        assert cap[dt] == _expected_tokens(served_model, dt), (dt, cap[dt])
+    r2, r4 = cap["rotkv2"] / cap["auto"], cap["rotkv4"] / cap["auto"]
+    print(f"\nKV capacity at {KV_GIB} GiB: auto {cap['auto']:,}, rotkv2 {cap['rotkv2']:,} ({r2:.2f}x), "
+          f"rotkv4 {cap['rotkv4']:,} ({r4:.2f}x)")
+    assert r2 >= 6.5 and r4 >= 3.5
+
+
+# ---- accuracy -------------------------------------------------------------------------------------
+def test_perplexity_through_vllm_matches_reference(jobs, served_model, windows):
+    """vLLM's perplexity (prompt_logprobs, 32-token chunks reading the packed cache) is within 5% of the
+    transformers reference with the same config and calibration; auto is within 2% of fp."""
+    from transformers import AutoModelForCausalLM
+
+    from rotkv_vllm.calibration import load_calibration
+    from rotkv_vllm.reference import KVMethod, perplexity
+    from rotkv_vllm.vllm_backend import effective_config
+
+    model = AutoModelForCausalLM.from_pretrained(served_model, dtype=torch.bfloat16).eval()
+    ids = torch.tensor([t for w in windows for t in w])
+    cal = load_calibration(served_model)
+    ref = {"auto": perplexity(model, ids, window=256, method="fp")}
+    for dt in ("rotkv2", "rotkv4"):
+        ref[dt] = perplexity(model, ids, window=256, method=KVMethod.from_config(effective_config(cal, dt), dt),
+                             calibration=cal)
+    for dt in jobs:
+        print(f"\n{dt}: vLLM ppl {jobs[dt]['ppl']:.3f}, reference {ref[dt]:.3f}, ratio {jobs[dt]['ppl'] / ref[dt]:.4f}")
+    assert abs(jobs["auto"]["ppl"] / ref["auto"] - 1) < 0.02
+    for dt in ("rotkv2", "rotkv4"):
+        assert abs(jobs[dt]["ppl"] / ref[dt] - 1) < 0.05, dt
+    # Fewer bits cannot be better than more bits by more than noise.
+    assert jobs["auto"]["ppl"] <= jobs["rotkv4"]["ppl"] * 1.02 <= jobs["rotkv2"]["ppl"] * 1.04
+
+
+def _agreement(ref: list[list[int]], got: list[list[int]]) -> tuple[float, float, float]:
+    first = sum(a[0] == b[0] for a, b in zip(ref, got)) / len(ref)
+    exact = sum(a == b for a, b in zip(ref, got)) / len(ref)
+    pref = []
+    for a, b in zip(ref, got):
+        pref.append(next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a)) / len(a))
+    return first, exact, sum(pref) / len(pref)
+
+
+def test_greedy_agreement_with_auto(jobs):
+    rows = {dt: _agreement(jobs["auto"]["greedy"], jobs[dt]["greedy"]) for dt in ("rotkv2", "rotkv4")}
+    for dt, (first, exact, pref) in rows.items():
+        print(f"\n{dt} vs auto: first token {first:.2f}, exact {exact:.2f}, prefix agreement {pref:.2f}")
+    assert rows["rotkv4"][0] >= 0.5  # 4 bits keeps most next-token argmaxes of a 48-token prompt
+    assert rows["rotkv4"][2] >= rows["rotkv2"][2]
+
+
+# ---- prefix caching and preemption ----------------------------------------------------------------
+def _close_until_divergence(a_ids, a_lp, b_ids, b_lp, tol):
+    for x, y, lx, ly in zip(a_ids, b_ids, a_lp, b_lp):
+        if x != y:
+            return True
+        if abs(lx - ly) > tol:
+            return False
+    return True
+
+
+def test_prefix_caching_and_preemption(served_model, tokenizer, windows, prompts):
+    """fp32 engine with 4 blocks of 256 tokens: (1) a 600-token prompt served twice reuses two cached blocks
+    and continues identically; (2) four requests that each need 2 blocks preempt each other, are recomputed,
+    and continue as when served one at a time."""
+    prompt = [t for w in windows for t in w][:600]
+    long_prompts = [p + p[:52] for p in prompts[:4]]  # 100 tokens; + 160 new = 260 > one 256-token block
+    llm = _engine(served_model, "rotkv2", dtype="float32", num_gpu_blocks_override=4, enable_prefix_caching=True)
+    llm.update(max_num_batched_tokens=256, max_model_len=1024)
+    res = run_job(llm, [{"kind": "prefix_repeat", "prompt": prompt, "max_new": 8},
+                        {"kind": "sequential_then_batched", "prompts": long_prompts, "max_new": 160}])
+    assert res["hits_warm"] >= 512 and res["hits_cold"] == 0
+    assert res["warm"] == res["cold"]
+    assert max(abs(a - b) for a, b in zip(res["warm_logprobs"], res["cold_logprobs"])) < 1e-3
+    assert res["preemptions_sequential"] == 0 and res["preemptions_batched"] >= 1
+    same = sum(a == b for a, b in zip(res["sequential"], res["batched"]))
+    print(f"\npreemptions {res['preemptions_batched']:.0f}; identical continuations {same}/4")
+    assert same >= 3
+    for a, la, b, lb in zip(res["sequential"], res["sequential_logprobs"], res["batched"], res["batched_logprobs"]):
+        assert _close_until_divergence(a, la, b, lb, tol=0.05)
+
+
+# ---- tensor parallelism ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_tp_model(tmp_path_factory, tokenizer):
+    """A random 2-layer Llama whose 4 KV heads split over 2 ranks, calibrated for tensor parallel size 2."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from rotkv_vllm.bundled_model import shared_data_path
+    from rotkv_vllm.calibration import calibrate, save_calibration
+    from rotkv_vllm.demo import serving_config
+
+    out = tmp_path_factory.mktemp("tiny_tp")
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                      num_attention_heads=8, num_key_value_heads=4, head_dim=32, max_position_embeddings=2048,
+                      tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+                      eos_token_id=tokenizer.eos_token_id, initializer_range=0.2)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).eval()
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    text = shared_data_path("calib_wikitext2_valid.txt").read_text(encoding="utf-8")[:50_000]
+    cal = calibrate(model, tokenizer, serving_config(2), text=text, num_sequences=4, seq_len=128, tp_size=2,
+                    progress=False)
+    assert cal.head_group_size <= 2  # a group never straddles the two ranks
+    save_calibration(cal, out)
+    return out
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="tensor parallel size 2 needs two CPU cores")
+def test_tensor_parallel_two_ranks_match_one(tiny_tp_model, prompts):
+    base = dict(model=str(tiny_tp_model), kv_cache_dtype="rotkv2", enforce_eager=True, max_model_len=512,
+                dtype="float32", seed=0)
+    tasks = [{"kind": "greedy", "prompts": prompts[:4], "max_new": 16}]
+    one = run_job(dict(base, tensor_parallel_size=1), tasks)
+    # vLLM's CPU workers bind OpenMP threads per rank; with one NUMA node they must be given explicitly.
+    two = run_job(dict(base, tensor_parallel_size=2), tasks, env={"VLLM_CPU_OMP_THREADS_BIND": "0|1"})
+    assert one["greedy"] == two["greedy"]
+    for a, b in zip(one["greedy_logprobs"], two["greedy_logprobs"]):
+        assert max(abs(x - y) for x, y in zip(a, b)) < 1e-3
+
+
+# ---- start-up errors ------------------------------------------------------------------------------
+def test_uncalibrated_model_refused_at_startup(tiny_tp_model, tmp_path):
+    from rotkv_vllm.demo import VllmServer
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for f in tiny_tp_model.iterdir():
+        if not f.name.startswith("rotkv"):
+            (bare / f.name).symlink_to(f)
+    srv = VllmServer(bare, kv_cache_dtype="rotkv2", max_model_len=512, startup_timeout=600)
+    with pytest.raises(RuntimeError, match="exited"):
+        srv.start()
+    log = srv.log_path.read_text(errors="replace")
+    assert "no RotateKV calibration" in log and "python -m rotkv_vllm.calibration" in log
+    assert not srv.leftover
+
+
+# ---- the OpenAI server ----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def server(served_model):
+    from rotkv_vllm.demo import VllmServer
+
+    srv = VllmServer(served_model, kv_cache_dtype="rotkv2", kv_cache_space_gib=KV_GIB, max_model_len=MAX_LEN)
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+def test_server_completion_and_chat(server):
+    comp = server.complete("The capital of France is", max_tokens=12, ignore_eos=True)
+    assert comp["usage"]["completion_tokens"] == 12 and comp["choices"][0]["text"].strip()
+    chat = server.chat("Name a color.", max_tokens=12)
+    assert chat["choices"][0]["message"]["role"] == "assistant"
+    assert chat["choices"][0]["message"]["content"].strip()
+    info = server.cache_info()
+    assert info["cache_dtype"] == "rotkv2" and int(info["kv_cache_size_tokens"]) > 0
+
+
+def test_server_32_concurrent_requests(server, prompts):
+    texts = [f"Request {i}: the number after {i} is" for i in range(32)]
+    with cf.ThreadPoolExecutor(32) as pool:
+        outs = list(pool.map(lambda t: server.complete(t, max_tokens=8, ignore_eos=True), texts))
+    assert len(outs) == 32
+    assert all(o["usage"]["completion_tokens"] == 8 for o in outs)
+
+
+def test_server_stops_cleanly(server):
+    code = server.stop()
+    assert code == 0, server.log_tail()
+    assert not server.leftover  # engine core and worker exited with the server
