@@ -395,7 +395,8 @@ def push_to_hub(
         head = None
 
     def ops():
-        out = [CommitOperationAdd(path_in_repo=p, path_or_fileobj=str(f)) for p, f in files.items() if p not in replace]
+        out = [CommitOperationAdd(path_in_repo=p, path_or_fileobj=str(f))
+               for p, f in files.items() if p not in replace]
         out += [CommitOperationAdd(path_in_repo=p, path_or_fileobj=bytes(b)) for p, b in replace.items()]
         return out
 
@@ -432,7 +433,8 @@ def push_to_hub(
     result = PushResult(repo_id=repo_id, revision=branch, commit_oid=info.oid, commit_url=info.commit_url,
                         url=f"{_endpoint(api)}/{repo_id}", files=len(files | replace), bytes=total,
                         retries=retried, private=is_private)
-    logger.info("pushed %d files (%s) to %s@%s: commit %s", result.files, human_bytes(total), repo_id, branch, info.oid)
+    logger.info("pushed %d files (%s) to %s@%s: commit %s", result.files, human_bytes(total), repo_id, branch,
+                info.oid)
     return result
 
 

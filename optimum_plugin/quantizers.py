@@ -352,7 +352,8 @@ def load_rotkv(model_or_repo: str | Path, revision: str | None = None, *, token:
 
     folder = find_calibration(model_or_repo, revision, token=token)
     if folder is None:
-        raise ValueError(f"{str(model_or_repo)!r} holds no RotateKV calibration (rotkv_config.json, rotkv.safetensors)")
+        raise ValueError(
+            f"{str(model_or_repo)!r} holds no RotateKV calibration (rotkv_config.json, rotkv.safetensors)")
     kw = {} if Path(model_or_repo).is_dir() else {"revision": revision, "token": token}
     model = AutoModelForCausalLM.from_pretrained(str(model_or_repo), dtype=dtype, **kw).eval()
     tok = AutoTokenizer.from_pretrained(str(model_or_repo), **kw)
@@ -525,7 +526,8 @@ class LRQDiTQuantizer(_HubQuantizer):
             sizes=[{"what": f"the {len(resolved.layers)} quantized linear layers of {self.component} (packed codes, "
                             "row parameters, rotation and smoothing state; biases aside)",
                     "bf16_bytes": lin_bf16, "quantized_bytes": lin_q},
-                   {"what": f"{self.component} on disk (unquantized tensors in {str(model.dtype).removeprefix('torch.')})",
+                   {"what": f"{self.component} on disk (unquantized tensors in "
+                            f"{str(model.dtype).removeprefix('torch.')})",
                     "bf16_bytes": bf16_bytes, "quantized_bytes": q_bytes}],
             usage=usage, command=command)
         self._write_card(out, spec, repo_id)

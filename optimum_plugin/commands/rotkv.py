@@ -41,7 +41,8 @@ def _add_common(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument("output", type=Path, help="the output folder (new or empty, unless --overwrite)")
     parser.add_argument("--model-revision", help="revision of --model when it is a repo id")
     parser.add_argument("--overwrite", action="store_true", help="write into a non-empty output folder")
-    parser.add_argument("--base-model", help="Hub id written as base_model in the card (default: --model if a repo id)")
+    parser.add_argument("--base-model",
+                        help="Hub id written as base_model in the card (default: --model if it is a repo id)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     hub = parser.add_argument_group("Hugging Face Hub")
     hub.add_argument("--push-to-hub", metavar="REPO_ID", help="push the output folder to this repo (one commit)")
@@ -89,14 +90,16 @@ def _summary(name: str, out: Path, spec, pushed) -> str:
         fmt = (lambda x: f"{x:.4g}" if isinstance(x, float) else str(x))
         lines.append(f"  evaluation   {row['metric']} on {row['data']}: {fmt(ref)}{rname} -> {fmt(q)}{ratio}")
     for s in spec.sizes:
-        lines.append(f"  size         {s['what']}: {human_bytes(s['quantized_bytes'])} vs {human_bytes(s['bf16_bytes'])} "
+        lines.append(f"  size         {s['what']}: {human_bytes(s['quantized_bytes'])} vs "
+                     f"{human_bytes(s['bf16_bytes'])} "
                      f"in bf16 ({s['bf16_bytes'] / max(s['quantized_bytes'], 1):.2f}x smaller)")
     repo = str(out)
     if pushed is not None:
         repo = pushed.repo_id
         vis = {True: "private", False: "public", None: "visibility unknown"}[pushed.private]
         lines.append(f"  pushed       {pushed.url} @ {pushed.revision}: commit {pushed.commit_oid[:12]} "
-                     f"({pushed.files} files, {human_bytes(pushed.bytes)}, {vis}, {pushed.retries} retried request(s))")
+                     f"({pushed.files} files, {human_bytes(pushed.bytes)}, {vis}, "
+                     f"{pushed.retries} retried request(s))")
     if spec.usage:
         code = spec.usage[0][2].replace("{repo}", repo).strip().splitlines()
         lines.append(f"  use it       {code[0] if len(code) == 1 else spec.usage[0][0]}")
@@ -225,7 +228,8 @@ class LRQDiTCommand(_MethodCommand):
         else:
             config = LRQDiTConfig(weight_bits=args.weight_bits, act_bits=args.act_bits,
                                   weight_quantizer=args.weight_quantizer, rotation=args.rotation,
-                                  smooth_alpha=args.smooth_alpha, modules_to_not_convert=tuple(args.modules_to_not_convert))
+                                  smooth_alpha=args.smooth_alpha,
+                                  modules_to_not_convert=tuple(args.modules_to_not_convert))
         if args.prompts_file:
             p = Path(args.prompts_file)
             if not p.is_file():
@@ -258,7 +262,8 @@ class HALOExportCommand(_MethodCommand):
         ex.add_argument("--format", dest="export_format", choices=("w8a8", "bf16"), default="w8a8")
         ex.add_argument("--hadamard", choices=("full", "block", "none"), default="full")
         ex.add_argument("--block-size", type=int, default=64, help="Hadamard block for --hadamard block")
-        ex.add_argument("--skip-modules", nargs="*", help="layers kept in bf16 (default: the HALO config's or lm_head)")
+        ex.add_argument("--skip-modules", nargs="*",
+                        help="layers kept in bf16 (default: the HALO config's, else lm_head)")
         _add_eval(parser, 512)
 
     def _quantize(self, args, command):
