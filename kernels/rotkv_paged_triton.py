@@ -500,10 +500,10 @@ if HAS_TRITON:
         q_ptr, sq_t, sq_h, sq_d, rec_ptr, rec_sb, rec_ss, sink_ptr, sn_b, sn_p, sn_kv, sn_h, sn_d,
         bt_ptr, bt_s, seq_ptr, qsl_ptr, qb_req_ptr, qb_start_ptr, inv_ptr, mean_ptr, cos_ptr, sin_ptr, rope_st,
         km1_ptr, km2_ptr, vf1_ptr, vf2_ptr, pm_ptr, pl_ptr, pacc_ptr,
-        qk_scale, k_rot_scale, v_rot_scale, split_size,
+        qk_scale, k_rot_scale, v_rot_scale, split_size, n_split,
         HQ: tl.constexpr, H: tl.constexpr, D: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr,
         QPK: tl.constexpr, M_TOK: tl.constexpr, R_PAD: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr,
-        NSPLIT: tl.constexpr, KB: tl.constexpr,
+        KB: tl.constexpr,
         K_BITS: tl.constexpr, K_GS: tl.constexpr, K_ALIGNED: tl.constexpr,
         V_BITS: tl.constexpr, V_GS: tl.constexpr, V_ALIGNED: tl.constexpr,
         A_PAD: tl.constexpr, B_PAD: tl.constexpr, TWO_STAGE: tl.constexpr,
@@ -600,10 +600,12 @@ if HAS_TRITON:
 
             # keys: unpack + dequantize (stored order) -> un-permute -> inverse Hadamard -> + mean -> RoPE
             y = _dequant_rows(row_ptr, kvalid, P0, BLOCK_N, F, RW, N, K_GS, K_BITS, SCALE_FP8, K_ALIGNED)
-            if HAS_PERM:
-                y = tl.where((pf < RW)[None, :], tl.gather(y, inv, 1), 0.0)
             if LOWP:
-                y = y * k_rot_scale  # keep the fp16 intermediates of the two products in range
+                # Scale first (keeps the fp16 intermediates of the two products in range), then cast: the
+                # un-permuting gather then moves half the bytes through shared memory.
+                y = (y * k_rot_scale).to(tl.float16)
+            if HAS_PERM:
+                y = tl.gather(y, inv, 1)  # inv maps padding positions to 0: zeroed inside the product below
             k = _hadamard_pre(y, km1, km2, BLOCK_N, A_PAD, B_PAD, TWO_STAGE, LOWP)
             if not LOWP:
                 k = k * k_rot_scale
@@ -627,7 +629,7 @@ if HAS_TRITON:
             m_i, l_i, acc = _attend(q1, q2, k1, k2, v, pos, kvalid, row_pos, m_i, l_i, acc, LOWP)
 
         # Partials of every (token, head) row of this block for split sp (neutral when the split is empty).
-        pidx = ((tok[None, :] * HQ + hq) * NSPLIT + sp).to(tl.int64)  # [G_PAD, R_PAD]
+        pidx = (tok[None, :] * HQ + hq) * n_split + sp  # [G_PAD, R_PAD], int64 (tok is)
         pmask = gv[:, None] & row_valid[None, :]
         tl.store(pm_ptr + pidx, m_i, mask=pmask)
         tl.store(pl_ptr + pidx, l_i, mask=pmask)
@@ -636,27 +638,25 @@ if HAS_TRITON:
 
     @triton.jit
     def _paged_reduce_kernel(pm_ptr, pl_ptr, pacc_ptr, out_ptr, so_t, so_h, so_d, vi1_ptr, vi2_ptr, v_rot_scale,
-                             HQ: tl.constexpr, HQ_PAD: tl.constexpr, D: tl.constexpr, NSPLIT: tl.constexpr,
-                             S_PAD: tl.constexpr, VA_PAD: tl.constexpr, VB_PAD: tl.constexpr,
-                             V_TWO_STAGE: tl.constexpr, V_ROT: tl.constexpr):
+                             n_split, HQ: tl.constexpr, HQ_PAD: tl.constexpr, D: tl.constexpr, VA_PAD: tl.constexpr,
+                             VB_PAD: tl.constexpr, V_TWO_STAGE: tl.constexpr, V_ROT: tl.constexpr):
         """Merge the splits of one token's heads, rotate values back, store ``out[t]``."""
         t = tl.program_id(0).to(tl.int64)
         h = tl.arange(0, HQ_PAD)
         hv = h < HQ
-        s = tl.arange(0, S_PAD)
-        base = (t * HQ + h) * NSPLIT  # [HQ_PAD] int64
-        msk = hv[:, None] & (s < NSPLIT)[None, :]
-        m = tl.load(pm_ptr + base[:, None] + s[None, :], mask=msk, other=float("-inf"))
-        l = tl.load(pl_ptr + base[:, None] + s[None, :], mask=msk, other=0.0)
-        mx = tl.max(m, 1)
+        base = (t * HQ + h) * n_split  # [HQ_PAD] int64
+        mx = tl.full((HQ_PAD,), -float("inf"), tl.float32)
+        for i in range(n_split):
+            mx = tl.maximum(mx, tl.load(pm_ptr + base + i, mask=hv, other=-float("inf")))
         mx = tl.where(hv, mx, 0.0)
-        den = tl.sum(l * tl.exp2(m - mx[:, None]), 1)
         d = tl.arange(0, D)
+        den = tl.zeros((HQ_PAD,), tl.float32)
         acc = tl.zeros((HQ_PAD, D), tl.float32)
-        for i in range(NSPLIT):
-            mi = tl.load(pm_ptr + base + i, mask=hv, other=0.0)
+        for i in range(n_split):
+            wi = tl.exp2(tl.load(pm_ptr + base + i, mask=hv, other=-float("inf")) - mx)
+            den += wi * tl.load(pl_ptr + base + i, mask=hv, other=0.0)
             ai = tl.load(pacc_ptr + (base + i)[:, None] * D + d[None, :], mask=hv[:, None], other=0.0)
-            acc += ai * tl.exp2(mi - mx)[:, None]
+            acc += ai * wi[:, None]
         o = acc / tl.where(den > 0, den, 1.0)[:, None]
         if V_ROT:
             o = tl.reshape(_hadamard_tile(tl.reshape(o, (HQ_PAD, VA_PAD, VB_PAD)), vi1_ptr, vi2_ptr, HQ_PAD, VA_PAD,
@@ -745,7 +745,11 @@ if HAS_TRITON:
         dummy = records
         sn = sinks.stride() if sinks is not None else (0, 0, 0, 0, 0)
         s_sink = spec.sink_tokens if sinks is not None else 0
-        kw = {} if num_warps is None else {"num_warps": num_warps}
+        if num_warps is None:
+            # The accumulator alone is G_PAD * R_PAD * D fp32 values per program (16 K at Llama-3-8B shapes):
+            # spread it over 8 warps when it is that large (a lead, not a measurement: no GPU was at hand).
+            num_warps = 8 if _next_pow2(g) * r_pad * d >= 8192 else 4
+        kw = {"num_warps": num_warps}
         _paged_attn_fwd_kernel[(nqb, n_rot, ns)](
             query, query.stride(0), query.stride(1), query.stride(2), records, records.stride(0),
             records.stride(1), sinks if sinks is not None else dummy, *sn, block_tables, block_tables.stride(0),
@@ -753,9 +757,9 @@ if HAS_TRITON:
             key_mean if key_mean is not None else dummy, rope_cos if has_rope else dummy,
             rope_sin if has_rope else dummy, rope_cos.stride(0) if has_rope else 0, km1, km2, vf1, vf2, pm, pl, pacc,
             float(scale) * math.log2(math.e), 1.0 / math.sqrt(spec.key_rot_width), 1.0 / math.sqrt(d),
-            plan.split_size,
+            plan.split_size, ns,
             HQ=hq, H=h, D=d, G=g, G_PAD=_next_pow2(g), QPK=qpk, M_TOK=m_tok, R_PAD=r_pad, BS=records.shape[1],
-            BLOCK_N=plan.block_n, NSPLIT=ns, KB=spec.key_bytes,
+            BLOCK_N=plan.block_n, KB=spec.key_bytes,
             K_BITS=spec.key_bits, K_GS=spec.key_group_size, K_ALIGNED=_aligned(spec.key_group_size, spec.key_rot_width),
             V_BITS=spec.value_bits, V_GS=spec.value_group_size,
             V_ALIGNED=_aligned(spec.value_group_size, spec.key_rot_width),
@@ -766,9 +770,8 @@ if HAS_TRITON:
             LOWP=precision == "fp16", **kw,
         )
         _paged_reduce_kernel[(plan.num_tokens,)](
-            pm, pl, pacc, out, out.stride(0), out.stride(1), out.stride(2), vi1, vi2, 1.0 / math.sqrt(d),
-            HQ=hq, HQ_PAD=max(_MIN_DOT, _next_pow2(hq)), D=d, NSPLIT=ns, S_PAD=_next_pow2(ns),
-            VA_PAD=vplan.a_pad, VB_PAD=vplan.b_pad, V_TWO_STAGE=vplan.two_stage, V_ROT=spec.value_rot_width != 1,
+            pm, pl, pacc, out, out.stride(0), out.stride(1), out.stride(2), vi1, vi2, 1.0 / math.sqrt(d), ns,
+            HQ=hq, HQ_PAD=max(_MIN_DOT, _next_pow2(hq)), D=d, VA_PAD=vplan.a_pad, VB_PAD=vplan.b_pad, V_TWO_STAGE=vplan.two_stage, V_ROT=spec.value_rot_width != 1,
         )
         return out
 
