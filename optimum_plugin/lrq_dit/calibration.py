@@ -3,7 +3,7 @@
 :func:`calibrate_pipeline` runs a real diffusers pipeline (``DiTPipeline``, ``PixArtAlphaPipeline``, ...) over
 batches of prompts (class labels for class-conditional pipelines) for ``num_inference_steps`` denoising steps;
 every call of the denoiser is one timestep, and forward pre-hooks on its ``nn.Linear`` layers record, per
-layer: the per-channel absolute maximum over all tokens, and a uniform reservoir sample of input rows
+layer: the per-channel minimum, maximum and absolute maximum over all tokens, and a uniform reservoir sample of input rows
 (tokens) of bounded size for the rotation search and the weight-importance vector. A tqdm bar counts
 denoiser calls (batches x timesteps).
 """
@@ -32,12 +32,17 @@ class LayerStats:
 
     Attributes:
         absmax: ``(n,)`` float32 per-channel max |x| over every token seen.
+        chmin / chmax: ``(n,)`` float32 per-channel minimum / maximum over every token seen.
+        chsum: ``(n,)`` float64 per-channel sum over every token seen (``chsum / seen`` is the mean).
         sample: ``(<= capacity, n)`` float32 uniform reservoir sample of input rows.
         seen: number of rows seen.
         calls: number of forward calls seen (timesteps x batches).
     """
 
     absmax: torch.Tensor
+    chmin: torch.Tensor
+    chmax: torch.Tensor
+    chsum: torch.Tensor
     sample: torch.Tensor
     seen: int = 0
     calls: int = 0
@@ -46,12 +51,17 @@ class LayerStats:
 
     @classmethod
     def empty(cls, n: int, capacity: int, seed: int) -> "LayerStats":
-        return cls(torch.zeros(n), torch.zeros(0, n), 0, 0, capacity, torch.Generator().manual_seed(seed))
+        inf = torch.full((n,), float("inf"))
+        return cls(torch.zeros(n), inf.clone(), -inf, torch.zeros(n, dtype=torch.float64), torch.zeros(0, n), 0, 0,
+                   capacity, torch.Generator().manual_seed(seed))
 
     def update(self, x: torch.Tensor) -> None:
         """Add rows ``x`` ``(rows, n)`` (reservoir sampling, Algorithm R, vectorized per batch)."""
         x = x.detach().to(torch.float32).cpu()
         self.absmax = torch.maximum(self.absmax, x.abs().amax(dim=0))
+        self.chmin = torch.minimum(self.chmin, x.amin(dim=0))
+        self.chmax = torch.maximum(self.chmax, x.amax(dim=0))
+        self.chsum += x.to(torch.float64).sum(dim=0)
         self.calls += 1
         free = self.capacity - self.sample.shape[0]
         if free > 0:

@@ -45,6 +45,7 @@ class LayerPlan:
         block_size: width of each diagonal block of the rotation (divides ``in_features``; 0 for none).
         greedy_steps: greedy rotation steps stored per block and stage (outlier-aware only, else 0).
         smooth: whether a per-channel smoothing vector divides the input.
+        shift: whether a per-channel shift is subtracted from the input (and folded into the bias).
         fluctuation: the layer's measured fluctuation metric (informative; -1 when not measured).
     """
 
@@ -52,6 +53,7 @@ class LayerPlan:
     block_size: int = 0
     greedy_steps: int = 0
     smooth: bool = False
+    shift: bool = False
     fluctuation: float = -1.0
 
     def __post_init__(self) -> None:
@@ -103,7 +105,11 @@ class LRQDiTConfig:
             permutation has blocks to balance).
         greedy_steps: at most this many greedy steps per block and stage of the outlier-aware rotation.
         smooth_alpha: migration strength ``alpha`` of the per-channel smoothing
-            ``s_j = max|X_j|**alpha / max|W_j|**(1 - alpha)``; ``None`` disables smoothing.
+            ``s_j = max|X_j - delta_j|**alpha / max|W_j|**(1 - alpha)``; ``None`` disables smoothing.
+        shift: subtract the per-channel calibration mean ``delta_j = E[X_j]`` from the input before smoothing
+            and rotation, and fold ``W delta`` into the bias. It centres one-sided channels (post-GELU inputs,
+            adaLN shifts): otherwise a rotation sums their offsets into one huge channel (for a Hadamard,
+            the first: ``sum_j x_j / sqrt(n)``).
         modules_to_not_convert: ``fnmatch`` patterns of module names (full dotted name) kept in floating point.
         calibration_tokens: activation rows kept per layer during calibration (reservoir of the stream).
         layers: the resolved per-layer plans (module name -> :class:`LayerPlan`); ``None`` until a model is
@@ -122,6 +128,7 @@ class LRQDiTConfig:
     rotation_block_size: int | None = None
     greedy_steps: int = 4
     smooth_alpha: float | None = 0.5
+    shift: bool = True
     modules_to_not_convert: tuple[str, ...] = field(default_factory=tuple)
     calibration_tokens: int = 4096
     layers: dict[str, LayerPlan] | None = None
@@ -160,6 +167,8 @@ class LRQDiTConfig:
             isinstance(self.smooth_alpha, (int, float)) and 0.0 <= self.smooth_alpha <= 1.0
         ):
             raise ValueError(f"smooth_alpha={self.smooth_alpha!r}: must be in [0, 1] or None")
+        if not isinstance(self.shift, bool):
+            raise ValueError(f"shift={self.shift!r}: must be True or False")
         if isinstance(self.modules_to_not_convert, str):
             raise ValueError("modules_to_not_convert must be a list of patterns, not one string")
         object.__setattr__(self, "modules_to_not_convert", tuple(str(p) for p in self.modules_to_not_convert))
@@ -171,8 +180,8 @@ class LRQDiTConfig:
             plans = {
                 str(k): v if isinstance(v, LayerPlan) else LayerPlan.from_dict(dict(v)) for k, v in self.layers.items()
             }
-            if self.act_bits is None and any(p.rotation != "none" or p.smooth for p in plans.values()):
-                raise ValueError("layers: rotations and smoothing need act_bits (weight-only configs have none)")
+            if self.act_bits is None and any(p.rotation != "none" or p.smooth or p.shift for p in plans.values()):
+                raise ValueError("layers: rotations, smoothing and shifts need act_bits (weight-only configs have none)")
             object.__setattr__(self, "layers", plans)
         if self.version != CONFIG_VERSION:
             raise ValueError(

@@ -5,6 +5,7 @@ State (all buffers are persistent and saved; shapes for ``out x n`` with ``b`` w
     weight_packed   uint8  (out, twin_log_packed_width(n, b))  codes, 8 per b bytes (8-bit: one per byte)
     weight_params   int16  (out, 5) Twin-Log | (out, 2) uniform   fp16 bit patterns (see below)
     bias            float  (out,)                                  nn.Parameter, if the layer had one
+    shift           int16  (n,)                                    fp16 bit patterns of delta, if shifting
     smooth          int16  (n,)                                    fp16 bit patterns of s, if smoothing
     rot_perm        int32  (n,)                                    zigzag permutation (outlier-aware)
     rot_channels    int16  (2, K, steps)                           greedy channels (outlier-aware)
@@ -14,7 +15,7 @@ fp16 parameters are stored as their int16 bit patterns so that ``from_pretrained
 casts every floating-point tensor of a checkpoint) cannot round them: they are what the codes were chosen
 with. Forward, for ``x`` ``(..., n)`` in any float dtype (fp32 arithmetic inside):
 
-    x' = rotate(x / s)                       (folded offline into the weight: W' = rotate(W * s))
+    x' = rotate((x - delta) / s)             (folded offline: W' = rotate(W * s), bias' = bias + W delta)
     x' = fake_quant_per_token(x', act_bits)  (asymmetric min-max per token; skipped if act_bits is None)
     y  = x' @ dequant(weight).T + bias       (Triton kernel on CUDA for Twin-Log, PyTorch reference otherwise)
 """
@@ -72,7 +73,7 @@ class LRQLinear(nn.Module):
     """Packed replacement of ``nn.Linear`` (see the module docstring for state and maths).
 
     Args:
-        in_features, out_features, bias: as ``nn.Linear``.
+        in_features, out_features, bias: as ``nn.Linear`` (a shifted layer always has a bias: it holds ``W delta``).
         weight_bits: 3, 4 or 8.
         act_bits: 4, 6, 8 or ``None``.
         weight_quantizer: ``"twin_log"`` or ``"uniform"``.
@@ -104,14 +105,12 @@ class LRQLinear(nn.Module):
         width = twin_log_packed_width(in_features, weight_bits)
         self.register_buffer("weight_packed", torch.zeros(out_features, width, dtype=torch.uint8, device=device))
         self.register_buffer("weight_params", torch.zeros(out_features, n_params, dtype=torch.int16, device=device))
-        if bias:
+        if bias or plan.shift:
             self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype), requires_grad=False)
         else:
             self.register_parameter("bias", None)
-        if plan.smooth:
-            self.register_buffer("smooth", torch.zeros(in_features, dtype=torch.int16, device=device))
-        else:
-            self.register_buffer("smooth", None)
+        for name, on in (("shift", plan.shift), ("smooth", plan.smooth)):
+            self.register_buffer(name, torch.zeros(in_features, dtype=torch.int16, device=device) if on else None)
         if plan.rotation == "outlier_aware":
             k = in_features // plan.block_size
             self.register_buffer("rot_perm", torch.zeros(in_features, dtype=torch.int32, device=device))
@@ -129,7 +128,7 @@ class LRQLinear(nn.Module):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"W{self.weight_bits}A{self.act_bits or 16} {self.weight_quantizer}, rotation={self.plan.rotation}"
-            f"(block={self.plan.block_size}), smooth={self.plan.smooth}"
+            f"(block={self.plan.block_size}), shift={self.plan.shift}, smooth={self.plan.smooth}"
         )
 
     def _load_from_state_dict(self, *args, **kwargs):
@@ -139,6 +138,10 @@ class LRQLinear(nn.Module):
     def invalidate_cache(self) -> None:
         """Drop the rebuilt rotation matrices (call after writing the rotation buffers in place)."""
         self._rot_cache = None
+
+    def shift_values(self) -> torch.Tensor | None:
+        """``(n,)`` float32 per-channel shifts ``delta``, or ``None``."""
+        return None if self.shift is None else self.shift.view(torch.float16).to(torch.float32)
 
     def smooth_factors(self) -> torch.Tensor | None:
         """``(n,)`` float32 smoothing factors, or ``None``."""
@@ -162,8 +165,11 @@ class LRQLinear(nn.Module):
         return self._rot_cache
 
     def transform_input(self, x: torch.Tensor) -> torch.Tensor:
-        """``rotate(x / s)`` in fp32 (no activation quantization)."""
+        """``rotate((x - delta) / s)`` in fp32 (no activation quantization)."""
         xf = x.to(torch.float32)
+        d = self.shift_values()
+        if d is not None:
+            xf = xf - d
         s = self.smooth_factors()
         if s is not None:
             xf = xf / s

@@ -2,9 +2,10 @@
 
 Per converted ``nn.Linear`` (weight ``W`` ``(out, n)``, calibration statistics of its input):
 
-1. plan: smoothing ``s`` (if ``smooth_alpha`` and ``act_bits``), the fluctuation metric of ``X / s`` and the
-   rotation (``auto``: Hadamard below ``fluctuation_threshold``, outlier-aware above);
-2. fold: ``W' = rotate(W * s)``;
+1. plan: the shift ``delta = (max X + min X) / 2`` per channel (if ``shift``), smoothing ``s`` (if
+   ``smooth_alpha``), the fluctuation metric of ``(X - delta) / s`` and the rotation (``auto``: Hadamard below
+   ``fluctuation_threshold``, outlier-aware above); none of these without ``act_bits``;
+2. fold: ``W' = rotate(W * s)``, ``bias' = bias + W delta``;
 3. quantize ``W'`` row by row: Twin-Log with the grid search, importance ``h_j = E[x'_j**2]`` of the
    transformed inputs (so the searched error tracks the output error), or uniform round-to-nearest;
 4. swap the module for an :class:`LRQLinear` holding packed codes.
@@ -15,6 +16,7 @@ also attached to the model so that ``save_pretrained`` writes it as ``quantizati
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
 
@@ -28,8 +30,8 @@ from .config import LayerPlan, LRQDiTConfig
 from .modules import LRQLinear
 from .rotation import OutlierRotation, default_block_size, fluctuation, pack_bits, rotate, smoothing_factors
 
-__all__ = ["plan_layer", "quantize_", "quantize_linear", "quantize_pipeline", "replace_with_skeletons",
-           "uniform_quantize_rows"]
+__all__ = ["channel_shift", "needs_statistics", "plan_layer", "quantize_", "quantize_linear", "quantize_pipeline",
+           "replace_with_skeletons", "uniform_quantize_rows"]
 
 logger = logging.getLogger(__name__)
 
@@ -59,30 +61,58 @@ def plan_layer(name: str, linear: nn.Linear, config: LRQDiTConfig, stats: LayerS
     """
     if config.act_bits is None:
         return LayerPlan()
-    needs_stats = config.smooth_alpha is not None or config.rotation in ("auto", "outlier_aware")
-    if stats is None and needs_stats:
+    if stats is None and needs_statistics(config):
         raise ValueError(
-            f"layer {name!r}: rotation={config.rotation!r} / smooth_alpha={config.smooth_alpha} need calibration "
-            "statistics: run calibrate_pipeline (or ActivationRecorder) first, or use rotation='hadamard'/'none' "
-            "and smooth_alpha=None"
+            f"layer {name!r}: rotation={config.rotation!r} / smooth_alpha={config.smooth_alpha} / shift={config.shift} "
+            "need calibration statistics: run calibrate_pipeline (or ActivationRecorder) first, or use "
+            "rotation='hadamard'/'none', smooth_alpha=None and shift=False"
         )
     n = linear.in_features
     smooth = config.smooth_alpha is not None
     fl = -1.0
     if stats is not None:
-        s = smoothing_factors(stats.absmax, linear.weight, config.smooth_alpha) if smooth else torch.ones(n)
-        fl = fluctuation(stats.absmax / s)
+        delta = channel_shift(stats) if config.shift else torch.zeros(n)
+        cabs = centred_absmax(stats, delta)
+        s = smoothing_factors(cabs, linear.weight, config.smooth_alpha) if smooth else torch.ones(n)
+        fl = fluctuation(cabs / s)
     rotation = config.rotation
     if rotation == "auto":
         rotation = "hadamard" if fl < config.fluctuation_threshold else "outlier_aware"
     if rotation == "none":
-        return LayerPlan(rotation="none", smooth=smooth, fluctuation=fl)
+        return LayerPlan(rotation="none", smooth=smooth, shift=config.shift, fluctuation=fl)
     try:
         block = default_block_size(n, rotation, config.rotation_block_size)
     except ValueError as e:
         raise ValueError(f"layer {name!r}: {e} (or add it to modules_to_not_convert)") from e
     steps = config.greedy_steps if rotation == "outlier_aware" else 0
-    return LayerPlan(rotation=rotation, block_size=block, greedy_steps=steps, smooth=smooth, fluctuation=fl)
+    return LayerPlan(rotation=rotation, block_size=block, greedy_steps=steps, smooth=smooth, shift=config.shift,
+                     fluctuation=fl)
+
+
+def needs_statistics(config: LRQDiTConfig) -> bool:
+    """Whether quantizing with ``config`` needs calibration statistics."""
+    return config.act_bits is not None and (
+        config.smooth_alpha is not None or config.shift or config.rotation in ("auto", "outlier_aware")
+    )
+
+
+def channel_shift(stats: LayerStats) -> torch.Tensor:
+    """``delta_j = mean_j`` over the calibration tokens, rounded to fp16 (the stored value); 0 if none were seen.
+
+    The mean, not the centre of the range: activations are quantized per token, so what matters is that a
+    typical token is centred, and a one-sided channel's range centre sits far from its typical value.
+    """
+    if stats.seen == 0:
+        return torch.zeros_like(stats.absmax)
+    return (stats.chsum / stats.seen).to(torch.float16).to(torch.float32)
+
+
+def centred_absmax(stats: LayerStats, delta: torch.Tensor) -> torch.Tensor:
+    """Per-channel ``max |x_j - delta_j|`` from the per-channel extremes."""
+    hi = (stats.chmax - delta).abs()
+    lo = (stats.chmin - delta).abs()
+    m = torch.maximum(hi, lo)
+    return torch.where(torch.isfinite(m), m, torch.zeros_like(m))
 
 
 @torch.no_grad()
@@ -96,18 +126,20 @@ def quantize_linear(
     """
     w = linear.weight.detach().to(torch.float32).cpu()
     n = linear.in_features
+    delta = channel_shift(stats) if plan.shift else None
     s = None
     if plan.smooth:
-        s = smoothing_factors(stats.absmax, w, config.smooth_alpha)
+        s = smoothing_factors(centred_absmax(stats, delta if delta is not None else torch.zeros(n)), w,
+                              config.smooth_alpha)
     x = None
     if stats is not None and stats.sample.shape[0] > 0:
-        x = stats.sample / s if s is not None else stats.sample
+        x = stats.sample - delta if delta is not None else stats.sample
+        x = x / s if s is not None else x
     oa = None
     mats = perm = None
     if plan.rotation == "outlier_aware":
         oa = OutlierRotation.fit(x, plan.block_size, plan.greedy_steps, seed=seed)
-        plan = LayerPlan(rotation=plan.rotation, block_size=plan.block_size, greedy_steps=oa.steps,
-                         smooth=plan.smooth, fluctuation=plan.fluctuation)
+        plan = dataclasses.replace(plan, greedy_steps=oa.steps)
         mats, perm = oa.matrices(), oa.perm
     w_fold = rotate(w * s if s is not None else w, plan.rotation, plan.block_size, mats, perm)
     importance = None
@@ -125,8 +157,14 @@ def quantize_linear(
                   config.weight_quantizer, plan, device=dev, dtype=linear.weight.dtype)
     q.weight_packed.copy_(twin_log_pack(codes, config.weight_bits))
     q.weight_params.copy_(params.view(torch.int16))
-    if linear.bias is not None:
-        q.bias.copy_(linear.bias.detach())
+    bias = linear.bias.detach().to(torch.float32).cpu() if linear.bias is not None else None
+    if delta is not None:
+        # x W^T + b = (x - delta) W^T + (b + W delta): the shift moves into the bias, computed in float64.
+        folded = (w.double() @ delta.double()).to(torch.float32)
+        bias = folded if bias is None else bias + folded
+        q.shift.copy_(delta.to(torch.float16).view(torch.int16))
+    if bias is not None:
+        q.bias.copy_(bias)
     if s is not None:
         q.smooth.copy_(s.to(torch.float16).view(torch.int16))
     if oa is not None:
@@ -207,7 +245,7 @@ def quantize_pipeline(
     Weight-only configs (``act_bits=None``) skip the calibration pass. Returns the resolved config.
     """
     stats = None
-    if config.act_bits is not None and (config.smooth_alpha is not None or config.rotation != "none"):
+    if needs_statistics(config):
         stats = calibrate_pipeline(pipe, config, prompts, num_inference_steps, batch_size, component, seed,
                                    progress=progress, **pipe_kwargs)
     return quantize_(getattr(pipe, component), config, stats, seed=seed)
@@ -236,6 +274,7 @@ def replace_with_skeletons(model: nn.Module, config: LRQDiTConfig) -> int:
                       config.weight_quantizer, plan, device=None if dev.type == "meta" else dev,
                       dtype=m.weight.dtype)
         if dev.type == "meta" and q.bias is not None:
-            q.bias = nn.Parameter(torch.empty_like(m.bias, device="meta"), requires_grad=False)
+            q.bias = nn.Parameter(torch.empty(m.out_features, dtype=m.weight.dtype, device="meta"),
+                                  requires_grad=False)
         _set_module(model, name, q)
     return len(config.layers)

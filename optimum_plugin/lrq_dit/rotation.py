@@ -1,9 +1,11 @@
 """The Adaptive Rotation Scheme of LRQ-DiT: smoothing, a fluctuation metric, Hadamard or outlier-aware rotations.
 
-For a linear layer ``y = x W^T`` with calibration activations ``X`` (tokens x ``n``):
+For a linear layer ``y = x W^T + b`` with calibration activations ``X`` (tokens x ``n``):
 
-1. **Smoothing** (per channel ``j``): ``s_j = max|X_j|**alpha / max|W_j|**(1 - alpha)``, stored in fp16.
-2. **Fluctuation metric** of the smoothed activations ``X / s``: with ``m_j`` the per-channel absolute maximum,
+0. **Shift** (``quantizer.channel_shift``): ``delta_j = mean(X_j)``, subtracted from the input and folded into
+   the bias (``b' = b + W delta``), so that no channel carries a constant offset into the rotation.
+1. **Smoothing** (per channel ``j``): ``s_j = max|X_j - delta_j|**alpha / max|W_j|**(1 - alpha)``, in fp16.
+2. **Fluctuation metric** of the smoothed activations ``(X - delta) / s``: with ``m_j`` the per-channel absolute maximum,
    ``F = max_j m_j / median_j m_j``. Mild outliers (``F`` below the threshold) are spread well by a Hadamard
    rotation; salient outliers concentrated in a few channels (``F`` above it) get the outlier-aware rotation.
 3. **Rotation** ``R`` (orthogonal, block-diagonal with blocks of ``b`` channels):
@@ -17,8 +19,9 @@ For a linear layer ``y = x W^T`` with calibration activations ``X`` (tokens x ``
      permutation: channels sorted by their maximum after ``R_1`` are dealt to blocks 0,1,..,K-1,K-1,..,0,0,..
      so every block gets a similar share of large channels before ``R_2``.
 
-The transform applied to activations is ``x' = rotate(x / s)``; the weight is folded offline as
-``W' = rotate(W * s)`` (``rotate`` acting on each row), so ``x' W'^T = (x / s) R R^T (W diag(s))^T = x W^T``.
+The transform applied to activations is ``x' = rotate((x - delta) / s)``; the weight is folded offline as
+``W' = rotate(W * s)`` (``rotate`` acting on each row), so
+``x' W'^T + b' = (x - delta) diag(1/s) R R^T diag(s) W^T + b + W delta = x W^T + b``.
 An outlier-aware rotation is stored compactly and rebuilt exactly: the chosen channels ``(2, K, steps)``
 (-1 where a block stopped early), the signs ``(2, K, steps, b)`` bit-packed, and the permutation.
 """

@@ -157,3 +157,36 @@ def test_quantized_layer_matches_float_layer_at_8_bits(rotation):
         ref, out = lin(x), q(x)
     rel = (out - ref).norm() / ref.norm()
     assert rel < 0.02
+
+
+def test_mean_shift_keeps_a_hadamard_from_piling_offsets_into_one_channel():
+    """One-sided inputs (post-GELU): a Hadamard puts sum_j x_j / sqrt(n) into channel 0 unless the mean goes first."""
+    from optimum_plugin.lrq_dit.quantizer import channel_shift
+
+    x = torch.relu(_acts(256, tokens=512, seed=4)) + 0.5
+    st = _stats(x)
+    delta = channel_shift(st)
+    assert torch.allclose(delta, x.mean(0), atol=1e-3)
+    plain = rotate(x, "hadamard", 256)
+    centred = rotate(x - delta, "hadamard", 256)
+    # Channel 0 of H x is sum_j x_j / 16, about 16 * mean(x) ~ 14: an outlier 10x the other channels.
+    assert plain[:, 0].abs().mean() > 5 * plain[:, 1:].abs().amax(1).mean()
+    assert centred.abs().amax(1).mean() < 0.5 * plain.abs().amax(1).mean()
+    e_plain = (fake_quant_per_token(plain, 4) - plain).pow(2).sum()
+    e_centred = (fake_quant_per_token(centred, 4) - centred).pow(2).sum()
+    assert e_centred < 0.5 * e_plain
+
+
+def test_shift_is_folded_into_the_bias_exactly():
+    torch.manual_seed(1)
+    lin = nn.Linear(32, 16, bias=False)
+    x = torch.relu(_acts(32, tokens=128, seed=5)) + 1.0
+    cfg = LRQDiTConfig(weight_bits=8, act_bits=8, rotation="none", smooth_alpha=None, shift=True)
+    st = _stats(x)
+    q, plan = quantize_linear(lin, cfg, plan_layer("l", lin, cfg, st), st)
+    assert plan.shift and q.bias is not None  # a bias appears to hold W delta
+    delta = q.shift_values()
+    with torch.no_grad():
+        assert torch.allclose(q.bias, lin.weight @ delta, atol=1e-6)
+        rel = (q(x) - lin(x)).norm() / lin(x).norm()
+    assert rel < 0.02

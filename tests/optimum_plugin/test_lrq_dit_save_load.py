@@ -107,7 +107,7 @@ def test_on_disk_size_of_quantized_layers_vs_bf16(quantized_dit):
                     t = f.get_tensor(key)
                     q_bytes += t.numel() * t.element_size()
             bf16_bytes += 2 * m.in_features * m.out_features
-            bound = m.out_features * (m.in_features // 2 + 10) + 2 * m.in_features
+            bound = m.out_features * (m.in_features // 2 + 10) + 2 * m.in_features * (plan.smooth + plan.shift)
             if plan.rotation == "outlier_aware":
                 k = m.in_features // plan.block_size
                 bound += 4 * m.in_features + 2 * k * plan.greedy_steps * (2 + (plan.block_size + 7) // 8)
