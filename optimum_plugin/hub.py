@@ -419,8 +419,8 @@ def push_to_hub(
         raise HubPushError(
             f"pushing {root} to {repo_id}@{branch} failed after {retried - retried_before + 1} attempt(s): "
             f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. Nothing was committed (a Hub commit is "
-            f"atomic: {branch} is still at {head or 'its previous commit'}) and {root} is unchanged; run the same "
-            "command again to retry (blobs already uploaded are not sent again)."
+            f"atomic: {branch} is still at {head or 'its previous commit'}) and {root} is unchanged; push it again to "
+            "retry (blobs already uploaded are not sent again)."
         ) from e
     remote = set(api.list_repo_files(repo_id, revision=info.oid))
     missing = sorted((set(files) | set(replace)) - remote)

@@ -3,6 +3,7 @@
     optimum-cli rotkv rotatekv  -m MODEL OUTPUT --calib-file calib.txt [--bits 2] [--push-to-hub REPO_ID]
     optimum-cli rotkv lrq-dit   -m PIPELINE OUTPUT --prompts 0,1,2,3 [--weight-bits 4 --act-bits 8] [--push-to-hub ...]
     optimum-cli rotkv halo-export -m CHECKPOINT OUTPUT [--format w8a8|bf16] [--push-to-hub ...]
+    optimum-cli rotkv push OUTPUT REPO_ID            # (re)push a finished output folder, e.g. after a failed upload
 
 Hub options (all three): ``--push-to-hub REPO_ID``, ``--private``, ``--token`` (else ``HF_TOKEN`` / the saved
 login), ``--revision`` (the branch pushed to), ``--commit-message``, ``--retries``. optimum discovers the commands
@@ -10,6 +11,12 @@ through ``optimum/commands/register/rotkv.py``; this package imports only argpar
 ``run()``.
 """
 
-from optimum_plugin.commands.rotkv import HALOExportCommand, LRQDiTCommand, RotateKVCommand, RotKVCommand
+from optimum_plugin.commands.rotkv import (
+    HALOExportCommand,
+    LRQDiTCommand,
+    PushCommand,
+    RotateKVCommand,
+    RotKVCommand,
+)
 
-__all__ = ["RotKVCommand", "RotateKVCommand", "LRQDiTCommand", "HALOExportCommand"]
+__all__ = ["RotKVCommand", "RotateKVCommand", "LRQDiTCommand", "HALOExportCommand", "PushCommand"]

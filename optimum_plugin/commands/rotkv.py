@@ -19,7 +19,7 @@ from optimum.commands.base import BaseOptimumCLICommand, CommandInfo
 
 from optimum_plugin.hub import human_bytes
 
-__all__ = ["RotKVCommand", "RotateKVCommand", "LRQDiTCommand", "HALOExportCommand", "command_line"]
+__all__ = ["RotKVCommand", "RotateKVCommand", "LRQDiTCommand", "HALOExportCommand", "PushCommand", "command_line"]
 
 
 def command_line(argv: list[str] | None = None) -> str:
@@ -46,6 +46,10 @@ def _add_common(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     hub = parser.add_argument_group("Hugging Face Hub")
     hub.add_argument("--push-to-hub", metavar="REPO_ID", help="push the output folder to this repo (one commit)")
+    _add_push_options(hub)
+
+
+def _add_push_options(hub) -> None:
     hub.add_argument("--private", action="store_true", help="create the repo private (when it does not exist)")
     hub.add_argument("--token", help="a write token (default: HF_TOKEN or the token of `hf auth login`)")
     hub.add_argument("--revision", help="the branch to push to (created from main if missing; default main)")
@@ -128,8 +132,15 @@ class _MethodCommand(BaseOptimumCLICommand):
                 pushed = quantizer.push_to_hub(args.push_to_hub, token=args.token, private=args.private,
                                                revision=args.revision, commit_message=args.commit_message,
                                                retries=args.retries, progress=not args.no_progress)
-        except (ValueError, HubPushError) as e:
+        except ValueError as e:
             raise SystemExit(f"optimum-cli rotkv {self.COMMAND.name}: error: {e}") from None
+        except HubPushError as e:
+            # The output is complete; only the upload failed: say how to retry it without recomputing.
+            retry = ["optimum-cli", "rotkv", "push", str(args.output), args.push_to_hub]
+            retry += ["--private"] if args.private else []
+            retry += ["--revision", args.revision] if args.revision else []
+            raise SystemExit(f"optimum-cli rotkv {self.COMMAND.name}: error: {e}\nThe output folder {args.output} is "
+                             f"complete: retry the upload alone with `{shlex.join(retry)}`") from None
         print(_summary(self.COMMAND.name, quantizer.save_dir, quantizer.card_spec, pushed), flush=True)
 
     def _quantize(self, args: argparse.Namespace, command: str) -> Any:
@@ -278,6 +289,31 @@ class HALOExportCommand(_MethodCommand):
         return q
 
 
+class PushCommand(BaseOptimumCLICommand):
+    COMMAND = CommandInfo(name="push", help="push a folder written by one of these commands (one atomic commit)")
+
+    @staticmethod
+    def parse_args(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("folder", type=Path, help="the output folder of rotatekv / lrq-dit / halo-export")
+        parser.add_argument("repo_id", help="namespace/name (created if missing)")
+        _add_push_options(parser)
+        parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    def run(self) -> None:
+        from optimum_plugin.hub import HubPushError, human_bytes, push_to_hub
+
+        _setup_logging()
+        a = self.args
+        try:
+            res = push_to_hub(a.folder, a.repo_id, token=a.token, private=a.private, revision=a.revision,
+                              commit_message=a.commit_message, retries=a.retries, progress=not a.no_progress)
+        except (ValueError, HubPushError) as e:
+            raise SystemExit(f"optimum-cli rotkv push: error: {e}") from None
+        print(f"== optimum-cli rotkv push: done\n  pushed       {res.url} @ {res.revision}: commit "
+              f"{res.commit_oid[:12]} ({res.files} files, {human_bytes(res.bytes)}, {res.retries} retried "
+              "request(s))", flush=True)
+
+
 class RotKVCommand(BaseOptimumCLICommand):
     COMMAND = CommandInfo(name="rotkv", help="rotkv: RotateKV, LRQ-DiT and HALO quantization with Hub push")
     SUBCOMMANDS = (
@@ -286,4 +322,5 @@ class RotKVCommand(BaseOptimumCLICommand):
         CommandInfo(name=LRQDiTCommand.COMMAND.name, help=LRQDiTCommand.COMMAND.help, subcommand_class=LRQDiTCommand),
         CommandInfo(name=HALOExportCommand.COMMAND.name, help=HALOExportCommand.COMMAND.help,
                     subcommand_class=HALOExportCommand),
+        CommandInfo(name=PushCommand.COMMAND.name, help=PushCommand.COMMAND.help, subcommand_class=PushCommand),
     )

@@ -1,5 +1,6 @@
 """`optimum-cli rotkv halo-export` end to end on a tiny HALO fine-tune, against the loopback Hub server: command ->
-push to a branch -> empty cache -> load by repo id and revision -> identical outputs to the local folder; and the
+push to a branch, which fails at the commit (server error) -> nothing committed, output intact -> `optimum-cli rotkv
+push` retries it -> empty cache -> load by repo id and revision -> identical outputs to the local folder; and the
 Python face (HALOQuantizer) exporting a PEFT LoRA fine-tune merged to bf16, loaded back with plain
 ``AutoModelForCausalLM.from_pretrained(REPO_ID)``."""
 
@@ -66,20 +67,44 @@ def hub(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def pushed(hub, halo_checkpoint, tmp_path_factory):
+def failed_push(hub, halo_checkpoint, tmp_path_factory):
+    """The command with a server error injected at the commit (and no retries): it must fail cleanly."""
     root = tmp_path_factory.mktemp("cli-halo")
     out = root / "out"
+    env = hub_env(hub, root / "hf_home")
+    hub.inject("commit", times=1)
     p = run_cli(["rotkv", "halo-export", "-m", halo_checkpoint, out, "--eval-tokens", "256", "--eval-window", "128",
-                 "--push-to-hub", REPO, "--revision", "v1", "--token", WRITE, "--no-progress"],
-                env=hub_env(hub, root / "hf_home"))
+                 "--push-to-hub", REPO, "--revision", "v1", "--token", WRITE, "--retries", "0", "--no-progress"],
+                env=env)
+    return out, p, env, folder_digest(out) if out.exists() else {}, {b: c for b, c in
+                                                                      hub.repos[("model", REPO)].branches.items()}
+
+
+@pytest.fixture(scope="module")
+def pushed(hub, failed_push):
+    """The retry: `optimum-cli rotkv push OUT REPO --revision v1` uploads the finished folder as it is."""
+    out, _, env, _, _ = failed_push
+    p = run_cli(["rotkv", "push", out, REPO, "--revision", "v1", "--token", WRITE, "--no-progress"], env=env)
     assert p.returncode == 0, f"{p.stdout[-3000:]}\n{p.stderr[-6000:]}"
     return out, p
 
 
-def test_command_exports_w8a8_with_card_to_a_branch(pushed, hub):
+def test_failed_upload_commits_nothing_keeps_the_output_and_says_how_to_retry(failed_push, pushed):
+    out, p, _, digest, branches = failed_push
+    assert p.returncode == 1, p.stderr[-3000:]
+    assert "optimum-cli rotkv halo-export: error: pushing" in p.stderr and "Nothing was committed" in p.stderr
+    assert f"optimum-cli rotkv push {out} {REPO} --revision v1" in p.stderr and "Traceback" not in p.stderr
+    # The branch was created from main before the commit failed; both still point at the initial commit.
+    assert set(branches) == {"main", "v1"} and branches["main"] == branches["v1"]
+    assert {"model.safetensors", "config.json", "README.md"} <= set(digest)
+    assert folder_digest(out) == digest  # neither the failure nor the retry touched the folder
+    assert "== optimum-cli rotkv push: done" in pushed[1].stdout
+
+
+def test_command_exports_w8a8_with_card_to_a_branch(pushed, failed_push, hub):
     from huggingface_hub import ModelCard
 
-    out, p = pushed
+    out = failed_push[0]
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qc["quant_method"] == "compressed-tensors" and qc["format"] == "int-quantized"
     text = (out / "README.md").read_text()
@@ -97,7 +122,8 @@ def test_command_exports_w8a8_with_card_to_a_branch(pushed, hub):
     remote = hub.files(REPO, revision="v1")
     assert {k: v for k, v in remote.items() if k != ".gitattributes"} == {k: (out / k).read_bytes()
                                                                           for k in folder_digest(out)}
-    assert re.search(rf"pushed +{re.escape(hub.url)}/{REPO} @ v1: commit", p.stdout)
+    assert re.search(rf"pushed +{re.escape(hub.url)}/{REPO} @ v1: commit", pushed[1].stdout)
+    assert len(hub.repos[("model", REPO)].commits) == 2  # the initial commit and the retried push, nothing else
 
 
 def test_load_by_repo_id_and_revision_with_an_empty_cache_matches_the_local_folder(pushed, hub, tmp_path):
