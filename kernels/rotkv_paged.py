@@ -22,7 +22,8 @@ Write (token ``t`` with ``slot_mapping[t] = s >= 0``, ``blk, off = divmod(s, blo
     k   = key[t]                      post-RoPE keys [H, D]; with rope tables the pre-RoPE key is recovered:
     k   = (k cos_p - rotate_half(k) sin_p) / (cos_p^2 + sin_p^2)        p = positions[t], fp32
     k   = k - key_mean                 (calibrated per-channel mean, optional)
-    records[blk, off] = rotkv_write(k, rot_width = key_rot_width, perm = key_perm) | rotkv_write(value[t], value_rot_width)
+    records[blk, off] = rotkv_write(k, rot_width = key_rot_width, perm = key_perm)
+                      | rotkv_write(value[t], rot_width = value_rot_width)
     if p < S: sinks[blk, p] = (key[t], value[t])                        (the model's own K/V, as given)
 
 Attention (request ``r`` owns query tokens ``query_start_loc[r] .. query_start_loc[r+1]-1``; it has

@@ -228,7 +228,7 @@ if HAS_TRITON:
                       A_PAD: tl.constexpr, B_PAD: tl.constexpr, NB_PAD: tl.constexpr, GS: tl.constexpr,
                       G_PAD: tl.constexpr, GS_PAD: tl.constexpr, BITS: tl.constexpr, SCALE_FP8: tl.constexpr,
                       HAS_PERM: tl.constexpr, ROTATE: tl.constexpr, TWO_STAGE: tl.constexpr):
-        """Rotate, permute, quantize and pack a ``[BLOCK_T * NB_PAD, A_PAD, B_PAD]`` tile into records at ``row_ptr``."""
+        """Rotate, permute, quantize, pack a ``[BLOCK_T * NB_PAD, A_PAD, B_PAD]`` tile into records at ``row_ptr``."""
         G: tl.constexpr = N // GS
         SB: tl.constexpr = 1 if SCALE_FP8 else 2
         CB: tl.constexpr = N * BITS // 8
@@ -426,7 +426,7 @@ if HAS_TRITON:
     def _dequant_rows(row_ptr, rvalid, P0, BLOCK_N: tl.constexpr, F: tl.constexpr, RW: tl.constexpr,
                       N: tl.constexpr, GS: tl.constexpr, BITS: tl.constexpr, SCALE_FP8: tl.constexpr,
                       ALIGNED: tl.constexpr):
-        """``(q - z) * s`` (fp32 ``[BLOCK_N, F]``) of stored positions ``P0 .. P0 + RW`` of each record; zero elsewhere.
+        """``(q - z) * s``, fp32 ``[BLOCK_N, F]``, of stored positions ``P0 .. P0 + RW`` of each record (0 elsewhere).
 
         ``ALIGNED`` (power-of-two group dividing ``RW``): one scale/zero load per group, broadcast over the
         group; otherwise one per position.
@@ -760,7 +760,8 @@ if HAS_TRITON:
             plan.split_size, ns,
             HQ=hq, H=h, D=d, G=g, G_PAD=_next_pow2(g), QPK=qpk, M_TOK=m_tok, R_PAD=r_pad, BS=records.shape[1],
             BLOCK_N=plan.block_n, KB=spec.key_bytes,
-            K_BITS=spec.key_bits, K_GS=spec.key_group_size, K_ALIGNED=_aligned(spec.key_group_size, spec.key_rot_width),
+            K_BITS=spec.key_bits, K_GS=spec.key_group_size,
+            K_ALIGNED=_aligned(spec.key_group_size, spec.key_rot_width),
             V_BITS=spec.value_bits, V_GS=spec.value_group_size,
             V_ALIGNED=_aligned(spec.value_group_size, spec.key_rot_width),
             A_PAD=kplan.a_pad, B_PAD=kplan.b_pad, TWO_STAGE=kplan.two_stage,
@@ -771,7 +772,8 @@ if HAS_TRITON:
         )
         _paged_reduce_kernel[(plan.num_tokens,)](
             pm, pl, pacc, out, out.stride(0), out.stride(1), out.stride(2), vi1, vi2, 1.0 / math.sqrt(d), ns,
-            HQ=hq, HQ_PAD=max(_MIN_DOT, _next_pow2(hq)), D=d, VA_PAD=vplan.a_pad, VB_PAD=vplan.b_pad, V_TWO_STAGE=vplan.two_stage, V_ROT=spec.value_rot_width != 1,
+            HQ=hq, HQ_PAD=max(_MIN_DOT, _next_pow2(hq)), D=d, VA_PAD=vplan.a_pad, VB_PAD=vplan.b_pad,
+            V_TWO_STAGE=vplan.two_stage, V_ROT=spec.value_rot_width != 1,
         )
         return out
 
