@@ -248,8 +248,8 @@ class RotateKVQuantizer(_HubQuantizer):
         """Calibrate, write the folder, evaluate, write the card. Returns ``save_dir``.
 
         Args:
-            config: a ``RotateKVConfig``; default ``RotateKVConfig.for_bits(bits, sink_mode="first")``: the
-                library default except that sinks are the first positions, which the vLLM backend can serve
+            config: a ``RotateKVConfig``; default ``rotkv_vllm.demo.serving_config(bits)``, the config the vLLM
+                backend serves for ``rotkv{bits}``: the library default with sinks at the first positions
                 (``"topk"`` sinks come from activations an attention backend never sees).
             calib_file / calib_text / calib_dataset: the calibration text (exactly one).
             evaluate, eval_file, eval_dataset, eval_tokens, eval_window: perplexity with a full-precision cache
@@ -259,12 +259,13 @@ class RotateKVQuantizer(_HubQuantizer):
             ValueError: ``file_prefix`` given, bad calibration/evaluation input, or a non-empty ``save_dir``.
         """
         from rotkv_vllm.calibration import CONFIG_FILE, TENSORS_FILE, calibrate, save_calibration
-        from rotkv_vllm.config import RotateKVConfig, RotateKVLayout
+        from rotkv_vllm.config import RotateKVLayout
+        from rotkv_vllm.demo import serving_config
         from rotkv_vllm.reference import KVMethod, perplexity
 
         if file_prefix is not None:
             raise ValueError("file_prefix is not used by RotateKV: its files are rotkv_config.json/rotkv.safetensors")
-        config = config or RotateKVConfig.for_bits(bits, sink_mode="first")
+        config = config or serving_config(bits)
         eval_src = _eval_text(eval_file, eval_dataset, evaluate)
         out = _prepare_output(save_dir, overwrite, self.source_folder)
         calib = calibrate(self.model, self.tokenizer, config, text=calib_text, text_file=calib_file,

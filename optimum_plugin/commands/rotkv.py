@@ -158,9 +158,9 @@ class RotateKVCommand(_MethodCommand):
         src.add_argument("--calib-file", help="calibration text file (never the evaluation text)")
         src.add_argument("--calib-dataset", help="datasets spec name[:config[:split]]")
         cal.add_argument("--bits", type=int, default=2, choices=(2, 3, 4), help="K/V bits (default 2)")
-        cal.add_argument("--sink-mode", choices=("first", "topk", "none"), default="first",
-                         help="attention sinks: first positions (servable by vLLM, default), topk (the paper's, "
-                              "transformers only) or none")
+        cal.add_argument("--sink-mode", choices=("first", "topk", "none"),
+                         help="attention sinks (default: first positions, which vLLM serves); topk is the paper's "
+                              "(transformers only)")
         cal.add_argument("--config-json", help="a RotateKVConfig JSON file (overrides --bits and --sink-mode)")
         cal.add_argument("--num-sequences", type=int, default=32)
         cal.add_argument("--seq-len", type=int, default=512)
@@ -169,13 +169,17 @@ class RotateKVCommand(_MethodCommand):
 
     def _quantize(self, args, command):
         from rotkv_vllm.config import RotateKVConfig
+        from rotkv_vllm.demo import serving_config
 
         from optimum_plugin.quantizers import RotateKVQuantizer
 
         if args.config_json:
-            config = RotateKVConfig.from_json(Path(args.config_json).read_text())
+            p = Path(args.config_json)
+            if not p.is_file():
+                raise ValueError(f"--config-json {p} does not exist")
+            config = RotateKVConfig.from_json(p.read_text())
         else:
-            config = RotateKVConfig.for_bits(args.bits, sink_mode=args.sink_mode)
+            config = serving_config(args.bits, **({"sink_mode": args.sink_mode} if args.sink_mode else {}))
         q = RotateKVQuantizer.from_pretrained(args.model, revision=args.model_revision, token=args.token)
         q.quantize(args.output, config=config, calib_file=args.calib_file, calib_dataset=args.calib_dataset,
                    num_sequences=args.num_sequences, seq_len=args.seq_len,
@@ -235,7 +239,10 @@ class LRQDiTCommand(_MethodCommand):
         from optimum_plugin.quantizers import LRQDiTQuantizer
 
         if args.config_json:
-            config = LRQDiTConfig.from_json(Path(args.config_json).read_text())
+            p = Path(args.config_json)
+            if not p.is_file():
+                raise ValueError(f"--config-json {p} does not exist")
+            config = LRQDiTConfig.from_json(p.read_text())
         else:
             config = LRQDiTConfig(weight_bits=args.weight_bits, act_bits=args.act_bits,
                                   weight_quantizer=args.weight_quantizer, rotation=args.rotation,
