@@ -93,14 +93,15 @@ def quantize_lowp(x: torch.Tensor, dtype: str, granularity: str = "row") -> tupl
         raise ValueError(f"quantize_lowp expects a 2-D float tensor, got shape {tuple(x.shape)} dtype {x.dtype}")
     m = _QMAX[dtype]
     xf = x.to(torch.float32)
+    # max |x| in one pass without a temporary |x| tensor (these run over whole weights every step)
     if granularity == "row":
-        amax = xf.abs().amax(dim=1, keepdim=True)
+        amax = torch.linalg.vector_norm(xf, ord=float("inf"), dim=1, keepdim=True)
     else:
-        amax = xf.abs().amax().reshape(1, 1)
+        amax = torch.linalg.vector_norm(xf, ord=float("inf")).reshape(1, 1)
     scale = amax.clamp_min(_TINY) / m
-    y = (xf / scale).clamp_(-m, m)
+    y = (xf / scale).clamp_(-m, m)  # a fresh tensor: the in-place steps below never touch x
     if dtype == "int8":
-        q = torch.round(y).to(torch.int8)
+        q = y.round_().to(torch.int8)
     else:
         q = y.to(torch.float8_e4m3fn)
     return q, scale
@@ -146,12 +147,12 @@ def lowp_matmul_ref(
 
 def _emulated(a_q, a_scale, b_q, b_scale, out_dtype):
     acc = a_q.to(torch.float32) @ b_q.to(torch.float32).T
-    return (acc * a_scale * b_scale.T).to(out_dtype)
+    return acc.mul_(a_scale).mul_(b_scale.T).to(out_dtype)
 
 
 def _int_mm(a_q, a_scale, b_q, b_scale, out_dtype):
     acc = torch._int_mm(a_q.contiguous(), b_q.contiguous().T)
-    return (acc.to(torch.float32) * a_scale * b_scale.T).to(out_dtype)
+    return acc.to(torch.float32).mul_(a_scale).mul_(b_scale.T).to(out_dtype)
 
 
 def _scaled_mm(a_q, a_scale, b_q, b_scale, out_dtype):

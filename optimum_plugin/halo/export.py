@@ -37,7 +37,8 @@ from torch import nn
 from optimum_plugin.halo.apply import get_halo_config, remove_halo
 from optimum_plugin.halo.config import HALOConfig
 from optimum_plugin.halo.fsdp import HQShardedWeight
-from rotkv_kernels.hadamard import has_hadamard, hadamard_matrix, hadamard_transform
+from optimum_plugin.halo.functional import hadamard_rotate
+from rotkv_kernels.hadamard import hadamard_matrix, has_hadamard
 from rotkv_kernels.lowp_matmul import lowp_matmul, quantize_lowp
 
 __all__ = ["save_merged", "save_w8a8", "load_w8a8", "W8A8Linear", "TRANSFORM_SCHEME", "w8a8_quantization_config"]
@@ -179,7 +180,7 @@ def save_w8a8(
         w = mod.weight.detach().to(torch.float32)
         if rot_cfg.rotates:
             b = rot_cfg.rotation_block(mod.in_features)
-            w = hadamard_transform(w, block_size=None if hadamard == "full" else b)
+            w = hadamard_rotate(w, None if hadamard == "full" else b)
             # vLLM computes x @ M / sqrt(b); M = sqrt(b) R^T holds +-1 exactly in bf16.
             h = hadamard_matrix(b, dtype=torch.float64, normalized=False).T
             tensors[f"{n}.{_TRANSFORM_KEY}.weight"] = h.to(dtype).contiguous()

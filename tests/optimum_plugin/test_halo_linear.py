@@ -115,6 +115,23 @@ def test_rotations_spread_outliers():
 
 # ---- where the rotations are ---------------------------------------------------------------------
 
+@pytest.mark.parametrize("n, block", [(576, None), (1536, None), (192, None), (64, None), (576, 64), (192, 12)])
+@pytest.mark.parametrize("inverse", [False, True])
+def test_fast_rotation_equals_kernels_hadamard(n, block, inverse):
+    """The two-GEMM rotation is rotkv_kernels' transform: each output is a +-1/sqrt(b) combination of
+    b inputs summed in float32 by both, so they differ by at most 2 gamma_b ||x_block||_1 / sqrt(b)."""
+    from rotkv_kernels.hadamard import hadamard_transform
+
+    x = torch.randn(9, n) * torch.logspace(-2, 2, n)
+    got = F_halo.hadamard_rotate(x, block, inverse=inverse)
+    ref = hadamard_transform(x, block_size=block, inverse=inverse)
+    b = block or n
+    l1 = x.abs().reshape(9, n // b, b).sum(-1, keepdim=True).expand(9, n // b, b).reshape(9, n)
+    gamma = b * 2.0**-24 / (1 - b * 2.0**-24)
+    assert bool(((got - ref).abs() <= 2 * gamma * l1 / math.sqrt(b) + 1e-30).all())
+    with pytest.raises(ValueError, match="no Hadamard rotation"):
+        F_halo.hadamard_rotate(torch.randn(2, 100))
+
 def _dense_rot(k, block=None):
     """R (normalized, possibly block-diagonal) so that rot(x) = x @ R.T."""
     if block is None:
