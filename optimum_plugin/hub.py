@@ -416,11 +416,19 @@ def push_to_hub(
                 "namespace or use a token with write access to it (--token / token= or HF_TOKEN). Nothing was "
                 "committed."
             ) from e
+        why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        try:
+            after = api.repo_info(repo_id, revision=branch).sha
+        except Exception:  # the Hub may be unreachable now; then nothing can be said about the branch
+            after = None
+        if head is not None and after == head:
+            state = f"Nothing was committed (a Hub commit is atomic: {branch} is still at {head})"
+        else:
+            # A commit whose answer was lost, or a concurrent push: say so rather than guess.
+            state = f"{branch} is now at {after or 'an unknown commit'} (was {head}): check the repo"
         raise HubPushError(
-            f"pushing {root} to {repo_id}@{branch} failed after {retried - retried_before + 1} attempt(s): "
-            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. Nothing was committed (a Hub commit is "
-            f"atomic: {branch} is still at {head or 'its previous commit'}) and {root} is unchanged; push it again to "
-            "retry (blobs already uploaded are not sent again)."
+            f"pushing {root} to {repo_id}@{branch} failed after {retried - retried_before + 1} attempt(s): {why}. "
+            f"{state}; {root} is unchanged; push it again to retry (blobs already uploaded are not sent again)."
         ) from e
     remote = set(api.list_repo_files(repo_id, revision=info.oid))
     missing = sorted((set(files) | set(replace)) - remote)

@@ -26,7 +26,8 @@ files under ``root``; a blob uploaded by a failed push is never visible in any r
 
 Faults are injected per route with :meth:`HubServer.inject`: the next ``times`` matching requests get ``status``;
 an ``lfs-upload`` fault can first read ``after_bytes`` of the body (an upload that dies midway), a ``commit``
-fault applies half of the operations to the staging tree before it fails (nothing of it may become visible).
+fault applies half of the operations to the staging tree before it fails (nothing of it may become visible), and a
+``commit`` fault with ``applied=True`` makes the commit and then answers the error (a commit whose answer is lost).
 
 Run it by hand: ``python tests/hub_server.py --root /tmp/hub --token hf_me:alice:write`` (prints the URL).
 """
@@ -118,6 +119,7 @@ class Fault:
     times: int = 1
     status: int = 500
     after_bytes: int | None = None
+    applied: bool = False
     message: str = "Internal Server Error (injected by the test server)"
 
 
@@ -171,10 +173,13 @@ class HubServer:
         self.stop()
 
     # ---- test controls --------------------------------------------------------------------------
-    def inject(self, route: str, times: int = 1, status: int = 500, after_bytes: int | None = None) -> Fault:
+    def inject(self, route: str, times: int = 1, status: int = 500, after_bytes: int | None = None,
+               applied: bool = False) -> Fault:
         if route not in ROUTES:
             raise ValueError(f"route={route!r}: expected one of {ROUTES}")
-        f = Fault(route, times, status, after_bytes)
+        if applied and route != "commit":
+            raise ValueError("applied=True only makes sense for route='commit'")
+        f = Fault(route, times, status, after_bytes, applied)
         with self._lock:
             self.faults.append(f)
         return f
@@ -749,7 +754,7 @@ def _make_handler(hub: HubServer):
                 raise HubError(412, f"A commit has happened since {parent}: the branch is at {base}")
             ops = lines[1:]
             for i, op in enumerate(ops):
-                if fault is not None and i >= len(ops) // 2:
+                if fault is not None and not fault.applied and i >= len(ops) // 2:
                     # Half the operations are staged; the failure must leave the branch untouched.
                     raise HubError(fault.status, fault.message)
                 key, v = op.get("key"), op.get("value", {})
@@ -774,7 +779,7 @@ def _make_handler(hub: HubServer):
                         del tree[p]
                 else:
                     raise HubError(400, f"unknown commit operation {key!r}")
-            if fault is not None:  # a commit with no operations still fails when a fault is armed
+            if fault is not None and not fault.applied:  # a commit with no operations still fails when armed
                 raise HubError(fault.status, fault.message)
             if "README.md" in tree:
                 _front_matter(hub.blob_path(tree["README.md"].sha256).read_bytes())
@@ -783,6 +788,8 @@ def _make_handler(hub: HubServer):
                     raise HubError(409, "the branch moved during the commit: retry")
                 c = hub._new_commit(repo, base, tree, header.get("summary") or "", header.get("description") or "")
                 repo.branches[rev] = c.oid  # the one assignment that makes the commit visible
+            if fault is not None:  # applied: the commit happened, its answer is "lost"
+                raise HubError(fault.status, fault.message)
             self._send(200, {"success": True, "commitOid": c.oid, "commitUrl": f"{hub.url}/{repo_id}/commit/{c.oid}",
                              "hookOutput": "", "pullRequestUrl": None})
 

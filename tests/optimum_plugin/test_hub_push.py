@@ -87,6 +87,20 @@ def test_transient_commit_failure_is_retried_by_push(hub, tmp_path):
     assert hub.files("alice/tiny")["config.json"] == (src / "config.json").read_bytes()
 
 
+def test_commit_whose_answer_is_lost_is_reported_and_pushing_again_is_a_no_op(hub, tmp_path):
+    src = _model_folder(tmp_path / "m", "v1")
+    hub.create_repo("alice/tiny", "alice", private=False)
+    initial = hub.head("alice/tiny")
+    hub.inject("commit", times=1, applied=True)  # the server commits, then answers 500
+    with pytest.raises(HubPushError, match=f"main is now at [0-9a-f]{{40}} \\(was {initial}\\): check the repo"):
+        push_to_hub(src, "alice/tiny", token=WRITE, retries=0, progress=False)
+    committed = hub.head("alice/tiny")
+    assert committed != initial
+    # Pushing the same folder again finds every file unchanged and makes no second commit.
+    res = push_to_hub(src, "alice/tiny", token=WRITE, retries=0, progress=False)
+    assert res.commit_oid == committed and len(hub.repos[("model", "alice/tiny")].commits) == 2
+
+
 def test_upload_cut_off_midway_is_resent_and_committed_intact(hub, tmp_path):
     """The LFS PUT dies after a third of the body: huggingface_hub's own backoff resends it; what is committed is
     the whole file (the server checks the sha256 of every upload)."""
