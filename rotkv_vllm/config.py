@@ -30,9 +30,10 @@ class RotateKVConfig:
     Attributes:
         key_bits / value_bits: integer bits per stored element (2, 3 or 4).
         group_size: channels per key quantization group along the (reordered) channel dim of one
-            rotated head group. ``None``: the whole rotated group if it is at most 256 wide, else 128.
-        value_group_size: channels per value quantization group along ``H * D``; ``None``: the same
-            rule as ``group_size``.
+            rotated head group. ``None``: 64 when it divides the group width (so the calibrated order
+            matters: it decides which channels share a scale), else the whole group up to 256, else 128.
+        value_group_size: channels per value quantization group along ``H * D``; ``None``: the whole
+            rotated head-group width if at most 256, else 128 (values tolerate coarser groups).
         center_keys: subtract the calibrated per-channel mean of the pre-RoPE keys before rotating and
             add it back after dequantizing (free at run time; removes the channel offsets that make
             per-token key quantization hard).
@@ -60,20 +61,20 @@ class RotateKVConfig:
     value_bits: int = 2
     group_size: int | None = None
     value_group_size: int | None = None
-    center_keys: bool = False
+    center_keys: bool = True
     key_clip_ratio: float | None = None
     value_clip_ratio: float | None = None
     head_group_size: int | None = None
     pre_rope: bool = True
     reorder: bool = True
     rotate_values: bool = True
-    sink_mode: str = "topk"
+    sink_mode: str = "first"
     sink_topk: int = 20
-    max_sink_tokens: int = 4
+    max_sink_tokens: int = 1
     recent_window: int = 0
     boosted_layers: tuple[int, ...] = field(default_factory=tuple)
     boost_bits: int = 4
-    scale_format: str = "fp16"
+    scale_format: str = "fp8"
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
@@ -226,7 +227,7 @@ class RotateKVLayout:
             g = max(d for d in range(1, heads + 1) if heads % d == 0 and has_hadamard(d * head_dim))
         width = g * head_dim
         if config.group_size is None:
-            gs = width if width <= 256 else 128
+            gs = 64 if width % 64 == 0 else (width if width <= 256 else 128)
             if width % gs:
                 raise ValueError(f"no default quantization group fits width {width}: set group_size")
         else:

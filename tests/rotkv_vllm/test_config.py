@@ -55,16 +55,18 @@ def test_cache_dtype_names():
 
 def test_layout_smollm2_and_llama_tp():
     lay = RotateKVLayout.resolve(RotateKVConfig(), num_kv_heads=3, head_dim=64)
-    assert (lay.head_group_size, lay.group_width, lay.group_size, lay.value_group_size) == (3, 192, 192, 192)
-    # 2 bits over 192 channels: 48 code bytes + fp16 scale + fp16 zero.
-    assert lay.packed_bytes_per_token(2, "fp16") == 48 + 4
-    assert lay.packed_bytes_per_token(2, "fp8") == 48 + 2
-    assert lay.bits_per_element(2, "fp16") == pytest.approx(2 + 32 / 192)
+    # keys: groups of 64 inside the 192-wide rotated head group; values: one group per token
+    assert (lay.head_group_size, lay.group_width, lay.group_size, lay.value_group_size) == (3, 192, 64, 192)
+    # 2 bits over 192 channels: 48 code bytes + per group an fp8 scale and an int zero (2 bytes).
+    assert lay.packed_bytes_per_token(2, "fp8") == 48 + 3 * 2
+    assert lay.packed_bytes_per_token(2, "fp8", key=False) == 48 + 2
+    assert lay.packed_bytes_per_token(2, "fp16", key=False) == 48 + 4
+    assert lay.bits_per_element(2, "fp8") == pytest.approx(2 + 16 / 64)
+    assert lay.bits_per_element(2, "fp16", key=False) == pytest.approx(2 + 32 / 192)
     tp = RotateKVLayout.resolve(RotateKVConfig(), num_kv_heads=8, head_dim=128, tp_size=2)
-    assert (tp.num_kv_heads, tp.head_group_size, tp.group_size) == (4, 4, 128)
-    sep = RotateKVLayout.resolve(RotateKVConfig(group_size=64, value_group_size=192), 3, 64)
-    assert sep.packed_bytes_per_token(2, "fp8", key=True) == 48 + 3 * 2
-    assert sep.packed_bytes_per_token(2, "fp8", key=False) == 48 + 2
+    assert (tp.num_kv_heads, tp.head_group_size, tp.group_size, tp.value_group_size) == (4, 4, 64, 128)
+    paper = RotateKVLayout.resolve(RotateKVConfig(group_size=192, value_group_size=192), 3, 64)
+    assert paper.packed_bytes_per_token(2, "fp16") == 48 + 4
 
 
 @pytest.mark.parametrize(

@@ -34,7 +34,8 @@ def test_generate_matches_teacher_forced_reference(tiny_llama, tiny_calib):
         torch.testing.assert_close(step_scores[0], ref, rtol=2e-3, atol=2e-3)
     # The packed records hold exactly the formula's bytes.
     lay = tiny_calib.layout()
-    per_tok = record_bytes(lay.kv_width, 2, lay.group_size, "fp16") + record_bytes(lay.kv_width, 2, lay.value_group_size, "fp16")
+    fmt = tiny_calib.config.scale_format
+    per_tok = record_bytes(lay.kv_width, 2, lay.group_size, fmt) + record_bytes(lay.kv_width, 2, lay.value_group_size, fmt)
     assert cache.quantized_nbytes() == per_tok * (seq.shape[1] - 1) * model.config.num_hidden_layers
 
 

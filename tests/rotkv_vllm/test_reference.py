@@ -102,7 +102,8 @@ def test_bits_accounting_with_first_sinks(smollm2, eval_ids, smol_calib):
     cfg = dataclasses.replace(smol_calib.config, sink_mode="first", max_sink_tokens=2, scale_format="fp8")
     st = KVStats()
     perplexity(model, eval_ids[:512], window=256, method=KVMethod.from_config(cfg), calibration=smol_calib, stats=st)
-    q_bits = 2 + 16 / 192
+    lay = smol_calib.layout()
+    q_bits = ((2 + 16 / lay.group_size) + (2 + 16 / lay.value_group_size)) / 2  # fp8 scale + int8 zero per group
     assert st.avg_bits == pytest.approx((254 * q_bits + 2 * 16) / 256, rel=1e-9)
 
 
