@@ -18,11 +18,7 @@ element, see :data:`rotkv_vllm.config.KV_CACHE_DTYPES`) valid everywhere vLLM 0.
    sliding-window or MLA layers fail at start-up with the reasons listed;
 5. weight loading: the calibration's tensor file sits next to the weights, and vLLM's default loader
    reads every ``*.safetensors`` of a model folder that has no ``model.safetensors.index.json``; the
-   loader's safetensors file filter drops the calibration file, whatever the dtype;
-6. the default block size: when the user gives no ``--block-size``, rotkv caches use
-   :data:`DEFAULT_BLOCK_SIZE`-token blocks. Each block carries its sequence's full-precision sink tokens
-   (see :mod:`rotkv_vllm.vllm_backend`), so bigger blocks spread that cost over more tokens; a 256-token
-   rotkv2 page is still smaller in bytes than the CPU platform's default 128-token bf16 page.
+   loader's safetensors file filter drops the calibration file, whatever the dtype.
 
 Unknown dtypes are still rejected by vLLM's own argparse/pydantic messages, which now list the
 rotkv names among the valid choices.
@@ -45,7 +41,6 @@ __all__ = [
     "BACKEND_NAME",
     "BACKEND_PATH",
     "ROTKV_FORMATS",
-    "DEFAULT_BLOCK_SIZE",
     "register",
     "is_registered",
     "is_rotkv_cache_dtype",
@@ -60,8 +55,6 @@ BACKEND_NAME = "ROTKV"
 BACKEND_PATH = "rotkv_vllm.vllm_backend.RotateKVAttentionBackend"
 # --kv-cache-dtype name -> bits per stored element. The cache tensor's torch dtype is uint8 for all.
 ROTKV_FORMATS: dict[str, int] = dict(KV_CACHE_DTYPES)
-# Tokens per block when the user does not choose (vLLM's CPU default is 128, CUDA's 16).
-DEFAULT_BLOCK_SIZE = 256
 
 _registered = False
 
@@ -92,7 +85,6 @@ def register() -> None:
     _register_backend()
     _route_backend_selection()
     _skip_calibration_file_when_loading()
-    _default_block_size()
     _registered = True
     logger.info("rotkv: registered --kv-cache-dtype %s with the %s attention backend",
                 "/".join(ROTKV_FORMATS), BACKEND_NAME)
@@ -259,24 +251,3 @@ def _skip_calibration_file_when_loading() -> None:
     filter_duplicate_safetensors_files._rotkv_wrapped = True  # type: ignore[attr-defined]
     default_loader.filter_duplicate_safetensors_files = filter_duplicate_safetensors_files
 
-
-# ---- 6. default block size ----------------------------------------------------------------------
-def _default_block_size() -> None:
-    from vllm.platforms import current_platform
-
-    platform_cls = type(current_platform)
-    original = platform_cls.check_and_update_config
-    if getattr(original, "_rotkv_wrapped", False):
-        return
-
-    def check_and_update_config(cls, vllm_config) -> None:
-        original.__func__(cls, vllm_config)
-        cache = vllm_config.cache_config
-        if is_rotkv_cache_dtype(cache.cache_dtype) and not cache.user_specified_block_size \
-                and cache.block_size < DEFAULT_BLOCK_SIZE:
-            logger.info("rotkv: --kv-cache-dtype %s uses %d-token blocks (pass --block-size to choose)",
-                        cache.cache_dtype, DEFAULT_BLOCK_SIZE)
-            cache.block_size = DEFAULT_BLOCK_SIZE
-
-    check_and_update_config._rotkv_wrapped = True  # type: ignore[attr-defined]
-    platform_cls.check_and_update_config = classmethod(check_and_update_config)

@@ -25,7 +25,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 JOB = Path(__file__).with_name("rotkv_engine_job.py")
 KV_GIB = 1
-MAX_LEN = 2048  # a multiple of every block size used, so capacity = blocks * block_size exactly
+MAX_LEN = 2048  # a multiple of the block size, so the reported capacity is exactly blocks * block_size
 
 
 def run_job(llm: dict, tasks: list[dict], env: dict | None = None, timeout: float = 900) -> dict:
@@ -65,7 +65,7 @@ def windows(tokenizer) -> list[list[int]]:
 
     ids = tokenizer(shared_data_path("wikitext2_test.txt").read_text(encoding="utf-8")[:40_000],
                     add_special_tokens=False).input_ids
-    return [ids[i * 256:(i + 1) * 256] for i in range(4)]
+    return [ids[i * 256:(i + 1) * 256] for i in range(3)]
 
 
 @pytest.fixture(scope="module")
@@ -83,9 +83,9 @@ def prompts(tokenizer) -> list[list[int]]:
     raise AssertionError("not enough prompts")
 
 
-def _engine(served_model, dtype: str, **kw) -> dict:
+def _engine(served_model, kv_dtype: str, **kw) -> dict:
     # Chunks of 32 tokens: prefill attends over the packed cache chunk after chunk.
-    return dict(model=str(served_model), kv_cache_dtype=dtype, enforce_eager=True, max_model_len=MAX_LEN,
+    return dict(model=str(served_model), kv_cache_dtype=kv_dtype, enforce_eager=True, max_model_len=MAX_LEN,
                 enable_chunked_prefill=True, max_num_batched_tokens=32, max_num_seqs=16, seed=0,
                 disable_log_stats=False, **kw)
 
@@ -100,8 +100,9 @@ def jobs(served_model, windows, prompts) -> dict[str, dict]:
 # ---- capacity -------------------------------------------------------------------------------------
 def _expected_tokens(served_model, dtype: str) -> int:
     """Tokens the planner must fit in KV_GIB, from first principles (not from the backend's code):
-    per layer and block, ``B`` records of ``C = sum over K, V of (W * bits / 8 + W / G * 4)`` bytes (fp16
-    scale + zero per group of ``G``), rounded up to even, plus ``S`` sink tokens of ``2 * W * 2`` bytes."""
+    per layer and block of ``B = 128`` tokens (vLLM's CPU default), ``B`` records of
+    ``C = sum over K, V of (W * bits / 8 + W / G * z)`` bytes (``z`` = 4 for an fp16 scale + fp16 zero per
+    group of ``G``, 2 for e4m3 + uint8), rounded up to even, plus ``S`` sink tokens of ``2 * W * 2`` bytes."""
     from rotkv_vllm.calibration import load_calibration
 
     cal = load_calibration(served_model)
@@ -111,12 +112,13 @@ def _expected_tokens(served_model, dtype: str) -> int:
         block, page = 128, 128 * 2 * w * 2
     else:
         bits = int(dtype[-1])
-        assert cfg.scale_format == "fp16" and not cfg.boosted_layers
+        assert not cfg.boosted_layers
+        z = {"fp16": 4, "fp8": 2}[cfg.scale_format]
         lay = cal.layout()
-        c = w * bits // 8 + w // lay.group_size * 4 + w * bits // 8 + w // lay.value_group_size * 4
+        c = w * bits // 8 + w // lay.group_size * z + w * bits // 8 + w // lay.value_group_size * z
         c += c % 2
         sinks = cfg.max_sink_tokens if cfg.sink_mode == "first" else 0
-        block = 256
+        block = 128
         page = block * c + sinks * 2 * w * 2
     return (KV_GIB << 30) // (layers * page) * block
 
@@ -141,7 +143,9 @@ def test_perplexity_through_vllm_matches_reference(jobs, served_model, windows):
     from rotkv_vllm.reference import KVMethod, perplexity
     from rotkv_vllm.vllm_backend import effective_config
 
-    model = AutoModelForCausalLM.from_pretrained(served_model, dtype=torch.bfloat16).eval()
+    # fp32 reference weights (from the same bf16 checkpoint): the ratio measures the KV method, and fp32
+    # keeps the reference fast on CPUs without bf16 matrix units.
+    model = AutoModelForCausalLM.from_pretrained(served_model, dtype=torch.float32).eval()
     ids = torch.tensor([t for w in windows for t in w])
     cal = load_calibration(served_model)
     ref = {"auto": perplexity(model, ids, window=256, method="fp")}
@@ -175,25 +179,19 @@ def test_greedy_agreement_with_auto(jobs):
 
 
 # ---- prefix caching and preemption ----------------------------------------------------------------
-def _close_until_divergence(a_ids, a_lp, b_ids, b_lp, tol):
-    for x, y, lx, ly in zip(a_ids, b_ids, a_lp, b_lp):
-        if x != y:
-            return True
-        if abs(lx - ly) > tol:
-            return False
-    return True
-
-
 def test_prefix_caching_and_preemption(served_model, tokenizer, windows, prompts):
-    """fp32 engine with 4 blocks of 256 tokens: (1) a 600-token prompt served twice reuses two cached blocks
-    and continues identically; (2) four requests that each need 2 blocks preempt each other, are recomputed,
-    and continue as when served one at a time."""
+    """fp32 engine with 4 usable blocks of 256 tokens (5 minus vLLM's null block): (1) a 600-token prompt
+    served twice reuses two cached blocks and continues identically; (2) four requests that each need 2
+    blocks preempt each other, are recomputed, and continue as when served one at a time (up to fp32
+    noise: recomputation runs other matrix shapes, which can flip a 2-bit code)."""
     prompt = [t for w in windows for t in w][:600]
-    long_prompts = [p + p[:52] for p in prompts[:4]]  # 100 tokens; + 160 new = 260 > one 256-token block
-    llm = _engine(served_model, "rotkv2", dtype="float32", num_gpu_blocks_override=4, enable_prefix_caching=True)
-    llm.update(max_num_batched_tokens=256, max_model_len=1024)
-    res = run_job(llm, [{"kind": "prefix_repeat", "prompt": prompt, "max_new": 8},
-                        {"kind": "sequential_then_batched", "prompts": long_prompts, "max_new": 160}])
+    assert len(prompt) == 600
+    long_prompts = [p + p + p[:24] for p in prompts[:4]]  # 120 tokens; + 160 new = 280 > one 256-token block
+    assert all(len(p) == 120 for p in long_prompts)
+    llm = _engine(served_model, "rotkv2", dtype="float32", num_gpu_blocks_override=5, enable_prefix_caching=True)
+    llm.update(max_num_batched_tokens=256, max_model_len=1024, block_size=256)
+    res = run_job(llm, [{"kind": "batched_then_sequential", "prompts": long_prompts, "max_new": 160},
+                        {"kind": "prefix_repeat", "prompt": prompt, "max_new": 8}])
     assert res["hits_warm"] >= 512 and res["hits_cold"] == 0
     assert res["warm"] == res["cold"]
     assert max(abs(a - b) for a, b in zip(res["warm_logprobs"], res["cold_logprobs"])) < 1e-3
@@ -202,7 +200,10 @@ def test_prefix_caching_and_preemption(served_model, tokenizer, windows, prompts
     print(f"\npreemptions {res['preemptions_batched']:.0f}; identical continuations {same}/4")
     assert same >= 3
     for a, la, b, lb in zip(res["sequential"], res["sequential_logprobs"], res["batched"], res["batched_logprobs"]):
-        assert _close_until_divergence(a, la, b, lb, tol=0.05)
+        n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
+        diffs = [abs(x - y) for x, y in zip(la[:n], lb[:n])]
+        # Garbage after a recomputation would move logprobs by O(1) nats at once.
+        assert n >= 16 and sum(diffs) / len(diffs) < 0.02, (n, max(diffs), sum(diffs) / len(diffs))
 
 
 # ---- tensor parallelism ---------------------------------------------------------------------------

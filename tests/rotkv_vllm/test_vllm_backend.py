@@ -335,3 +335,67 @@ def test_fast_unpack_and_dequantize_match_quant_reference(bits):
     # Same fp32 products, one rounding apart (addcmul vs subtract-then-multiply).
     assert torch.allclose(got[valid], ref[valid], rtol=1e-6, atol=1e-6 * float(ref.abs().max()))
     assert torch.equal(got[~valid], torch.zeros_like(got[~valid]))
+
+
+# ---- start-up resolution against a model folder -------------------------------------------------------
+class _ModelConfig:
+    def __init__(self, folder, hf):
+        self.model, self.revision, self.hf_text_config = str(folder), None, hf
+        self.dtype, self.max_model_len = torch.bfloat16, 512
+
+
+def _vllm_config(folder, hf):
+    return type("VllmConfig", (), {"model_config": _ModelConfig(folder, hf)})()
+
+
+def _llama_config(**kw):
+    from transformers import LlamaConfig
+
+    base = dict(vocab_size=64, hidden_size=256, intermediate_size=256, num_hidden_layers=2, num_attention_heads=8,
+                num_key_value_heads=4, head_dim=32, max_position_embeddings=1024)
+    base.update(kw)
+    return LlamaConfig(**base)
+
+
+def test_resolve_refuses_missing_calibration_with_the_command(tmp_path):
+    hf = _llama_config()
+    hf.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"no RotateKV calibration[\s\S]*python -m rotkv_vllm.calibration"):
+        vb.resolve_runtime(_vllm_config(tmp_path, hf), "rotkv2")
+
+
+@pytest.mark.parametrize("model_type,extra,needle", [
+    ("mistral", {"sliding_window": 128}, "sliding-window"),
+    ("gemma", {}, "not supported"),
+    ("qwen3", {}, "not supported"),
+    ("deepseek_v3", {"kv_lora_rank": 512}, "not supported"),
+])
+def test_resolve_refuses_unsupported_models(tmp_path, model_type, extra, needle):
+    hf = _llama_config(**extra)
+    hf.model_type = model_type
+    with pytest.raises(ValueError, match=needle):
+        vb.resolve_runtime(_vllm_config(tmp_path, hf), "rotkv2")
+
+
+def test_resolve_calibrated_folder_and_rope_tables_match_transformers(tmp_path):
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    from rotkv_vllm.calibration import save_calibration
+
+    hf = _llama_config(rope_parameters={"rope_theta": 100000.0, "rope_type": "default"})
+    cfg = RotateKVConfig.for_bits(2, sink_mode="first", center_keys=False)
+    cal = _calibration(cfg, 2, 4, 32, 4)
+    cal.model_info.update(hidden_size=256, num_attention_heads=8)
+    save_calibration(cal, tmp_path)
+    hf.save_pretrained(tmp_path)
+    from vllm.config import VllmConfig, set_current_vllm_config
+
+    with set_current_vllm_config(VllmConfig()):  # vLLM's RoPE is a CustomOp, built under a config
+        rt = vb.resolve_runtime(_vllm_config(tmp_path, hf), "rotkv3")
+    assert rt.config.key_bits == 3 and rt.config.value_bits == 3 and rt.layout.num_kv_heads == 4
+    assert vb.current_runtime() is rt
+    assert vb.resolve_runtime(_vllm_config(tmp_path, hf), "rotkv3") is rt  # cached per (model, dtype, rank)
+    pos = torch.tensor([[0, 1, 7, 500, 1023]])
+    cos, sin = LlamaRotaryEmbedding(hf)(torch.zeros(1, dtype=torch.float32), pos)
+    assert torch.allclose(rt.rope_cos[pos[0]], cos[0], atol=1e-6)
+    assert torch.allclose(rt.rope_sin[pos[0]], sin[0], atol=1e-6)

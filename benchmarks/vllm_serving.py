@@ -1,0 +1,170 @@
+"""Serving figures of the bundled SmolLM2-135M on vLLM's CPU engine: ``auto`` (bf16) vs ``fp8`` vs ``rotkv2``.
+
+    python -m benchmarks.vllm_serving [--dtypes auto,fp8,rotkv2] [--prompt-len 256] [--gen-len 32]
+                                      [--small-kv-mib 32] [--requests 24] [--json out.json]
+
+Per dtype, from one run (each engine in its own process, eager mode, one after the other):
+  * capacity: the engine's KV-cache capacity report (tokens) and max concurrency for 2048-token requests
+    at ``VLLM_CPU_KVCACHE_SPACE=--kv-space`` GiB;
+  * speed at batch 1 and at the largest batch ``auto`` fits in the small cache (``--small-kv-mib``) for
+    requests of prompt + generation tokens: prefill tokens/s (requests with one output token) and decode
+    tokens/s (the extra time of ``--gen-len`` more tokens);
+  * throughput when memory is the limit: ``--requests`` long requests through the small cache, generated
+    tokens per second of wall time (what fits runs concurrently, the rest waits or is preempted).
+Ratios are to ``auto`` in the same run. ``--json PATH`` writes the rows as a JSON list of objects.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+
+def _worker(job: dict) -> dict:
+    """Runs in its own process: one engine, the measurements of ``job``."""
+    for k, v in job.get("env", {}).items():  # None: unset (vLLM reads an empty value as a broken int)
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    llm = LLM(**job["llm"])
+    cc = llm.llm_engine.vllm_config.cache_config
+    out = {"kv_capacity_tokens": cc.kv_cache_size_tokens, "max_concurrency": cc.kv_cache_max_concurrency,
+           "block_size": cc.block_size, "num_blocks": cc.num_gpu_blocks}
+    p_len, g_len = job["prompt_len"], job["gen_len"]
+
+    def prompts(n: int, salt: int) -> list:
+        # Distinct token sequences (no prefix-cache reuse between requests or runs).
+        return [TokensPrompt(prompt_token_ids=[(1000 + 7919 * (salt * 1000 + i) + 31 * j) % 40000 + 100
+                                               for j in range(p_len)]) for i in range(n)]
+
+    def timed(n: int, max_tokens: int, salt: int) -> float:
+        sp = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+        t = time.perf_counter()
+        outs = llm.generate(prompts(n, salt), sp, use_tqdm=False)
+        dt = time.perf_counter() - t
+        assert all(len(o.outputs[0].token_ids) == max_tokens for o in outs)
+        return dt
+
+    timed(1, 2, salt=99)  # warm-up
+    for b in job.get("batches", []):
+        t_prefill = timed(b, 1, salt=2 * b)
+        t_full = timed(b, 1 + g_len, salt=2 * b + 1)
+        out[f"prefill_tokens_per_s_b{b}"] = b * p_len / t_prefill
+        out[f"decode_tokens_per_s_b{b}"] = b * g_len / max(t_full - t_prefill, 1e-9)
+    if job.get("requests"):
+        n = job["requests"]
+        t = timed(n, g_len, salt=7)
+        out["memory_limited_tokens_per_s"] = n * g_len / t
+        out["memory_limited_seconds"] = t
+    return out
+
+
+def _run(job: dict, timeout: float = 3600) -> dict:
+    p = subprocess.run([sys.executable, "-m", "benchmarks.vllm_serving", "--worker", json.dumps(job)],
+                       capture_output=True, text=True, timeout=timeout)
+    for line in p.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])
+    raise RuntimeError(f"engine run failed (exit {p.returncode}):\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}")
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--model", help="model folder (default: the bundled SmolLM2 prepared with a calibration)")
+    ap.add_argument("--dtypes", default="auto,fp8,rotkv2")
+    ap.add_argument("--kv-space", type=int, default=1, help="GiB of KV cache for the capacity rows")
+    ap.add_argument("--small-kv-mib", type=int, default=32, help="KV cache (MiB) of the memory-limited runs")
+    ap.add_argument("--prompt-len", type=int, default=256)
+    ap.add_argument("--gen-len", type=int, default=32)
+    ap.add_argument("--requests", type=int, default=24, help="requests of the memory-limited run")
+    ap.add_argument("--json", help="write the rows as a JSON list of objects")
+    args = ap.parse_args(argv)
+    if args.worker:
+        print("RESULT " + json.dumps(_worker(json.loads(args.worker))), flush=True)
+        return []
+
+    model = args.model
+    if model is None:
+        from rotkv_vllm.bundled_model import cache_root, ensure_smollm2
+        from rotkv_vllm.demo import prepare_model, serving_config
+
+        src = ensure_smollm2()
+        model = str(prepare_model(src, cache_root() / "vllm" / src.name, serving_config(2)))
+    dtypes = args.dtypes.split(",")
+    if dtypes[0] != "auto":
+        dtypes = ["auto"] + [d for d in dtypes if d != "auto"]
+    req_len = args.prompt_len + args.gen_len
+    common = dict(model=model, enforce_eager=True, seed=0, enable_prefix_caching=False)
+
+    # 1. small cache: concurrency at req_len tokens per request, and the memory-limited run.
+    small = {}
+    for dt in dtypes:
+        job = dict(llm=dict(common, kv_cache_dtype=dt, max_model_len=req_len,
+                            kv_cache_memory_bytes=args.small_kv_mib << 20),
+                   env={"VLLM_CPU_KVCACHE_SPACE": None}, prompt_len=args.prompt_len, gen_len=args.gen_len,
+                   requests=args.requests)
+        small[dt] = _run(job)
+        print(f"[{dt}] small cache: {small[dt]}", flush=True)
+    batch = max(1, int(small["auto"]["max_concurrency"]))
+
+    # 2. the capacity report at --kv-space GiB, and speed at batch 1 and at auto's largest batch.
+    big = {}
+    for dt in dtypes:
+        job = dict(llm=dict(common, kv_cache_dtype=dt, max_model_len=2048),
+                   env={"VLLM_CPU_KVCACHE_SPACE": str(args.kv_space)}, prompt_len=args.prompt_len,
+                   gen_len=args.gen_len, batches=sorted({1, batch}))
+        big[dt] = _run(job)
+        print(f"[{dt}] {args.kv_space} GiB: {big[dt]}", flush=True)
+
+    rows = []
+    for dt in dtypes:
+        b, s = big[dt], small[dt]
+        rows.append({
+            "kv_cache_dtype": dt,
+            "kv_capacity_tokens": b["kv_capacity_tokens"],
+            "max_concurrency_2048": b["max_concurrency"],
+            "block_size": b["block_size"],
+            "prefill_tokens_per_s_batch1": b["prefill_tokens_per_s_b1"],
+            "decode_tokens_per_s_batch1": b["decode_tokens_per_s_b1"],
+            "batch": batch,
+            "prefill_tokens_per_s": b[f"prefill_tokens_per_s_b{batch}"],
+            "decode_tokens_per_s": b[f"decode_tokens_per_s_b{batch}"],
+            "small_kv_mib": args.small_kv_mib,
+            "small_cache_concurrency": s["max_concurrency"],
+            "memory_limited_requests": args.requests,
+            "memory_limited_tokens_per_s": s["memory_limited_tokens_per_s"],
+        })
+    base = rows[0]
+    for r in rows:
+        for k in ("kv_capacity_tokens", "decode_tokens_per_s", "memory_limited_tokens_per_s"):
+            r[f"{k}_ratio"] = r[k] / base[k]
+    print(f"\nSmolLM2-135M, vLLM CPU engine (eager); capacity at {args.kv_space} GiB; requests of "
+          f"{args.prompt_len} + {args.gen_len} tokens; batch {batch} = largest auto fits in {args.small_kv_mib} MiB; "
+          f"memory-limited: {args.requests} requests through {args.small_kv_mib} MiB")
+    hdr = (f"{'dtype':<8}{'KV tokens':>11}{'x':>7}{'conc@2k':>9}{'pre/s b1':>10}{'dec/s b1':>10}"
+           f"{f'pre/s b{batch}':>11}{f'dec/s b{batch}':>11}{'x':>7}{'conc@small':>11}{'memlim tok/s':>13}{'x':>7}")
+    print(hdr)
+    for r in rows:
+        print(f"{r['kv_cache_dtype']:<8}{r['kv_capacity_tokens']:>11,}{r['kv_capacity_tokens_ratio']:>7.2f}"
+              f"{r['max_concurrency_2048']:>9.1f}{r['prefill_tokens_per_s_batch1']:>10.0f}"
+              f"{r['decode_tokens_per_s_batch1']:>10.1f}{r['prefill_tokens_per_s']:>11.0f}"
+              f"{r['decode_tokens_per_s']:>11.1f}{r['decode_tokens_per_s_ratio']:>7.2f}"
+              f"{r['small_cache_concurrency']:>11.1f}{r['memory_limited_tokens_per_s']:>13.1f}"
+              f"{r['memory_limited_tokens_per_s_ratio']:>7.2f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
