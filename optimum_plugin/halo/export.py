@@ -134,7 +134,8 @@ def _validate_with_compressed_tensors(qcfg: dict) -> None:
         return
     body = {k: v for k, v in qcfg.items() if k not in ("transform_config", "sparsity_config")}
     QuantizationConfig.model_validate(body)
-    TransformConfig.model_validate(qcfg["transform_config"])
+    if "transform_config" in qcfg:
+        TransformConfig.model_validate(qcfg["transform_config"])
 
 
 def save_w8a8(

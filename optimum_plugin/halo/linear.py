@@ -19,8 +19,8 @@ class HALOLinear(nn.Linear):
     the weight on every call:
 
     - a frozen weight (``requires_grad=False``, e.g. the base layer under PEFT LoRA) is rotated and
-      quantized once; the cache is keyed on the tensor's storage and version counter, so an in-place
-      update (``merge_and_unload``, ``load_state_dict``) invalidates it;
+      quantized once; the cache is keyed on the tensor's storage, version counter and a float64 sum,
+      so an in-place update (``merge_and_unload``, ``load_state_dict``) invalidates it;
     - under HQ-FSDP the all-gathered weight already *is* the quantized ``Q(rot W)``
       (:class:`optimum_plugin.halo.fsdp.HALOQuantizedWeight`).
     """
@@ -68,7 +68,10 @@ class HALOLinear(nn.Linear):
             return w.codes, w.scale
         if w.requires_grad:
             return None, None
-        key = (w.data_ptr(), w._version, w.dtype, w.device)
+        # In-place edits through `.data` (PEFT's merge does `weight.data += delta`) bypass the version
+        # counter, so the key also holds a float64 sum of the weight: one read pass per call, against
+        # the rotation + quantization passes it saves.
+        key = (w.data_ptr(), w._version, w.dtype, w.device, float(w.detach().sum(dtype=torch.float64)))
         if self._frozen_key != key:
             with torch.no_grad():
                 self._frozen_q = quantize_weight(w, self.halo_config)
