@@ -94,8 +94,9 @@ class LRQDiTConfig:
         eta_grid / clip_lower_grid / clip_upper_grid: the Twin-Log search grid (see
             ``rotkv_kernels.twin_log.TwinLogGrid``): ``eta / max|w_row|`` and the clipping quantiles.
         rotation: ``"auto"`` (the Adaptive Rotation Scheme: per layer, Hadamard if the fluctuation
-            metric is below ``fluctuation_threshold``, else outlier-aware), ``"hadamard"``,
-            ``"outlier_aware"`` or ``"none"``.
+            metric is below ``fluctuation_threshold``, else outlier-aware; and no rotation where the chosen one
+            does not lower the per-token activation quantization error on the calibration sample),
+            ``"hadamard"``, ``"outlier_aware"`` or ``"none"`` (forced for every layer).
         fluctuation_threshold: threshold of the fluctuation metric (max over channels of the per-channel
             absolute maximum divided by its median, after smoothing) above which ``"auto"`` picks the
             outlier-aware rotation.
@@ -124,7 +125,7 @@ class LRQDiTConfig:
     clip_lower_grid: tuple[float, ...] = TwinLogGrid().lower_quantiles
     clip_upper_grid: tuple[float, ...] = TwinLogGrid().upper_quantiles
     rotation: str = "auto"
-    fluctuation_threshold: float = 8.0
+    fluctuation_threshold: float = 4.0
     rotation_block_size: int | None = None
     greedy_steps: int = 4
     smooth_alpha: float | None = 0.5

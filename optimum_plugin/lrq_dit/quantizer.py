@@ -2,9 +2,10 @@
 
 Per converted ``nn.Linear`` (weight ``W`` ``(out, n)``, calibration statistics of its input):
 
-1. plan: the shift ``delta = (max X + min X) / 2`` per channel (if ``shift``), smoothing ``s`` (if
-   ``smooth_alpha``), the fluctuation metric of ``(X - delta) / s`` and the rotation (``auto``: Hadamard below
-   ``fluctuation_threshold``, outlier-aware above); none of these without ``act_bits``;
+1. plan: the shift ``delta = mean(X)`` per channel (if ``shift``), smoothing ``s`` (if ``smooth_alpha``), the
+   fluctuation metric of ``(X - delta) / s`` and the rotation (``auto``: Hadamard below
+   ``fluctuation_threshold``, outlier-aware above, and none if the chosen rotation does not lower the per-token
+   activation quantization error on the calibration sample); none of these without ``act_bits``;
 2. fold: ``W' = rotate(W * s)``, ``bias' = bias + W delta``;
 3. quantize ``W'`` row by row: Twin-Log with the grid search, importance ``h_j = E[x'_j**2]`` of the
    transformed inputs (so the searched error tracks the output error), or uniform round-to-nearest;
@@ -27,7 +28,7 @@ from rotkv_kernels.twin_log import twin_log_pack, twin_log_search
 
 from .calibration import LayerStats, calibrate_pipeline, target_linears
 from .config import LayerPlan, LRQDiTConfig
-from .modules import LRQLinear
+from .modules import LRQLinear, fake_quant_per_token
 from .rotation import OutlierRotation, default_block_size, fluctuation, pack_bits, rotate, smoothing_factors
 
 __all__ = ["channel_shift", "needs_statistics", "plan_layer", "quantize_", "quantize_linear", "quantize_pipeline",
@@ -89,6 +90,11 @@ def plan_layer(name: str, linear: nn.Linear, config: LRQDiTConfig, stats: LayerS
                      fluctuation=fl)
 
 
+def token_quant_error(x: torch.Tensor, bits: int) -> float:
+    """Squared error of per-token ``bits``-bit fake quantization of ``x`` ``(tokens, n)``."""
+    return (fake_quant_per_token(x, bits) - x).pow(2).sum().item()
+
+
 def needs_statistics(config: LRQDiTConfig) -> bool:
     """Whether quantizing with ``config`` needs calibration statistics."""
     return config.act_bits is not None and (
@@ -117,7 +123,8 @@ def centred_absmax(stats: LayerStats, delta: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def quantize_linear(
-    linear: nn.Linear, config: LRQDiTConfig, plan: LayerPlan, stats: LayerStats | None, seed: int = 0
+    linear: nn.Linear, config: LRQDiTConfig, plan: LayerPlan, stats: LayerStats | None, seed: int = 0,
+    name: str = "",
 ) -> tuple[LRQLinear, LayerPlan]:
     """Build the packed :class:`LRQLinear` of ``linear`` following ``plan``.
 
@@ -141,6 +148,15 @@ def quantize_linear(
         oa = OutlierRotation.fit(x, plan.block_size, plan.greedy_steps, seed=seed)
         plan = dataclasses.replace(plan, greedy_steps=oa.steps)
         mats, perm = oa.matrices(), oa.perm
+    if config.rotation == "auto" and plan.rotation != "none" and x is not None:
+        # The scheme only rotates where it helps: bounded, flat inputs (the sinusoidal timestep features) come
+        # out of a Hadamard Gaussian-like, with a larger per-token range than they went in.
+        xt = rotate(x, plan.rotation, plan.block_size, mats, perm)
+        if token_quant_error(xt, config.act_bits) >= token_quant_error(x, config.act_bits):
+            logger.info("%s: the %s rotation does not lower the %d-bit activation error on calibration data; "
+                        "not rotating", name or "layer", plan.rotation, config.act_bits)
+            plan = dataclasses.replace(plan, rotation="none", block_size=0, greedy_steps=0)
+            oa = mats = perm = None
     w_fold = rotate(w * s if s is not None else w, plan.rotation, plan.block_size, mats, perm)
     importance = None
     if x is not None:
@@ -210,13 +226,16 @@ def quantize_(
             f"{type(model).__name__} has no nn.Linear layer to quantize "
             f"(modules_to_not_convert={list(config.modules_to_not_convert)}): nothing to do"
         )
+    # Plan every layer first (cheap), so a layer the config cannot handle fails before any weight is searched.
+    planned = {
+        name: plan_layer(name, linear, config, None if stats is None else stats.get(name))
+        for name, linear in layers.items()
+    }
     plans: dict[str, LayerPlan] = {}
     for i, (name, linear) in enumerate(layers.items()):
         st = None if stats is None else stats.get(name)
-        plan = plan_layer(name, linear, config, st)
-        qmod, plan = quantize_linear(linear, config, plan, st, seed=seed + i)
+        qmod, plans[name] = quantize_linear(linear, config, planned[name], st, seed=seed + i, name=name)
         _set_module(model, name, qmod)
-        plans[name] = plan
     resolved = config.replace(layers=plans)
     kinds = {}
     for p in plans.values():

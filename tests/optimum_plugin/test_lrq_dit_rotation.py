@@ -190,3 +190,21 @@ def test_shift_is_folded_into_the_bias_exactly():
         assert torch.allclose(q.bias, lin.weight @ delta, atol=1e-6)
         rel = (q(x) - lin(x)).norm() / lin(x).norm()
     assert rel < 0.02
+
+
+def test_auto_keeps_bounded_inputs_unrotated():
+    """Sinusoidal timestep features are flat and bounded: a Hadamard would make them Gaussian-like with a larger
+    per-token range, so the adaptive scheme leaves such a layer unrotated (and says so in its plan)."""
+    t = torch.linspace(0, 999, 400)[:, None]
+    freqs = torch.exp(-torch.arange(64) / 64 * 9.2)[None]
+    x = torch.cat([torch.cos(t * freqs), torch.sin(t * freqs)], dim=1)  # (400, 128) in [-1, 1]
+    lin = nn.Linear(128, 64)
+    cfg = LRQDiTConfig(weight_bits=4, act_bits=4, smooth_alpha=None, shift=False)
+    st = _stats(x)
+    plan = plan_layer("t", lin, cfg, st)
+    assert plan.rotation == "hadamard"  # flat channel maxima: the fluctuation metric says mild
+    _, final = quantize_linear(lin, cfg, plan, st)
+    assert final.rotation == "none"
+    forced = LRQDiTConfig(weight_bits=4, act_bits=4, smooth_alpha=None, shift=False, rotation="hadamard")
+    _, kept = quantize_linear(lin, forced, plan_layer("t", lin, forced, st), st)
+    assert kept.rotation == "hadamard"  # a forced rotation is applied as asked

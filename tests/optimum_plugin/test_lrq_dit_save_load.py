@@ -49,7 +49,8 @@ def quantized_dit(tmp_path_factory):
     """A tiny DiTPipeline quantized W4A8 with LRQ-DiT (calibrated through the pipeline) and saved."""
     pipe = _tiny_dit_pipeline()
     ref = _probe(pipe.transformer)
-    cfg = lrq.LRQDiTConfig(weight_bits=4, act_bits=8, modules_to_not_convert=("proj_out_2",))
+    cfg = lrq.LRQDiTConfig(weight_bits=4, act_bits=8, modules_to_not_convert=("proj_out_2",),
+                           eta_grid=(0.01, 0.1, 1.0), clip_lower_grid=(0.0,), clip_upper_grid=(1.0, 0.98))
     resolved = lrq.quantize_pipeline(pipe, cfg, prompts=[0, 1, 2, 3], num_inference_steps=3, batch_size=2,
                                      progress=False, guidance_scale=2.0)
     out = _probe(pipe.transformer)
