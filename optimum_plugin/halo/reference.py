@@ -87,8 +87,7 @@ def halo_linear_reference(
     if cfg.level == 2:
         # Y1 = T^T gq(T z1): autograd turns this into T^T Q(T E)
         u = rotate_tokens(z1, cfg.token_block_size).to(torch.float64)
-        fold_pad = fold_x
-        y1 = unrotate_tokens(_GradQuant.apply(u, fold_pad, False, cfg.dtype, cfg.granularity), cfg.token_block_size, m)
+        y1 = unrotate_tokens(_GradQuant.apply(u, fold_x, False, cfg.dtype, cfg.granularity), cfg.token_block_size, m)
         y1 = y1.to(torch.float64)
     else:
         y1 = _GradQuant.apply(z1, fold_x, False, cfg.dtype, cfg.granularity)

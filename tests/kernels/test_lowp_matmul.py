@@ -24,7 +24,6 @@ import torch
 from rotkv_kernels.lowp_matmul import (
     lowp_matmul,
     lowp_matmul_ref,
-    qmax,
     quantize_lowp,
     dequantize_lowp,
     resolve_backend,
