@@ -143,3 +143,22 @@ def test_version_gate(version, ok):
     else:
         with pytest.raises(RuntimeError, match="written for vLLM 0.32.0"):
             vllm_plugin._check_vllm_version(version)
+
+
+@pytest.mark.slow
+def test_vllm_bench_cli_lists_rotkv():
+    """The installed ``vllm`` command (entry point discovery, no explicit register call) offers the dtypes in
+    ``vllm bench latency``, whose parser is built from EngineArgs (``vllm serve`` runs in the e2e tests)."""
+    cmd = ["bench", "latency"]
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    exe = Path(sys.executable).with_name("vllm")
+    if not exe.exists():
+        pytest.skip("no vllm command next to this interpreter")
+    out = subprocess.run([str(exe), *cmd, "--help=kv-cache-dtype"], capture_output=True, text=True, timeout=600)
+    m = re.search(r"--kv-cache-dtype \{([^}]*)\}", out.stdout)
+    assert m, out.stdout[-2000:] + out.stderr[-2000:]
+    assert set(ROTKV) <= set(m.group(1).split(","))
