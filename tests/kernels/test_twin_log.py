@@ -31,6 +31,16 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 KERNEL_OK = triton_runnable(torch.device(DEVICE))
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Small matmuls gain nothing from a second thread, and on cores shared with other jobs OpenMP's spinning
+    barriers make two threads several times slower than one; restored after this module."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _dit_like_weight(rows: int, n: int, seed: int = 0) -> torch.Tensor:
     """Gaussian rows with a long tail (a few large entries), the shape LRQ-DiT targets."""
     g = torch.Generator().manual_seed(seed)

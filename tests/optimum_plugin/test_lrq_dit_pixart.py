@@ -20,6 +20,16 @@ RUN = dict(num_inference_steps=2, height=16, width=16, max_sequence_length=16, u
            clean_caption=False)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Small matmuls gain nothing from a second thread, and on cores shared with other jobs OpenMP's spinning
+    barriers make two threads several times slower than one; restored after this module."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _pixart_pipeline():
     from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel
     from tokenizers import Tokenizer, models, pre_tokenizers

@@ -16,6 +16,16 @@ from rotkv_kernels.twin_log import twin_log_packed_width
 from rotkv_kernels.twin_log_triton import triton_runnable
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Small matmuls gain nothing from a second thread, and on cores shared with other jobs OpenMP's spinning
+    barriers make two threads several times slower than one; restored after this module."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _tiny_dit_pipeline(seed: int = 0):
     from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel
 
@@ -67,7 +77,10 @@ def test_calibrated_plan_covers_every_converted_linear(quantized_dit):
     assert converted == set(resolved.layers)
     assert "proj_out_2" not in converted and isinstance(tr.proj_out_2, nn.Linear)
     assert len(converted) == 2 * 9 + 1  # per block: 4 attention, 2 MLP, adaLN + 2 timestep MLP; and proj_out_1
-    assert all(p.smooth and p.rotation in ("hadamard", "outlier_aware") for p in resolved.layers.values())
+    assert all(p.smooth and p.shift for p in resolved.layers.values())
+    # auto: most layers rotate; those where rotating would not lower the activation error stay unrotated
+    rotated = [n for n, p in resolved.layers.items() if p.rotation != "none"]
+    assert len(rotated) >= len(converted) // 2
 
 
 def test_quantized_model_stays_close_to_float(quantized_dit):
