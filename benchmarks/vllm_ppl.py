@@ -60,7 +60,9 @@ def vllm_scores(model: str, dtype: str, windows: list[list[int]], prompts: list[
     from vllm.inputs import TokensPrompt
 
     window = len(windows[0])
-    llm = LLM(model=model, kv_cache_dtype=dtype, enforce_eager=True, max_model_len=max(window, 1024) + max_new,
+    # 2048 (a multiple of the block size) keeps the engine's capacity report exact (blocks x block size).
+    max_len = max(2048, -(-(window + max_new) // 256) * 256)
+    llm = LLM(model=model, kv_cache_dtype=dtype, enforce_eager=True, max_model_len=max_len,
               enable_chunked_prefill=True, max_num_batched_tokens=chunk, max_num_seqs=16,
               enable_prefix_caching=False, seed=0)
     try:
