@@ -67,7 +67,7 @@ def test_pack_roundtrip_bitwise(bits, n):
 def test_codes_are_nearest_log_level(bits):
     """Within a half's clipping range, the decoded log-magnitude is within step/2 of the true one."""
     w = _dit_like_weight(16, 96)
-    codes, params = twin_log_search(w, bits)
+    codes, params = twin_log_search(w, bits, unbiased=False)  # the rows' levels exactly as searched
     p = params.to(torch.float32)
     eta = torch.exp2(p[:, 0:1])
     lg = torch.log2(w.abs() + eta)
@@ -93,12 +93,12 @@ def test_search_is_the_grid_minimum(bits):
     """The chosen parameters are at least as good (per row) as every single grid point."""
     w = _dit_like_weight(24, 64, seed=1)
     grid = TwinLogGrid(eta_ratios=(1e-3, 1e-2, 1e-1), lower_quantiles=(0.0, 0.1), upper_quantiles=(1.0, 0.95))
-    codes, params = twin_log_search(w, bits, grid)
+    codes, params = twin_log_search(w, bits, grid, unbiased=False)
     best = (twin_log_dequantize(codes, params, bits) - w).pow(2).sum(1)
     for e in grid.eta_ratios:
         for lo in grid.lower_quantiles:
             for hi in grid.upper_quantiles:
-                c1, p1 = twin_log_search(w, bits, TwinLogGrid((e,), (lo,), (hi,)))
+                c1, p1 = twin_log_search(w, bits, TwinLogGrid((e,), (lo,), (hi,)), unbiased=False)
                 err = (twin_log_dequantize(c1, p1, bits) - w).pow(2).sum(1)
                 assert (best <= err * (1 + 1e-5) + 1e-12).all()
 
@@ -128,11 +128,31 @@ def test_importance_weighting_moves_error_off_important_channels():
 
 
 def test_stored_params_are_the_ones_used():
-    """Re-quantizing with the stored fp16 parameters reproduces the codes exactly."""
+    """Without the gain, re-quantizing with the stored fp16 parameters reproduces the codes exactly; with it,
+    the stored levels are still a fixed point (re-quantizing the decoded row decodes to the same row)."""
     w = _dit_like_weight(8, 40, seed=4)
-    codes, params = twin_log_search(w, 4)
+    codes, params = twin_log_search(w, 4, unbiased=False)
     assert params.dtype == torch.float16
     assert torch.equal(twin_log_quantize(w, params, 4), codes)
+    codes, params = twin_log_search(w, 4)
+    rec = twin_log_dequantize(codes, params, 4)
+    assert torch.equal(twin_log_dequantize(twin_log_quantize(rec, params, 4), params, 4), rec)
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_unbiased_gain_removes_the_shrinkage_of_clipping(bits):
+    """Error-minimizing clipped levels shrink a row (slope of w^ on w below 1); the folded gain restores slope 1
+    up to the fp16 rounding of the shifted log-domain parameters (|log2 values| < 16: ulp <= 2**-7, so the
+    decoded gain is off by at most ~2 * (2**(2**-8) - 1) < 0.6 %)."""
+    w = _dit_like_weight(64, 256, seed=6)
+    slope = lambda a: (a * w).sum(1) / (w * w).sum(1)  # noqa: E731
+    c0, p0 = twin_log_search(w, bits, unbiased=False)
+    c1, p1 = twin_log_search(w, bits)
+    s0, s1 = slope(twin_log_dequantize(c0, p0, bits)), slope(twin_log_dequantize(c1, p1, bits))
+    assert s0.mean() < 1.0  # shrinkage (about 3 % at 3 bits, 0.2 % at 4 bits here)
+    assert ((s1 - 1).abs() < 0.006).all()
+    assert (s1 - 1).abs().mean() < 0.25 * (s0 - 1).abs().mean()
+    assert torch.equal(c0, c1)  # same codes, rescaled levels
 
 
 def test_zero_rows_and_one_sided_rows_reconstruct():
