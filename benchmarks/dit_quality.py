@@ -9,17 +9,18 @@ DiT's blocks and output head, activations dynamically per token):
   fp        the trained model (fp16 checkpoint, run in fp32)
   rtn       uniform per-row min-max round-to-nearest weights, no rotation, no smoothing
   hadamard  QuaRot-like: Hadamard rotation of every layer's input folded into the weights, then RTN weights
-  lrq       LRQ-DiT: Twin-Log weights (grid-searched per row) + smoothing + adaptive rotation (Hadamard or
-            outlier-aware per layer, by the fluctuation metric)
+  lrq       LRQ-DiT (LRQDiTConfig defaults): Twin-Log weights (grid-searched per row, unbiased gain) + mean
+            shift + smoothing + adaptive rotation (Hadamard or outlier-aware per layer by the fluctuation
+            metric, none where rotating does not lower the activation error)
 
 Calibration (rtn needs none) runs the DiTPipeline over its own class labels and timesteps (``--calib-per-class``
 labels per class, different seeds from the evaluation). Columns: the classifier's accuracy on the generated
 digits against the requested class; the (squared, as FID) Frechet distance between the classifier's features
 of the generated digits and of the held-out real digits (both relative to fp), and between the features of the
-generated digits and of fp's (same noise and labels: how far quantization moved the distribution); the on-disk size of the
-transformer checkpoint (``save_pretrained``, tensors that stay floating point stored in bf16) against the same
-model all in bf16, and the same ratio for the converted linear layers alone (packed codes, row parameters,
-shift/smoothing vectors and rotation data, against their bf16 weights and biases). The model's six
+generated digits and of fp's (same noise and labels: how far quantization moved the distribution); the on-disk
+size of the transformer checkpoint (``save_pretrained``, tensors that stay floating point stored in bf16)
+against the same model all in bf16, and the same ratio for the converted linear layers alone (packed codes, row
+parameters, shift/smoothing vectors and rotation data, against their bf16 weights and biases). The model's six
 1001-row class-embedding tables (DiTPipeline's fixed 1000-class layout) are most of what is not converted.
 """
 
@@ -72,7 +73,8 @@ def checkpoint_bytes(model) -> tuple[int, int, int]:
         for f in files:
             with safe_open(str(f), "pt") as sf:
                 for key in sf.keys():
-                    if key.rpartition(".")[0] in linears and isinstance(linears[key.rpartition(".")[0]], lrq.LRQLinear):
+                    owner = linears.get(key.rpartition(".")[0])
+                    if isinstance(owner, lrq.LRQLinear):
                         t = sf.get_tensor(key)
                         stored += t.numel() * t.element_size()
     as_bf16 = sum(2 * (mod.in_features + 1) * mod.out_features for mod in linears.values()
@@ -165,7 +167,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                      "checkpoint_mb": round(size / 2**20, 3), "size_vs_bf16": round(size / bf16_bytes, 4),
                      "linears_vs_bf16": round(lin_ratio, 4),
                      "seconds": round(time.time() - t0, 1)})
-        print(f"  {method:9s} {label:5s} acc {acc:.3f}  frechet {fd:8.3f}  to fp {fd_fp:7.3f}  ({time.time() - t0:.0f} s)",
+        print(f"  {method:9s} {label:5s} acc {acc:.3f}  frechet {fd:8.3f}  to fp {fd_fp:7.3f}  "
+              f"({time.time() - t0:.0f} s)",
               file=sys.stderr, flush=True)
 
     run("fp", "W16A16", None)  # always first: every ratio is against it

@@ -3,9 +3,9 @@
 :func:`calibrate_pipeline` runs a real diffusers pipeline (``DiTPipeline``, ``PixArtAlphaPipeline``, ...) over
 batches of prompts (class labels for class-conditional pipelines) for ``num_inference_steps`` denoising steps;
 every call of the denoiser is one timestep, and forward pre-hooks on its ``nn.Linear`` layers record, per
-layer: the per-channel minimum, maximum and absolute maximum over all tokens, and a uniform reservoir sample of input rows
-(tokens) of bounded size for the rotation search and the weight-importance vector. A tqdm bar counts
-denoiser calls (batches x timesteps).
+layer: the per-channel minimum, maximum, sum and absolute maximum over all tokens, and a uniform reservoir
+sample of input rows (tokens) of bounded size for the rotation search and the weight-importance vector. A tqdm
+bar counts denoiser calls (batches x timesteps).
 """
 
 from __future__ import annotations

@@ -182,7 +182,9 @@ class LRQDiTConfig:
                 str(k): v if isinstance(v, LayerPlan) else LayerPlan.from_dict(dict(v)) for k, v in self.layers.items()
             }
             if self.act_bits is None and any(p.rotation != "none" or p.smooth or p.shift for p in plans.values()):
-                raise ValueError("layers: rotations, smoothing and shifts need act_bits (weight-only configs have none)")
+                raise ValueError(
+                    "layers: rotations, smoothing and shifts need act_bits (weight-only configs have none)"
+                )
             object.__setattr__(self, "layers", plans)
         if self.version != CONFIG_VERSION:
             raise ValueError(

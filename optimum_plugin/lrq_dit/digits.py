@@ -142,7 +142,9 @@ def frechet_distance(feats_a: torch.Tensor, feats_b: torch.Tensor) -> float:
     a = feats_a.detach().to(torch.float64)
     b = feats_b.detach().to(torch.float64)
     if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or min(a.shape[0], b.shape[0]) < 2:
-        raise ValueError(f"feature sets must be (N, d) with N >= 2 and equal d, got {tuple(a.shape)}, {tuple(b.shape)}")
+        raise ValueError(
+            f"feature sets must be (N, d) with N >= 2 and equal d, got {tuple(a.shape)}, {tuple(b.shape)}"
+        )
     mu_a, mu_b = a.mean(0), b.mean(0)
     sa, sb = torch.cov(a.T), torch.cov(b.T)
 

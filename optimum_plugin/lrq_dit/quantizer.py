@@ -64,7 +64,8 @@ def plan_layer(name: str, linear: nn.Linear, config: LRQDiTConfig, stats: LayerS
         return LayerPlan()
     if stats is None and needs_statistics(config):
         raise ValueError(
-            f"layer {name!r}: rotation={config.rotation!r} / smooth_alpha={config.smooth_alpha} / shift={config.shift} "
+            f"layer {name!r}: rotation={config.rotation!r} / smooth_alpha={config.smooth_alpha} / "
+            f"shift={config.shift} "
             "need calibration statistics: run calibrate_pipeline (or ActivationRecorder) first, or use "
             "rotation='hadamard'/'none', smooth_alpha=None and shift=False"
         )

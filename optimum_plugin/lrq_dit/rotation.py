@@ -5,9 +5,11 @@ For a linear layer ``y = x W^T + b`` with calibration activations ``X`` (tokens 
 0. **Shift** (``quantizer.channel_shift``): ``delta_j = mean(X_j)``, subtracted from the input and folded into
    the bias (``b' = b + W delta``), so that no channel carries a constant offset into the rotation.
 1. **Smoothing** (per channel ``j``): ``s_j = max|X_j - delta_j|**alpha / max|W_j|**(1 - alpha)``, in fp16.
-2. **Fluctuation metric** of the smoothed activations ``(X - delta) / s``: with ``m_j`` the per-channel absolute maximum,
-   ``F = max_j m_j / median_j m_j``. Mild outliers (``F`` below the threshold) are spread well by a Hadamard
-   rotation; salient outliers concentrated in a few channels (``F`` above it) get the outlier-aware rotation.
+2. **Fluctuation metric** of the smoothed activations ``(X - delta) / s``: with ``m_j`` the per-channel
+   absolute maximum, ``F = max_j m_j / median_j m_j``. Mild outliers (``F`` below the threshold) are spread
+   well by a Hadamard rotation; salient outliers concentrated in a few channels (``F`` above it) get the
+   outlier-aware rotation. Under ``rotation="auto"`` a layer whose chosen rotation does not lower the per-token
+   quantization error of its calibration activations is left unrotated.
 3. **Rotation** ``R`` (orthogonal, block-diagonal with blocks of ``b`` channels):
 
    * Hadamard: ``x -> x H_b^T / sqrt(b)`` per block (``rotkv_kernels.hadamard.hadamard_transform``).
@@ -67,7 +69,9 @@ def default_block_size(n: int, rotation: str, requested: int | None) -> int:
         if n % requested:
             raise ValueError(f"rotation_block_size={requested} does not divide the layer's input width {n}")
         if not has_hadamard(requested):
-            raise ValueError(f"rotation_block_size={requested} has no Hadamard matrix (use m * 2**k, m in 1, 12, 20, ..)")
+            raise ValueError(
+                f"rotation_block_size={requested} has no Hadamard matrix (use m * 2**k, m in 1, 12, 20, ..)"
+            )
         return requested
     cap = n if rotation == "hadamard" else min(n, OUTLIER_DEFAULT_MAX_BLOCK)
     best = max((d for d in range(2, cap + 1) if n % d == 0 and has_hadamard(d)), default=0)
