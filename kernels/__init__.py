@@ -44,8 +44,29 @@ __all__ += [
     "rotkv_read_triton",
 ]
 
+# Twin-Log weight quantization (LRQ-DiT; pure PyTorch reference).
+from rotkv_kernels.twin_log import (  # noqa: E402
+    TwinLogGrid,
+    twin_log_dequantize,
+    twin_log_linear_ref,
+    twin_log_pack,
+    twin_log_search,
+    twin_log_unpack,
+)
+
+__all__ += [
+    "TwinLogGrid",
+    "twin_log_dequantize",
+    "twin_log_linear_ref",
+    "twin_log_pack",
+    "twin_log_search",
+    "twin_log_unpack",
+    "twin_log_linear_triton",
+]
+
 # Triton entry points load on first access, so `import rotkv_kernels` never imports triton.
 _LAZY_TRITON = {
+    "twin_log_linear_triton": "rotkv_kernels.twin_log_triton",
     "hadamard_transform_triton": "rotkv_kernels.hadamard_triton",
     "quantize_pack_triton": "rotkv_kernels.quant_triton",
     "unpack_dequantize_triton": "rotkv_kernels.quant_triton",
