@@ -46,7 +46,7 @@ class LayerStats:
     sample: torch.Tensor
     seen: int = 0
     calls: int = 0
-    capacity: int = 4096
+    capacity: int = 1024
     _gen: torch.Generator = field(default_factory=lambda: torch.Generator().manual_seed(0), repr=False)
 
     @classmethod

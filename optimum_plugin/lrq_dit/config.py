@@ -112,7 +112,8 @@ class LRQDiTConfig:
             adaLN shifts): otherwise a rotation sums their offsets into one huge channel (for a Hadamard,
             the first: ``sum_j x_j / sqrt(n)``).
         modules_to_not_convert: ``fnmatch`` patterns of module names (full dotted name) kept in floating point.
-        calibration_tokens: activation rows kept per layer during calibration (reservoir of the stream).
+        calibration_tokens: activation rows kept per layer during calibration (a uniform reservoir of the
+            stream; ``4 * calibration_tokens * in_features`` bytes per layer while calibrating).
         layers: the resolved per-layer plans (module name -> :class:`LayerPlan`); ``None`` until a model is
             quantized. A checkpoint's config always has it.
         version: schema version.
@@ -131,7 +132,7 @@ class LRQDiTConfig:
     smooth_alpha: float | None = 0.5
     shift: bool = True
     modules_to_not_convert: tuple[str, ...] = field(default_factory=tuple)
-    calibration_tokens: int = 4096
+    calibration_tokens: int = 1024
     layers: dict[str, LayerPlan] | None = None
     version: int = CONFIG_VERSION
 
