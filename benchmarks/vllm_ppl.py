@@ -157,12 +157,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
             "kv_capacity_tokens": r["info"]["kv_capacity_tokens"], "windows": args.windows, "window": args.window,
             "chunk": args.chunk, "seconds": r["seconds"],
         })
-    hdr = f"{'kv_cache_dtype':<14}{'ppl':>9}{'ref ppl':>9}{'/ref':>7}{'/auto':>7}{'greedy=':>9}{'prefix':>8}{'KV tokens':>11}"
+    hdr = (f"{'kv_cache_dtype':<14}{'ppl':>9}{'ref ppl':>9}{'/ref':>7}{'/auto':>7}{'greedy=':>9}{'prefix':>8}"
+           f"{'KV tokens':>11}")
     print(f"\nWikiText-2, {args.windows} windows x {args.window} tokens, chunked prefill {args.chunk}; "
           f"greedy: {args.prompts} prompts x {args.max_new} tokens vs auto")
     print(hdr)
     for r in rows:
-        ref = f"{r['ppl_reference']:9.3f}{r['ppl_ratio_to_reference']:7.3f}" if r["ppl_reference"] else f"{'-':>9}{'-':>7}"
+        ref = (f"{r['ppl_reference']:9.3f}{r['ppl_ratio_to_reference']:7.3f}" if r["ppl_reference"]
+               else f"{'-':>9}{'-':>7}")
         print(f"{r['kv_cache_dtype']:<14}{r['ppl']:9.3f}{ref}{r['ppl_ratio_to_auto']:7.3f}"
               f"{r['greedy_exact']:9.2f}{r['greedy_prefix_agreement']:8.2f}{r['kv_capacity_tokens']:>11,}")
     if args.json:

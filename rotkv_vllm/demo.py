@@ -187,7 +187,8 @@ class VllmServer:
                 except ProcessLookupError:
                     pass
                 self._log.close()
-                raise RuntimeError(f"vllm serve exited with {self.proc.returncode} during start-up:\n{self.log_tail()}")
+                raise RuntimeError(
+                    f"vllm serve exited with {self.proc.returncode} during start-up:\n{self.log_tail()}")
             try:
                 with urllib.request.urlopen(self.url + "/health", timeout=5) as r:
                     if r.status == 200:

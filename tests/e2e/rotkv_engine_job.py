@@ -6,7 +6,7 @@ JOB: {"llm": {LLM(...) keyword arguments}, "env": {...}, "tasks": [...]}; each t
     {"kind": "capacity"}
     {"kind": "ppl", "windows": [[token ids], ...]}                       -> exp(mean NLL of tokens 1..)
     {"kind": "greedy", "prompts": [[ids], ...], "max_new": n}            -> token ids and their logprobs
-    {"kind": "batched_then_sequential", "prompts": [...], "max_new": n}  -> both runs, and preemptions
+    {"kind": "batched", "prompts": [...], "max_new": n}                  -> greedy, and preemptions during it
     {"kind": "prefix_repeat", "prompt": [...], "max_new": n}             -> cold run, warm run, cache hits
 A separate process per engine keeps the tests free of engine state and lets each set its environment.
 """
@@ -60,15 +60,10 @@ def main() -> None:
             result["ppl"] = math.exp(nll / sum(len(w) - 1 for w in ws))
         elif kind == "greedy":
             result["greedy"], result["greedy_logprobs"] = _greedy(llm, task["prompts"], task["max_new"])
-        elif kind == "batched_then_sequential":
+        elif kind == "batched":
             before = _metric(llm, "num_preemptions")
             result["batched"], result["batched_logprobs"] = _greedy(llm, task["prompts"], task["max_new"])
-            mid = _metric(llm, "num_preemptions")
-            seq = [_greedy(llm, [p], task["max_new"]) for p in task["prompts"]]
-            result["sequential"] = [s[0][0] for s in seq]
-            result["sequential_logprobs"] = [s[1][0] for s in seq]
-            result["preemptions_batched"] = mid - before
-            result["preemptions_sequential"] = _metric(llm, "num_preemptions") - mid
+            result["preemptions"] = _metric(llm, "num_preemptions") - before
         elif kind == "prefix_repeat":
             h0 = _metric(llm, "prefix_cache_hits")
             cold = _greedy(llm, [task["prompt"]], task["max_new"])

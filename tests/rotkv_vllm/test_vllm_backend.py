@@ -213,8 +213,6 @@ def test_mixed_steps_match_kernel_references(name):
 def test_tiles_split_large_requests_same_result(monkeypatch):
     """Tiny tile budgets force query-range splitting and one request per tile; results are unchanged."""
     rt, _ = _runtime(CONFIGS["k2v2-sinks"])
-    monkeypatch.setattr(vb, "_TILE_CONTEXT_TOKENS", 40)
-    monkeypatch.setattr(vb, "_TILE_SCORES", 200)
     orig = vb.plan_tiles
     monkeypatch.setattr(vb, "plan_tiles", lambda q, s, **kw: orig(q, s, context_budget=40, score_budget=200))
     eng = Engine(rt, num_blocks=32, block_size=16)
