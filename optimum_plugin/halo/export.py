@@ -25,6 +25,7 @@ that claims these checkpoints on the CPU and applies the same transform.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import logging
 import math
@@ -183,8 +184,7 @@ def save_w8a8(
             b = rot_cfg.rotation_block(mod.in_features)
             w = hadamard_rotate(w, None if hadamard == "full" else b)
             # vLLM computes x @ M / sqrt(b); M = sqrt(b) R^T holds +-1 exactly in bf16.
-            h = hadamard_matrix(b, dtype=torch.float64, normalized=False).T
-            tensors[f"{n}.{_TRANSFORM_KEY}.weight"] = h.to(dtype).contiguous()
+            tensors[f"{n}.{_TRANSFORM_KEY}.weight"] = _unnormalized_rt(b).to(dtype, copy=True)
         q, s = quantize_lowp(w, "int8", "row")
         tensors[f"{n}.weight"] = q.contiguous()
         tensors[f"{n}.weight_scale"] = s.to(torch.float32).contiguous()
@@ -222,6 +222,11 @@ def save_w8a8(
     return path
 
 
+@functools.lru_cache(maxsize=None)
+def _unnormalized_rt(b: int) -> torch.Tensor:
+    return hadamard_matrix(b, dtype=torch.float32, normalized=False).T.contiguous()
+
+
 class W8A8Linear(nn.Module):
     """Evaluates one layer of a HALO W8A8 checkpoint in PyTorch, with vLLM's integer maths.
 
@@ -238,11 +243,16 @@ class W8A8Linear(nn.Module):
         self.out_features, self.in_features = weight.shape
         self.register_buffer("weight", weight)
         self.register_buffer("weight_scale", weight_scale.to(torch.float32).reshape(-1, 1))
+        self.hadamard_block = None
         if transform is not None:
             b = transform.shape[0]
             if self.in_features % b:
                 raise ValueError(f"transform of order {b} does not divide in_features={self.in_features}")
             self.register_buffer("transform", transform.to(torch.float32) / math.sqrt(b))
+            # The matrix save_w8a8 writes is sqrt(b) R^T with R our Kronecker Hadamard: apply that one
+            # with the two-factor GEMMs (x @ M / sqrt(b) == hadamard_rotate(x)), any other densely.
+            if has_hadamard(b) and torch.equal(transform.to(torch.float32), _unnormalized_rt(b)):
+                self.hadamard_block = b
         else:
             self.transform = None
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
@@ -250,7 +260,9 @@ class W8A8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features).to(torch.float32)
-        if self.transform is not None:
+        if self.hadamard_block is not None:
+            x2 = hadamard_rotate(x2, self.hadamard_block)
+        elif self.transform is not None:
             b = self.transform.shape[0]
             x2 = (x2.reshape(-1, self.in_features // b, b) @ self.transform).reshape(-1, self.in_features)
         q, s = quantize_lowp(x2, "int8", "row")

@@ -110,3 +110,25 @@ def test_export_errors(tmp_path):
     save_merged(model, tmp_path / "merged")
     with pytest.raises(ValueError, match="not a compressed-tensors int-quantized"):
         load_w8a8(tmp_path / "merged")
+
+
+def test_w8a8_linear_fast_and_dense_transform_paths():
+    """A stored matrix equal to our Hadamard runs as the two-factor rotation; any other one densely."""
+    from optimum_plugin.halo.export import W8A8Linear
+    from rotkv_kernels.hadamard import hadamard_matrix
+    from rotkv_kernels.lowp_matmul import lowp_matmul, quantize_lowp
+
+    torch.manual_seed(0)
+    wq, ws = quantize_lowp(torch.randn(8, 192), "int8", "row")
+    x = torch.randn(5, 192)
+    had = W8A8Linear(wq, ws, hadamard_matrix(192, normalized=False).T.contiguous())
+    assert had.hadamard_block == 192
+    q, s = quantize_lowp(hadamard_rotate(x), "int8", "row")
+    assert torch.equal(had(x), lowp_matmul(q, s, wq, ws))
+    other = torch.linalg.qr(torch.randn(192, 192))[0] * math.sqrt(192)
+    dense = W8A8Linear(wq, ws, other)
+    assert dense.hadamard_block is None
+    q, s = quantize_lowp(x @ (other / math.sqrt(192)), "int8", "row")
+    assert _rel(dense(x), lowp_matmul(q, s, wq, ws)) < 1e-3  # float32 order only (module docstring)
+    with pytest.raises(ValueError, match="int8 weight"):
+        W8A8Linear(torch.randn(8, 192), ws, None)
