@@ -26,19 +26,11 @@ from rotkv_kernels.twin_log import (
 )
 from rotkv_kernels.twin_log_triton import triton_runnable, twin_log_linear_triton
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 BITS = list(TWIN_LOG_BITS)
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 KERNEL_OK = triton_runnable(torch.device(DEVICE))
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Small matmuls gain nothing from a second thread, and on cores shared with other jobs OpenMP's spinning
-    barriers make two threads several times slower than one; restored after this module."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _dit_like_weight(rows: int, n: int, seed: int = 0) -> torch.Tensor:

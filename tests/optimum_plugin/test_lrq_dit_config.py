@@ -5,21 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 import optimum_plugin.lrq_dit as lrq
 from optimum_plugin.lrq_dit import registration
 from optimum_plugin.lrq_dit.config import CONFIG_VERSION, LayerPlan, LRQDiTConfig
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Small matmuls gain nothing from a second thread, and on cores shared with other jobs OpenMP's spinning
-    barriers make two threads several times slower than one; restored after this module."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _resolved() -> LRQDiTConfig:

@@ -22,17 +22,7 @@ from optimum_plugin.lrq_dit.digits import (
     to_model_range,
 )
 
-pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Small matmuls gain nothing from a second thread, and on cores shared with other jobs OpenMP's spinning
-    barriers make two threads several times slower than one; restored after this module."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 
 @pytest.fixture(scope="module")

@@ -12,22 +12,14 @@ import torch
 import optimum_plugin.lrq_dit as lrq
 from optimum_plugin.lrq_dit.modules import LRQLinear
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 WORDS = ["<pad>", "</s>", "<unk>"] + "a an the cat dog tree house red blue small big photo of in snow".split()
 PROMPTS = ["a red cat", "a photo of the big tree", "a small dog in snow", "the blue house"]
 # A 6-point Twin-Log grid keeps this test fast; the default grid is exercised on the trained model.
 SMALL_GRID = dict(eta_grid=(0.01, 0.1, 1.0), clip_lower_grid=(0.0,), clip_upper_grid=(1.0, 0.98))
 RUN = dict(num_inference_steps=2, height=16, width=16, max_sequence_length=16, use_resolution_binning=False,
            clean_caption=False)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Small matmuls gain nothing from a second thread, and on cores shared with other jobs OpenMP's spinning
-    barriers make two threads several times slower than one; restored after this module."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _pixart_pipeline():

@@ -24,15 +24,7 @@ from optimum_plugin.lrq_dit.rotation import (
     zigzag_permutation,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Small matmuls gain nothing from a second thread, and on cores shared with other jobs OpenMP's spinning
-    barriers make two threads several times slower than one; restored after this module."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _acts(n: int, tokens: int = 512, salient: tuple[int, ...] = (), scale: float = 50.0, seed: int = 0):

@@ -15,15 +15,7 @@ from optimum_plugin.lrq_dit.modules import LRQLinear
 from rotkv_kernels.twin_log import twin_log_packed_width
 from rotkv_kernels.twin_log_triton import triton_runnable
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Small matmuls gain nothing from a second thread, and on cores shared with other jobs OpenMP's spinning
-    barriers make two threads several times slower than one; restored after this module."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _tiny_dit_pipeline(seed: int = 0):
