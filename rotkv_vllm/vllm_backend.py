@@ -1,5 +1,5 @@
-"""RotateKV attention backend for vLLM 0.32: a packed uint8 paged KV cache (CPU path; the GPU path
-plugs its kernels into the same four classes).
+"""RotateKV attention backend for vLLM 0.32: a packed uint8 paged KV cache, served by the PyTorch path on
+the CPU and by the fused Triton kernels of ``rotkv_kernels.rotkv_paged`` on CUDA (same four classes).
 
 Cache layout. Every layer's cache is one page per block of ``block_size`` tokens, declared to vLLM's
 planner through :meth:`RotateKVAttentionBackend.customize_spec` (one head slot, ``C`` bytes per token),
@@ -32,6 +32,23 @@ lengths, padded to a common query and context length, within a memory budget); p
 gather of records over the blocks its sequences use, one dequantization and one SDPA call. Nothing loops
 over tokens.
 
+Two implementations read and write the same bytes (:func:`select_attention_impl` picks one per step):
+
+- ``"torch"`` (the CPU default): the builder plans tiles; ``store`` encodes with ``rotkv_write_ref`` and
+  scatters, ``attend`` gathers, dequantizes and runs SDPA per tile (below). CPU caches only.
+- ``"triton"`` (the CUDA default): ``store`` is one ``paged_write_triton`` launch (inverse RoPE, key mean,
+  Hadamard, permutation, quantization, packing and the scatter by slot mapping, sinks included) and
+  ``attend`` is ``paged_attention_triton`` (split-K paged attention over the packed cache plus its reduce
+  pass) over vLLM's own block table, ``seq_lens`` and ``query_start_loc``. Per-layer parameters (the
+  :class:`rotkv_kernels.rotkv_paged.PagedCacheSpec`, key permutation and its inverse, key mean, RoPE
+  tables) are moved to the device once (:meth:`RotateKVRuntime.fused_params`); the kernels' work list is
+  planned once per step and shared by all layers. On the CPU it runs only under ``TRITON_INTERPRET=1``
+  (tests).
+
+``ROTKV_ATTENTION_IMPL`` (``auto``, ``torch`` or ``triton``) overrides the choice; an impossible choice
+raises ``ValueError`` (no silent fallback). ``ROTKV_TRITON_PRECISION`` (``fp16``, the default, or ``fp32``)
+sets the fused attention's product precision (see ``rotkv_kernels.rotkv_paged_triton``).
+
 Calibration: the backend loads ``rotkv_config.json`` + ``rotkv.safetensors`` from the model folder (or
 its Hugging Face cache snapshot). Without them it refuses to start and names the calibration command:
 an uncalibrated cache would silently lose the channel reordering the accuracy depends on.
@@ -41,6 +58,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -59,6 +77,7 @@ from vllm.v1.attention.backend import (
 from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
 
 from rotkv_kernels.hadamard import has_hadamard
+from rotkv_kernels.rotkv_paged import PagedCacheSpec
 from rotkv_vllm.config import KV_CACHE_DTYPES, RotateKVConfig, RotateKVLayout
 
 __all__ = [
@@ -70,6 +89,13 @@ __all__ = [
     "current_runtime",
     "install_runtime",
     "rope_tables",
+    "ATTENTION_IMPL_ENV",
+    "ATTENTION_IMPLS",
+    "TRITON_PRECISION_ENV",
+    "select_attention_impl",
+    "check_attention_impl",
+    "triton_precision",
+    "FusedLayerParams",
     "RotateKVAttentionMetadata",
     "RotateKVAttentionMetadataBuilder",
     "RotateKVAttentionBackend",
@@ -86,6 +112,69 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 # Memory budgets of one attention tile (elements): gathered context tokens x KV width, and scores.
 _TILE_CONTEXT_TOKENS = 16384
 _TILE_SCORES = 1 << 22
+
+
+ATTENTION_IMPL_ENV = "ROTKV_ATTENTION_IMPL"
+ATTENTION_IMPLS = ("auto", "torch", "triton")
+TRITON_PRECISION_ENV = "ROTKV_TRITON_PRECISION"
+TRITON_PRECISIONS = ("fp16", "fp32")
+
+
+def select_attention_impl(device: torch.device | str) -> str:
+    """``"torch"`` or ``"triton"``: the implementation that serves a cache on ``device``.
+
+    ``ROTKV_ATTENTION_IMPL`` (default ``auto``) chooses: ``auto`` is ``triton`` on CUDA and ``torch`` on
+    the CPU; ``torch`` and ``triton`` force one.
+
+    Raises:
+        ValueError: an unknown value of the variable, or a choice that cannot run on ``device``: ``torch``
+            off the CPU (its tile planning and tables live on the host), ``triton`` without Triton, or on
+            the CPU without ``TRITON_INTERPRET=1`` set before the kernels were imported.
+    """
+    raw = os.environ.get(ATTENTION_IMPL_ENV, "auto")
+    choice = raw.strip().lower() or "auto"
+    if choice not in ATTENTION_IMPLS:
+        raise ValueError(f"{ATTENTION_IMPL_ENV}={raw!r}: expected one of {', '.join(ATTENTION_IMPLS)}")
+    dev = torch.device(device)
+    if choice == "auto":
+        choice = "triton" if dev.type == "cuda" else "torch"
+    check_attention_impl(choice, dev)
+    return choice
+
+
+def check_attention_impl(choice: str, device: torch.device | str) -> None:
+    """Raise ``ValueError`` unless implementation ``choice`` can serve a cache on ``device`` (see
+    :func:`select_attention_impl`)."""
+    dev = torch.device(device)
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"RotateKV attention runs on CPU and CUDA caches, not on {dev.type}")
+    if choice == "torch" and dev.type != "cpu":
+        raise ValueError(f"{ATTENTION_IMPL_ENV}=torch: the PyTorch path serves CPU caches only; this cache is on "
+                         f"{dev}. Use {ATTENTION_IMPL_ENV}=auto or triton")
+    if choice == "triton":
+        from rotkv_kernels.hadamard_triton import is_interpreted
+        from rotkv_kernels.rotkv_cache import _interpret_env, triton_available
+
+        if not triton_available():
+            raise ValueError(f"{ATTENTION_IMPL_ENV}={choice} (the default on CUDA) needs Triton, which is not "
+                             "installed: pip install triton, or serve on the CPU")
+        if dev.type == "cpu" and not (_interpret_env() and is_interpreted()):
+            raise ValueError(f"{ATTENTION_IMPL_ENV}=triton on the CPU runs the kernels in Triton's interpreter "
+                             "(for tests): set TRITON_INTERPRET=1 before starting Python, or use "
+                             f"{ATTENTION_IMPL_ENV}=auto/torch")
+
+
+def triton_precision() -> str:
+    """The fused attention's ``precision`` from ``ROTKV_TRITON_PRECISION`` (default ``fp16``).
+
+    Raises:
+        ValueError: a value other than ``fp16`` or ``fp32``.
+    """
+    raw = os.environ.get(TRITON_PRECISION_ENV, "fp16")
+    value = raw.strip().lower() or "fp16"
+    if value not in TRITON_PRECISIONS:
+        raise ValueError(f"{TRITON_PRECISION_ENV}={raw!r}: expected one of {', '.join(TRITON_PRECISIONS)}")
+    return value
 
 
 def _write(x: torch.Tensor, **kw) -> torch.Tensor:
@@ -116,6 +205,26 @@ class LayerCodec:
     value_bytes: int
     key_order: torch.Tensor | None
     key_mean: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class FusedLayerParams:
+    """One layer's arguments of the fused kernels, on the cache's device (:meth:`RotateKVRuntime.fused_params`).
+
+    Attributes:
+        spec: the layer's :class:`PagedCacheSpec` (:meth:`RotateKVRuntime.paged_spec`).
+        key_perm / inv_perm: ``int64 [W]`` calibrated key channel order and its inverse, or None.
+        key_mean: ``fp32 [W]`` calibrated pre-RoPE key mean, or None.
+        rope_cos / rope_sin: ``fp32 [max_position, D]`` HF-convention tables (shared by all layers), or None
+            when keys are stored post-RoPE.
+    """
+
+    spec: PagedCacheSpec
+    key_perm: torch.Tensor | None
+    inv_perm: torch.Tensor | None
+    key_mean: torch.Tensor | None
+    rope_cos: torch.Tensor | None
+    rope_sin: torch.Tensor | None
 
 
 @dataclass
@@ -230,6 +339,46 @@ class RotateKVRuntime:
 
     def bytes_per_token(self, block_size: int) -> float:
         return self.page_bytes(block_size) / block_size
+
+    # ---- fused (Triton) path --------------------------------------------------------------------
+    def paged_spec(self, layer: int) -> PagedCacheSpec:
+        """The kernels' description of ``layer``'s slots: its codec's bits and clips, this rank's head
+        grouping and quantization groups, the model-wide slot size ``C`` (:attr:`record_bytes`) and sink
+        count. ``paged_spec(i).page_bytes(block_size, dtype)`` equals :meth:`page_bytes` for every layer."""
+        cache = self.__dict__.setdefault("_paged_specs", {})
+        if layer not in cache:
+            codec, lay, cfg = self.codec(layer), self.layout, self.config
+            cache[layer] = PagedCacheSpec(
+                num_kv_heads=lay.num_kv_heads, head_dim=lay.head_dim, key_bits=codec.key_bits,
+                value_bits=codec.value_bits, key_group_size=lay.group_size, value_group_size=lay.value_group_size,
+                key_rot_width=lay.group_width, value_rot_width=lay.head_dim if cfg.rotate_values else 1,
+                key_clip=codec.key_clip, value_clip=codec.value_clip, scale_format=cfg.scale_format,
+                record_bytes=self.record_bytes, sink_tokens=self.sink_tokens,
+            )
+        return cache[layer]
+
+    def fused_params(self, layer: int, device: torch.device) -> FusedLayerParams:
+        """``layer``'s fused-kernel arguments on ``device``, built on first use and kept (one host-to-device
+        copy per layer and device for the whole run; the RoPE tables once per device)."""
+        device = torch.device(device)
+        cache = self.__dict__.setdefault("_fused_params", {})
+        key = (layer, str(device))
+        if key not in cache:
+            codec = self.codec(layer)
+            perm = inv = None
+            if codec.key_order is not None:
+                perm = codec.key_order.to(device=device, dtype=torch.int64).contiguous()
+                inv = torch.empty_like(perm)
+                inv[perm] = torch.arange(perm.numel(), device=device, dtype=torch.int64)
+            mean = None if codec.key_mean is None else codec.key_mean.to(device, torch.float32).contiguous()
+            ropes = self.__dict__.setdefault("_device_rope", {})
+            if self.config.pre_rope and str(device) not in ropes:
+                ropes[str(device)] = (self.rope_cos.to(device, torch.float32).contiguous(),
+                                      self.rope_sin.to(device, torch.float32).contiguous())
+            cos, sin = ropes[str(device)] if self.config.pre_rope else (None, None)
+            cache[key] = FusedLayerParams(spec=self.paged_spec(layer), key_perm=perm, inv_perm=inv, key_mean=mean,
+                                          rope_cos=cos, rope_sin=sin)
+        return cache[key]
 
     # ---- construction ---------------------------------------------------------------------------
     @classmethod
@@ -547,11 +696,19 @@ class AttentionTile:
 class RotateKVAttentionMetadata:
     """Per-step metadata shared by all layers.
 
+    The first eight fields serve both implementations and live where the cache lives (int64 on the CPU
+    for ``"torch"``; vLLM's own device tensors, int32 usually, for ``"triton"``).
+
     Attributes:
-        positions: ``int64 [T]`` position of each query token in its sequence.
-        store_tok / store_blk / store_off: tokens with a cache slot, and where their record goes.
-        sink_tok / sink_blk / sink_pos: tokens at positions < S, and their sink-area entry.
-        tiles: the attention work of the step (see :class:`AttentionTile`).
+        query_start_loc: ``int [R + 1]``; seq_lens: ``int [R]`` (new tokens included); block_table:
+            ``int [R, max_blocks]``; slot_mapping: ``int [T]`` (``-1``: no slot).
+        positions: ``int64 [T]`` position of each query token in its sequence (0 for padding tokens).
+        attention_impl: ``"torch"`` or ``"triton"`` (:func:`select_attention_impl` for the builder's device).
+        query_start_loc_cpu / seq_lens_cpu: host copies (``"triton"``: for planning the kernels' work; the
+            sequence lengths may be vLLM's upper bound, which only enlarges the planned context splits).
+        store_tok / store_blk / store_off: tokens with a cache slot, and where their record goes (``"torch"``).
+        sink_tok / sink_blk / sink_pos: tokens at positions < S, and their sink-area entry (``"torch"``).
+        tiles: the attention work of the step (see :class:`AttentionTile`; ``"torch"``).
     """
 
     num_actual_tokens: int
@@ -562,13 +719,49 @@ class RotateKVAttentionMetadata:
     block_table: torch.Tensor
     slot_mapping: torch.Tensor
     positions: torch.Tensor
-    store_tok: torch.Tensor
-    store_blk: torch.Tensor
-    store_off: torch.Tensor
-    sink_tok: torch.Tensor
-    sink_blk: torch.Tensor
-    sink_pos: torch.Tensor
-    tiles: list[AttentionTile]
+    store_tok: torch.Tensor | None = None
+    store_blk: torch.Tensor | None = None
+    store_off: torch.Tensor | None = None
+    sink_tok: torch.Tensor | None = None
+    sink_blk: torch.Tensor | None = None
+    sink_pos: torch.Tensor | None = None
+    tiles: list[AttentionTile] = field(default_factory=list)
+    attention_impl: str = "torch"
+    query_start_loc_cpu: torch.Tensor | None = None
+    seq_lens_cpu: torch.Tensor | None = None
+    _plans: dict = field(default_factory=dict, repr=False)
+
+    def paged_plan(self, spec: PagedCacheSpec, num_query_heads: int):
+        """The fused attention's work list for this step (``rotkv_paged_triton.plan_paged_attention``), built
+        by the first layer that asks and shared by the others (it depends on the step's lengths and on the
+        spec's head grouping and sink count only, which all layers share)."""
+        key = (num_query_heads, spec.num_kv_heads, spec.key_rot_width, spec.sink_tokens)
+        if key not in self._plans:
+            from rotkv_kernels.rotkv_paged_triton import plan_paged_attention
+
+            self._plans[key] = plan_paged_attention(self.query_start_loc_cpu, self.seq_lens_cpu, spec=spec,
+                                                    num_query_heads=num_query_heads,
+                                                    device=self.query_start_loc.device)
+        return self._plans[key]
+
+
+def token_positions(query_start_loc: torch.Tensor, seq_lens: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """``int64 [num_tokens]``: position of each token in its sequence, computed where the inputs live (no
+    host synchronization on CUDA).
+
+    Token ``t`` of request ``r`` (``qsl[r] <= t < qsl[r + 1]``) sits at ``seq_lens[r] - q_len[r] + t -
+    qsl[r]``; padding tokens (``t >= qsl[R]``) get 0, a valid row of any RoPE table.
+    """
+    qsl = query_start_loc.to(torch.int64)
+    seq = seq_lens.to(torch.int64)
+    r = seq.shape[0]
+    tok = torch.arange(num_tokens, device=qsl.device, dtype=torch.int64)
+    if r == 0:
+        return torch.zeros_like(tok)
+    req = torch.searchsorted(qsl[1:], tok, right=True).clamp_(max=r - 1)
+    before = seq - (qsl[1:] - qsl[:-1])
+    pos = before[req] + tok - qsl[req]
+    return torch.where(tok < qsl[r], pos, 0)
 
 
 def plan_tiles(q_lens: list[int], seq_lens: list[int], *, context_budget: int = _TILE_CONTEXT_TOKENS,
@@ -617,6 +810,7 @@ class RotateKVAttentionMetadataBuilder(AttentionMetadataBuilder[RotateKVAttentio
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self.runtime = runtime if runtime is not None else current_runtime()
         self.block_size = kv_cache_spec.block_size
+        self.attention_impl = select_attention_impl(device)
         if self.block_size < self.runtime.sink_tokens:
             raise ValueError(
                 f"--block-size {self.block_size} is smaller than the {self.runtime.sink_tokens} sink tokens kept "
@@ -629,14 +823,15 @@ class RotateKVAttentionMetadataBuilder(AttentionMetadataBuilder[RotateKVAttentio
         if isinstance(cm.causal, torch.Tensor) or not cm.causal:
             raise NotImplementedError("RotateKV attention is causal decoder attention only")
         r, t = cm.num_reqs, cm.num_actual_tokens
+        if self.attention_impl == "triton":
+            return self._build_fused(cm)
         bs = self.block_size
         qsl = cm.query_start_loc_cpu[: r + 1].to(torch.int64)
         seq = cm.seq_lens[:r].to("cpu", torch.int64)
         q_lens = qsl[1:] - qsl[:-1]
         before = seq - q_lens
         table = cm.block_table_tensor[:r].to("cpu", torch.int64)
-        req_of_tok = torch.repeat_interleave(torch.arange(r), q_lens)
-        positions = before[req_of_tok] + torch.arange(t) - qsl[req_of_tok]
+        positions = token_positions(qsl, seq, t)  # t may include padding tokens (position 0, slot -1)
         slots = cm.slot_mapping[:t].to("cpu", torch.int64)
         has_slot = slots >= 0
         store_tok = has_slot.nonzero().squeeze(1)
@@ -651,6 +846,20 @@ class RotateKVAttentionMetadataBuilder(AttentionMetadataBuilder[RotateKVAttentio
             store_tok=store_tok, store_blk=slots[store_tok] // bs, store_off=slots[store_tok] % bs,
             sink_tok=sink_tok, sink_blk=slots[sink_tok] // bs, sink_pos=positions[sink_tok],
             tiles=tiles,
+        )
+
+    def _build_fused(self, cm: CommonAttentionMetadata) -> RotateKVAttentionMetadata:
+        """The fused kernels take vLLM's device tensors as they are; only the positions are computed (on
+        the device) and the host lengths kept for planning. No tiles, no per-token host work."""
+        r, t = cm.num_reqs, cm.num_actual_tokens
+        qsl, seq = cm.query_start_loc[: r + 1], cm.seq_lens[:r]
+        seq_cpu = cm.seq_lens_cpu_upper_bound
+        seq_cpu = seq.to("cpu") if seq_cpu is None else seq_cpu[:r]
+        return RotateKVAttentionMetadata(
+            num_actual_tokens=t, max_query_len=cm.max_query_len, max_seq_len=cm.max_seq_len,
+            query_start_loc=qsl, seq_lens=seq, block_table=cm.block_table_tensor[:r],
+            slot_mapping=cm.slot_mapping[:t], positions=token_positions(qsl, seq, t), attention_impl="triton",
+            query_start_loc_cpu=cm.query_start_loc_cpu[: r + 1], seq_lens_cpu=seq_cpu,
         )
 
     @staticmethod
@@ -777,6 +986,8 @@ class RotateKVAttentionImpl(AttentionImpl[RotateKVAttentionMetadata]):
             )
         self._layer: int | None = None
         self._views: tuple[int, torch.Tensor, torch.Tensor | None] | None = None
+        self.triton_precision = triton_precision()
+        self._impl_checked: tuple[str, str] | None = None
 
     # ---- cache views ----------------------------------------------------------------------------
     def _cache_views(self, kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -809,10 +1020,39 @@ class RotateKVAttentionImpl(AttentionImpl[RotateKVAttentionMetadata]):
             self._layer = extract_layer_index(getattr(layer, "layer_name"))
         return self._layer
 
+    def _check_impl(self, layer_idx: int, kv_cache: torch.Tensor, md: RotateKVAttentionMetadata) -> None:
+        """Check once per implementation and device that the builder's choice can serve this cache (vLLM
+        builds the metadata on the cache's device, so this fails only on a misconfiguration)."""
+        key = (md.attention_impl, str(kv_cache.device))
+        if self._impl_checked != key:
+            check_attention_impl(md.attention_impl, kv_cache.device)
+            if md.attention_impl == "triton":
+                self._check_fused_limits(self.runtime.paged_spec(layer_idx))
+            self._impl_checked = key
+
+    def _check_fused_limits(self, spec: PagedCacheSpec) -> None:
+        from rotkv_kernels.rotkv_paged_triton import _check_attention_limits
+
+        try:
+            _check_attention_limits(spec)
+        except ValueError as e:
+            raise ValueError(f"the fused RotateKV kernels cannot serve this model's layout ({e}); the PyTorch path "
+                             f"serves CPU caches only ({ATTENTION_IMPL_ENV})") from e
+
     # ---- store ----------------------------------------------------------------------------------
     def store(self, layer_idx: int, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
               md: RotateKVAttentionMetadata) -> None:
-        """Write the step's K/V (``[T, H, D]``, K post-RoPE) into the packed cache."""
+        """Write the step's K/V (``[T, H, D]``, K post-RoPE, ``T = md.num_actual_tokens``) into the packed cache:
+        one fused ``paged_write_triton`` launch (``"triton"``), or the PyTorch encode and scatter."""
+        if md.attention_impl == "triton":
+            from rotkv_kernels.rotkv_paged_triton import paged_write_triton
+
+            p = self.runtime.fused_params(layer_idx, kv_cache.device)
+            records, sinks = self._cache_views(kv_cache)
+            paged_write_triton(key, value, md.slot_mapping, records, spec=p.spec, positions=md.positions,
+                               sinks=sinks, rope_cos=p.rope_cos, rope_sin=p.rope_sin, key_perm=p.key_perm,
+                               key_mean=p.key_mean)
+            return
         if md.store_tok.numel() == 0:
             return
         rt, lay, cfg = self.runtime, self.runtime.layout, self.runtime.config
@@ -843,8 +1083,8 @@ class RotateKVAttentionImpl(AttentionImpl[RotateKVAttentionMetadata]):
                      ) -> tuple[torch.Tensor, torch.Tensor]:
         """Dequantized context of a tile, ``fp32 [G, L, H, D]`` each, zero where invalid:
         K with RoPE applied, channels in ``runtime.key_channel_order`` within each head; V in its stored
-        (per-head Hadamard-rotated) basis. This is the CPU path; a GPU path replaces this method and
-        :meth:`attend` by fused kernels over the same records."""
+        (per-head Hadamard-rotated) basis. The ``"torch"`` path only; the fused attention decodes the same
+        records inside its kernel."""
         rt, lay, cfg = self.runtime, self.runtime.layout, self.runtime.config
         codec = rt.codec(layer_idx)
         records, sinks = self._cache_views(kv_cache)
@@ -879,7 +1119,21 @@ class RotateKVAttentionImpl(AttentionImpl[RotateKVAttentionMetadata]):
 
     def attend(self, layer_idx: int, query: torch.Tensor, kv_cache: torch.Tensor, md: RotateKVAttentionMetadata,
                output: torch.Tensor) -> None:
-        """``output[t] = softmax(q_t K^T * scale) V`` over each query's causal context, per tile."""
+        """``output[t] = softmax(q_t K^T * scale) V`` over each query's causal context (``query [T, Hq, D]``,
+        ``output [>= T, Hq, D]`` written in rows ``< query_start_loc[R]`` only): the fused split-K
+        ``paged_attention_triton`` (``"triton"``), or dequantize and SDPA per tile."""
+        if md.attention_impl == "triton":
+            from rotkv_kernels.rotkv_paged_triton import paged_attention_triton
+
+            p = self.runtime.fused_params(layer_idx, kv_cache.device)
+            records, sinks = self._cache_views(kv_cache)
+            t = query.shape[0]
+            paged_attention_triton(query, records, md.block_table, md.seq_lens, md.query_start_loc, spec=p.spec,
+                                   scale=self.scale, sinks=sinks, rope_cos=p.rope_cos, rope_sin=p.rope_sin,
+                                   key_perm=p.key_perm, key_mean=p.key_mean, out_dtype=output.dtype, out=output[:t],
+                                   precision=self.triton_precision, plan=md.paged_plan(p.spec, self.num_heads),
+                                   inv_perm=p.inv_perm)
+            return
         from rotkv_kernels.hadamard import hadamard_transform
 
         rt, cfg, d = self.runtime, self.runtime.config, self.head_size
@@ -910,6 +1164,7 @@ class RotateKVAttentionImpl(AttentionImpl[RotateKVAttentionMetadata]):
         if attn_metadata is None:  # profiling / warm-up run
             return output
         layer_idx = self._layer_index(layer)
+        self._check_impl(layer_idx, kv_cache, attn_metadata)
         t = attn_metadata.num_actual_tokens
         if key is not None and value is not None:
             self.store(layer_idx, key[:t], value[:t], kv_cache, attn_metadata)
