@@ -13,9 +13,19 @@ element, see :data:`rotkv_vllm.config.KV_CACHE_DTYPES`) valid everywhere vLLM 0.
    ``vllm.v1.attention.selector.get_attn_backend``;
 2. ``STR_DTYPE_TO_TORCH_DTYPE`` (the cache tensor is ``uint8``: packed codes, scales and zeros);
 3. the attention backend registry (``ROTKV`` -> :class:`rotkv_vllm.vllm_backend.RotateKVAttentionBackend`);
-4. backend selection: a rotkv dtype always selects the RotateKV backend, on every platform (the CPU
-   platform ignores ``--attention-backend``), after vLLM's own ``validate_configuration`` checks, so
-   sliding-window or MLA layers fail at start-up with the reasons listed;
+4. backend selection: a rotkv dtype always selects the RotateKV backend, after vLLM's own
+   ``validate_configuration`` checks and the platform's (:func:`platform_reasons`), so sliding-window or
+   MLA layers, or a layout the fused CUDA kernels cannot serve, fail at start-up with the reasons listed.
+   Every platform of vLLM 0.32 picks its backend in ``platform.get_attn_backend_cls``, reached only from
+   ``selector._cached_get_attn_backend``, which this plugin wraps: the CPU platform (which ignores
+   ``--attention-backend``) and the CUDA platform (whose ``get_valid_backends`` walks a fixed priority list
+   of its own backends, none of which lists the rotkv dtypes in ``supported_kv_cache_dtypes``, and
+   which honours ``--attention-backend``: only ``ROTKV`` is accepted with a rotkv dtype) are both
+   bypassed for rotkv dtypes and untouched for every other dtype. On CUDA the backend serves the cache
+   with the fused Triton kernels; its metadata builder declares no CUDA-graph support, so vLLM's
+   default ``FULL_AND_PIECEWISE`` mode falls back to piecewise graphs around the attention (vLLM logs
+   it), and an explicit full-graph mode is refused by vLLM at start-up. Other platforms (ROCm, XPU,
+   TPU, out-of-tree) are refused;
 5. weight loading: the calibration's tensor file sits next to the weights, and vLLM's default loader
    reads every ``*.safetensors`` of a model folder that has no ``model.safetensors.index.json``; the
    loader's safetensors file filter drops the calibration file, whatever the dtype.
@@ -44,6 +54,7 @@ __all__ = [
     "register",
     "is_registered",
     "is_rotkv_cache_dtype",
+    "platform_reasons",
 ]
 
 # Under vLLM's "vllm" logger, so these lines appear in `vllm serve` output with vLLM's own.
@@ -169,6 +180,7 @@ def _route_backend_selection() -> None:
     original = selector._cached_get_attn_backend
     if getattr(original, "_rotkv_wrapped", False):
         return
+    _check_selector_signature(original)
 
     @functools.cache
     def _cached_get_attn_backend(backend, attn_selector_config, num_heads=None, *, _run_kv_cache_dtype=None):
@@ -179,6 +191,45 @@ def _route_backend_selection() -> None:
     _cached_get_attn_backend._rotkv_wrapped = True  # type: ignore[attr-defined]
     _cached_get_attn_backend._rotkv_original = original  # type: ignore[attr-defined]
     selector._cached_get_attn_backend = _cached_get_attn_backend
+
+
+def _check_selector_signature(fn: Any) -> None:
+    """The wrapper below forwards vLLM 0.32's arguments; fail at registration if the function it replaces
+    takes others (a patched or newer vLLM that the version gate did not catch)."""
+    import inspect
+
+    want = ["backend", "attn_selector_config", "num_heads", "_run_kv_cache_dtype"]
+    got = list(inspect.signature(fn).parameters)
+    if got != want:
+        raise RuntimeError(f"vllm.v1.attention.selector._cached_get_attn_backend takes {got}, rotkv's plugin was "
+                           f"written for {want} (vLLM {'.'.join(map(str, SUPPORTED_VLLM_VERSION))})")
+
+
+def platform_reasons(platform: Any, head_size: int) -> list[str]:
+    """Why ``platform`` cannot serve a RotateKV cache for heads of ``head_size`` (empty: it can).
+
+    CPU: the PyTorch path (or the fused kernels under ``TRITON_INTERPRET=1``), any head size the backend
+    accepts. CUDA: the fused Triton kernels, which need Triton and a power-of-two ``head_size`` in
+    ``[32, 256]``; ``ROTKV_ATTENTION_IMPL`` must allow them. Anything else is not supported.
+    """
+    import torch
+
+    from rotkv_vllm.vllm_backend import select_attention_impl
+
+    if platform.is_cpu():
+        device = "cpu"
+    elif platform.is_cuda():
+        device = "cuda"
+        if not (32 <= head_size <= 256 and head_size & (head_size - 1) == 0):
+            return [f"head_size {head_size} not supported by the fused CUDA kernels (a power of two in [32, 256])"]
+    else:
+        return [f"platform {getattr(platform, 'device_name', platform)} not supported (RotateKV runs on CPU and "
+                "NVIDIA CUDA)"]
+    try:
+        select_attention_impl(torch.device(device))
+    except ValueError as e:
+        return [str(e)]
+    return []
 
 
 def _select_rotkv_backend(requested: Any, cfg: Any) -> type:
@@ -223,6 +274,7 @@ def _select_rotkv_backend(requested: Any, cfg: Any) -> type:
         use_dcp=cfg.use_dcp,
         use_rswa=cfg.use_rswa,
     )
+    reasons = list(reasons) + platform_reasons(current_platform, cfg.head_size)
     if reasons:
         raise ValueError(
             f"--kv-cache-dtype {cfg.kv_cache_dtype}: the RotateKV attention backend cannot serve this model's "

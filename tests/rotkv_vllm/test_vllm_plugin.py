@@ -133,6 +133,122 @@ def test_selection_refuses_head_size_without_hadamard():
         get_attn_backend(184, torch.bfloat16, kv_cache_dtype="rotkv2")  # 184 = 23 * 8: no Hadamard construction
 
 
+# ---- the CUDA platform (no GPU needed: a Platform subclass that says it is CUDA) ------------------------
+def _fake_platform(kind: str):
+    from vllm.platforms.interface import DeviceCapability, Platform, PlatformEnum
+
+    class Fake(Platform):
+        _enum = PlatformEnum[kind]
+        device_name = kind.lower()
+        device_type = "cuda" if kind in ("CUDA", "ROCM") else kind.lower()
+
+        @classmethod
+        def get_device_capability(cls, device_id: int = 0):
+            return DeviceCapability(9, 0)
+
+        @classmethod
+        def get_attn_backend_cls(cls, selected_backend, attn_selector_config, num_heads=None):
+            raise LookupError(f"{kind} platform's own selection reached")  # vLLM's priority list
+
+    return Fake()
+
+
+@pytest.fixture
+def fake_platform(monkeypatch):
+    import vllm.platforms
+    import vllm.v1.attention.selector as selector
+
+    def clear():  # selections are cached per argument tuple, by our wrapper and by vLLM's function
+        selector._cached_get_attn_backend.cache_clear()
+        selector._cached_get_attn_backend._rotkv_original.cache_clear()
+
+    def install(kind: str):
+        monkeypatch.setattr(vllm.platforms, "_current_platform", _fake_platform(kind))
+        clear()
+
+    yield install
+    clear()
+
+
+def test_cuda_platform_routes_rotkv_to_the_fused_backend(fake_platform, monkeypatch):
+    from rotkv_kernels.rotkv_cache import triton_available
+
+    monkeypatch.delenv("ROTKV_ATTENTION_IMPL", raising=False)
+    fake_platform("CUDA")
+    if not triton_available():
+        with pytest.raises(ValueError, match="needs Triton"):
+            _select(kv_cache_dtype="rotkv2")
+        return
+    assert _select(kv_cache_dtype="rotkv2") is RotateKVAttentionBackend  # CUDA's priority list never consulted
+    with pytest.raises(LookupError, match="CUDA platform's own selection"):
+        _select(kv_cache_dtype="auto")  # other dtypes: the platform's own choice, untouched
+
+
+def test_cuda_platform_honours_and_checks_attention_backend(fake_platform):
+    from vllm.config import VllmConfig, set_current_vllm_config
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+    from vllm.v1.attention.selector import get_attn_backend
+
+    fake_platform("CUDA")
+    for requested, ok in ((AttentionBackendEnum.FLASH_ATTN, False), (AttentionBackendEnum["ROTKV"], True)):
+        cfg = VllmConfig()
+        cfg.attention_config.backend = requested
+        with set_current_vllm_config(cfg):
+            if ok:
+                assert get_attn_backend(128, torch.bfloat16, "rotkv4") is RotateKVAttentionBackend
+            else:
+                with pytest.raises(ValueError, match="--attention-backend FLASH_ATTN cannot read"):
+                    get_attn_backend(128, torch.bfloat16, "rotkv4")
+
+
+@pytest.mark.parametrize("kind,head,env,needle", [
+    ("CPU", 64, None, None),
+    ("CUDA", 128, None, None),
+    ("CUDA", 96, None, "head_size 96 not supported by the fused CUDA kernels"),
+    ("CUDA", 512, None, "head_size 512 not supported by the fused CUDA kernels"),
+    ("CUDA", 64, "torch", "ROTKV_ATTENTION_IMPL=torch: the PyTorch path serves CPU caches only"),
+    ("CPU", 64, "bogus", "ROTKV_ATTENTION_IMPL='bogus'"),
+    ("ROCM", 128, None, "platform rocm not supported"),
+    ("XPU", 128, None, "platform xpu not supported"),
+])
+def test_platform_reasons(monkeypatch, kind, head, env, needle):
+    from rotkv_kernels.rotkv_cache import triton_available
+
+    if kind == "CUDA" and not triton_available():
+        pytest.skip("the CUDA checks without Triton report that first")
+    if env is None:
+        monkeypatch.delenv("ROTKV_ATTENTION_IMPL", raising=False)
+    else:
+        monkeypatch.setenv("ROTKV_ATTENTION_IMPL", env)
+    reasons = vllm_plugin.platform_reasons(_fake_platform(kind), head)
+    if needle is None:
+        assert reasons == []
+    else:
+        assert len(reasons) == 1 and needle in reasons[0]
+
+
+def test_cuda_selection_refuses_head_size_the_kernels_lack(fake_platform):
+    fake_platform("CUDA")
+    with pytest.raises(ValueError, match="head_size 96 not supported by the fused CUDA kernels"):
+        from vllm.config import VllmConfig, set_current_vllm_config
+        from vllm.v1.attention.selector import get_attn_backend
+
+        with set_current_vllm_config(VllmConfig()):
+            get_attn_backend(96, torch.bfloat16, "rotkv2")  # 96 = 12 * 8: a Hadamard order, not a power of two
+
+
+def test_selector_signature_check():
+    import vllm.v1.attention.selector as selector
+
+    vllm_plugin._check_selector_signature(selector._cached_get_attn_backend._rotkv_original)
+
+    def newer(backend, attn_selector_config, num_heads=None, *, _run_kv_cache_dtype=None, extra=None):
+        pass
+
+    with pytest.raises(RuntimeError, match="written for"):
+        vllm_plugin._check_selector_signature(newer)
+
+
 @pytest.mark.parametrize("version,ok", [
     ("0.32.0", True), ("0.32.0+cpu", True), ("0.31.2", False), ("0.32.1", False), ("0.33.0rc1", False),
     ("0.32.0.post1", False), ("dev", False),
