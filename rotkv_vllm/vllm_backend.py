@@ -57,6 +57,7 @@ an uncalibrated cache would silently lose the channel reordering the accuracy de
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 from dataclasses import dataclass, field
@@ -512,6 +513,14 @@ def unpack_codes_fast(packed: torch.Tensor, bits: int) -> torch.Tensor:
     raise ValueError(f"bits={bits}: supported are 2, 3, 4")
 
 
+@functools.lru_cache(maxsize=None)
+def _code_table(bits: int, device: torch.device) -> torch.Tensor:
+    """``fp32 [256, 8 / bits]``: row ``b`` holds the codes packed in byte ``b`` (code ``i`` at bit ``i * bits``)."""
+    per, mask = 8 // bits, (1 << bits) - 1
+    b = torch.arange(256, dtype=torch.int32).unsqueeze(1)
+    return ((b >> (torch.arange(per, dtype=torch.int32) * bits)) & mask).to(device=device, dtype=torch.float32)
+
+
 def dequantize_records(record: torch.Tensor, bits: int, width: int, group_size: int, scale_format: str,
                        valid: torch.Tensor | None = None) -> torch.Tensor:
     """``(codes - zero) * scale`` of records ``uint8 [N, record_bytes]`` -> ``fp32 [N, width]``, in the stored
@@ -523,7 +532,12 @@ def dequantize_records(record: torch.Tensor, bits: int, width: int, group_size: 
     sd, zd = scale_dtypes(scale_format)
     ng, cb = width // group_size, width * bits // 8
     se = cb + ng * sd.itemsize
-    codes = unpack_codes_fast(record[:, :cb], bits).view(n, ng, group_size).to(torch.float32)
+    if bits in (2, 4):
+        # one gather from a 256-row table turns each byte into its codes as floats: no shifts, masks or casts
+        lut = _code_table(bits, record.device)
+        codes = lut.index_select(0, record[:, :cb].reshape(-1).to(torch.int32)).view(n, ng, group_size)
+    else:
+        codes = unpack_codes_fast(record[:, :cb], bits).view(n, ng, group_size).to(torch.float32)
     scale = record[:, cb:se].contiguous().view(sd).to(torch.float32).unsqueeze(-1)
     zero = record[:, se: se + ng * zd.itemsize].contiguous().view(zd).to(torch.float32).unsqueeze(-1)
     if valid is not None:
