@@ -90,6 +90,7 @@ __all__ = [
     "PRECISIONS",
     "PagedAttentionPlan",
     "plan_paged_attention",
+    "check_attention_head_dim",
     "paged_write_triton",
     "paged_attention_triton",
     "paged_decode_triton",
@@ -198,11 +199,17 @@ def plan_paged_attention(
     )
 
 
-def _check_attention_limits(spec: PagedCacheSpec) -> None:
-    d = spec.head_dim
+def check_attention_head_dim(head_dim: int) -> None:
+    """Raise ``ValueError`` unless the attention kernel can serve heads of ``head_dim`` (a power of two in
+    ``[32, 256]``: whole ``tl.dot`` tiles, one head per tile row)."""
+    d = head_dim
     if d < 32 or d > 256 or d & (d - 1):
         raise ValueError(f"head_dim={d}: the Triton paged attention needs a power of two in [32, 256]; use "
                          "rotkv_kernels.rotkv_paged.paged_attention_ref")
+
+
+def _check_attention_limits(spec: PagedCacheSpec) -> None:
+    check_attention_head_dim(spec.head_dim)
     check_triton_group_size(spec.key_group_size, spec.key_rot_width)
     check_triton_group_size(spec.value_group_size, spec.width)
     hadamard_plan(spec.key_rot_width)  # raises for orders outside the tile limits

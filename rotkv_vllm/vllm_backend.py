@@ -79,6 +79,7 @@ from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
 
 from rotkv_kernels.hadamard import has_hadamard
 from rotkv_kernels.rotkv_paged import PagedCacheSpec
+from rotkv_kernels.rotkv_paged_triton import PRECISIONS
 from rotkv_vllm.config import KV_CACHE_DTYPES, RotateKVConfig, RotateKVLayout
 
 __all__ = [
@@ -118,7 +119,7 @@ _TILE_SCORES = 1 << 22
 ATTENTION_IMPL_ENV = "ROTKV_ATTENTION_IMPL"
 ATTENTION_IMPLS = ("auto", "torch", "triton")
 TRITON_PRECISION_ENV = "ROTKV_TRITON_PRECISION"
-TRITON_PRECISIONS = ("fp16", "fp32")
+TRITON_PRECISIONS = PRECISIONS  # the fused attention's own product precisions
 
 
 def select_attention_impl(device: torch.device | str) -> str:

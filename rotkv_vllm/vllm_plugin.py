@@ -214,14 +214,17 @@ def platform_reasons(platform: Any, head_size: int) -> list[str]:
     """
     import torch
 
+    from rotkv_kernels.rotkv_paged_triton import check_attention_head_dim
     from rotkv_vllm.vllm_backend import select_attention_impl
 
     if platform.is_cpu():
         device = "cpu"
     elif platform.is_cuda():
         device = "cuda"
-        if not (32 <= head_size <= 256 and head_size & (head_size - 1) == 0):
-            return [f"head_size {head_size} not supported by the fused CUDA kernels (a power of two in [32, 256])"]
+        try:
+            check_attention_head_dim(head_size)
+        except ValueError as e:
+            return [f"head_size {head_size} not supported by the fused CUDA kernels ({e})"]
     else:
         return [f"platform {getattr(platform, 'device_name', platform)} not supported (RotateKV runs on CPU and "
                 "NVIDIA CUDA)"]
