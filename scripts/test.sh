@@ -4,4 +4,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export TRITON_INTERPRET="${TRITON_INTERPRET:-1}"
-exec .venv/bin/python -m pytest -ra "$@"
+# no .pytest_cache: a run leaves the checkout as it found it (CI runs on a clean clone)
+exec .venv/bin/python -m pytest -ra -p no:cacheprovider "$@"
