@@ -4,7 +4,7 @@
 
 Shapes come from the bundled SmolLM2-135M-Instruct (3 KV heads x 64, 30 layers). Its pre-RoPE keys
 (``k_proj`` outputs) and values (``v_proj`` outputs) are captured on calibration text
-(``/work/shared/data/calib_wikitext2_valid.txt``): the first half of the tokens calibrates the channel
+(``data/calib_wikitext2_valid.txt``): the first half of the tokens calibrates the channel
 order, the second half is measured. Rows, all from this one run:
 
 - ``memory``: bytes per token of one layer's K (or V) record vs fp16 (``2 * H * D`` bytes).
@@ -28,12 +28,13 @@ from pathlib import Path
 
 import torch
 
+from rotkv_data import CALIB_TEXT, data_path
 from rotkv_kernels.hadamard import hadamard_transform
 from rotkv_kernels.quant import default_clip_ratio, fake_quantize_groupwise
 from rotkv_kernels.rotkv_cache import record_bytes, rotkv_read_ref, rotkv_write_ref
 
 logger = logging.getLogger(__name__)
-CALIB = Path("/work/shared/data/calib_wikitext2_valid.txt")
+CALIB = data_path(CALIB_TEXT)
 
 
 def capture_kv(n_tokens: int) -> tuple[list[torch.Tensor], list[torch.Tensor], int, int]:

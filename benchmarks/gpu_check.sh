@@ -10,7 +10,7 @@
 #
 # Python and packages. The script runs the machine's own python3 ($PYTHON to override) and does not install
 # rotkv: it puts kernels/ on the path under its import name (rotkv_kernels). The GPU image this workplace
-# lends (/work/.library/device/KINDS.md, read 2026-11) already holds everything the kernels, their tests and
+# lends (as documented by the workplace, read 2026-11) already holds everything the kernels, their tests and
 # the benchmark import: torch 2.11 (CUDA 13), triton 3.6, numpy, pytest, pytest-timeout. So by default no
 # wheel is needed. Wheels placed in .whl/ are installed first (into /tmp/site, ahead on PYTHONPATH), for a
 # machine that lacks one of those or to pin another version. Download them on a machine with registry

@@ -4,7 +4,7 @@
     nice .venv/bin/python benchmarks/halo_finetune.py --steps 20 --eval-chunks 4     # a quick look
 
 Each method fine-tunes the same initial weights on the same batches of
-``../shared/data/calib_wikitext2_valid.txt`` (causal LM, all parameters, AdamW), with its final
+``data/calib_wikitext2_valid.txt`` (causal LM, all parameters, AdamW), with its final
 ``--eval-chunks`` chunks held out for evaluation. Master weights are float32 and every run uses
 bfloat16 autocast; the baseline's linear layers run as bf16 GEMMs, HALO's as 8-bit GEMMs (real
 INT8 through ``torch._int_mm`` on this CPU; FP8 as a float32 emulation, since the CPU ``_scaled_mm``
@@ -41,8 +41,9 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = REPO.parent / "shared" / "data" / "calib_wikitext2_valid.txt"
+from rotkv_data import CALIB_TEXT, data_path
+
+DEFAULT_DATA = data_path(CALIB_TEXT)
 
 METHODS = {
     "bf16": None,

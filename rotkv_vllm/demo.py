@@ -44,10 +44,10 @@ CALIB_FILE_NAME = "calib_wikitext2_valid.txt"
 
 
 def default_calib_file() -> Path:
-    """``calib_wikitext2_valid.txt`` from the project's shared data (see ``bundled_model.shared_data_path``)."""
-    from rotkv_vllm.bundled_model import shared_data_path
+    """``calib_wikitext2_valid.txt``, shipped with the package (:mod:`rotkv_data`)."""
+    from rotkv_data import data_path
 
-    return shared_data_path(CALIB_FILE_NAME)
+    return data_path(CALIB_FILE_NAME)
 
 
 def serving_config(bits: int = 2, **overrides: Any) -> RotateKVConfig:
@@ -288,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bits", type=int, default=2, choices=(2, 3, 4))
     ap.add_argument("--kv-cache-space", type=int, default=1, help="VLLM_CPU_KVCACHE_SPACE in GiB (default 1)")
     ap.add_argument("--max-model-len", type=int, default=2048)
-    ap.add_argument("--calib-file", help=f"calibration text (default: the shared {CALIB_FILE_NAME})")
+    ap.add_argument("--calib-file", help=f"calibration text (default: the bundled {CALIB_FILE_NAME})")
     ap.add_argument("--serve-dir", help="serving folder (default: $ROTKV_CACHE/vllm/<model>)")
     ap.add_argument("--compile", action="store_true", help="let vLLM compile the model (slower start)")
     ap.add_argument("--measure-baseline", action="store_true",

@@ -10,14 +10,15 @@ chunks of ``wikitext2_test.txt`` at the same positions.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
-DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "wikitext2_test.txt"
+from rotkv_data import EVAL_TEXT, data_path
+
+DATA = data_path(EVAL_TEXT)
 CHUNKS, SEQ = 8, 256
 
 

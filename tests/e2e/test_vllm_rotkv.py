@@ -60,18 +60,18 @@ def tokenizer(served_model):
 
 @pytest.fixture(scope="module")
 def windows(tokenizer) -> list[list[int]]:
-    from rotkv_vllm.bundled_model import shared_data_path
+    from rotkv_data import data_path
 
-    ids = tokenizer(shared_data_path("wikitext2_test.txt").read_text(encoding="utf-8")[:40_000],
+    ids = tokenizer(data_path("wikitext2_test.txt").read_text(encoding="utf-8")[:40_000],
                     add_special_tokens=False).input_ids
     return [ids[i * 256:(i + 1) * 256] for i in range(3)]
 
 
 @pytest.fixture(scope="module")
 def prompts(tokenizer) -> list[list[int]]:
-    from rotkv_vllm.bundled_model import shared_data_path
+    from rotkv_data import data_path
 
-    lines = shared_data_path("wikitext2_test.txt").read_text(encoding="utf-8").splitlines()
+    lines = data_path("wikitext2_test.txt").read_text(encoding="utf-8").splitlines()
     out = []
     for ln in lines[200:]:
         ids = tokenizer(ln.strip(), add_special_tokens=False).input_ids
@@ -218,7 +218,7 @@ def tiny_tp_model(tmp_path_factory, tokenizer):
     """A random 2-layer Llama whose 4 KV heads split over 2 ranks, calibrated for tensor parallel size 2."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from rotkv_vllm.bundled_model import shared_data_path
+    from rotkv_data import data_path
     from rotkv_vllm.calibration import calibrate, save_calibration
     from rotkv_vllm.demo import serving_config
 
@@ -231,7 +231,7 @@ def tiny_tp_model(tmp_path_factory, tokenizer):
     model = LlamaForCausalLM(cfg).eval()
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    text = shared_data_path("calib_wikitext2_valid.txt").read_text(encoding="utf-8")[:50_000]
+    text = data_path("calib_wikitext2_valid.txt").read_text(encoding="utf-8")[:50_000]
     cal = calibrate(model, tokenizer, serving_config(2), text=text, num_sequences=4, seq_len=128, tp_size=2,
                     progress=False)
     assert cal.head_group_size <= 2  # a group never straddles the two ranks

@@ -41,12 +41,12 @@ def tokenizer():
 def halo_checkpoint(tokenizer, tmp_path_factory):
     """A tiny Llama fine-tuned for 3 steps with HALO level 1 (INT8, full Hadamard), saved like a Trainer would."""
     from optimum_plugin.halo import HALOConfig, apply_halo
-    from rotkv_vllm.bundled_model import shared_data_path
+    from rotkv_data import data_path
 
     model = _tiny_llama(tokenizer)
     cfg = HALOConfig(level=1)
     apply_halo(model, cfg)
-    text = shared_data_path("calib_wikitext2_valid.txt").read_text(encoding="utf-8")[:4000]
+    text = data_path("calib_wikitext2_valid.txt").read_text(encoding="utf-8")[:4000]
     ids = tokenizer(text, return_tensors="pt").input_ids[:, :128]
     opt = torch.optim.SGD(model.parameters(), lr=1e-2)
     for _ in range(3):

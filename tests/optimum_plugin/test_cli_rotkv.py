@@ -30,13 +30,13 @@ def smollm2_dir():
 @pytest.fixture(scope="module")
 def pushed(hub, smollm2_dir, tmp_path_factory):
     """The command, run once: calibrate on 2 x 128 tokens, evaluate on 256, push to a private repo."""
-    from rotkv_vllm.bundled_model import shared_data_path
+    from rotkv_data import data_path
 
     root = tmp_path_factory.mktemp("cli-rotkv")
     out = root / "out"
     source_before = folder_digest(smollm2_dir)
     p = run_cli(["rotkv", "rotatekv", "-m", smollm2_dir, out, "--calib-file",
-                 shared_data_path("calib_wikitext2_valid.txt"), "--num-sequences", "2", "--seq-len", "128",
+                 data_path("calib_wikitext2_valid.txt"), "--num-sequences", "2", "--seq-len", "128",
                  "--eval-tokens", "256", "--eval-window", "128", "--push-to-hub", REPO, "--private",
                  "--token", WRITE, "--no-progress"], env=hub_env(hub, root / "hf_home"))
     assert p.returncode == 0, f"{p.stdout[-3000:]}\n{p.stderr[-6000:]}"

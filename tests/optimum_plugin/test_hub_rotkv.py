@@ -37,9 +37,9 @@ def tiny_model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def calib_text():
-    from rotkv_vllm.bundled_model import shared_data_path
+    from rotkv_data import data_path
 
-    return shared_data_path("calib_wikitext2_valid.txt").read_text(encoding="utf-8")[:60_000]
+    return data_path("calib_wikitext2_valid.txt").read_text(encoding="utf-8")[:60_000]
 
 
 def _quantize(src, out, text, **kw):

@@ -38,15 +38,15 @@ def tiny_llama(smollm2_dir):
 
 @pytest.fixture(scope="session")
 def calib_text():
-    from rotkv_vllm.bundled_model import shared_data_path
+    from rotkv_data import data_path
 
-    return shared_data_path("calib_wikitext2_valid.txt").read_text(encoding="utf-8")[:200_000]
+    return data_path("calib_wikitext2_valid.txt").read_text(encoding="utf-8")[:200_000]
 
 
 @pytest.fixture(scope="session")
 def eval_ids(smollm2):
-    from rotkv_vllm.bundled_model import shared_data_path
+    from rotkv_data import data_path
 
     _, tok = smollm2
-    p = shared_data_path("wikitext2_test.txt")
+    p = data_path("wikitext2_test.txt")
     return tok(p.read_text(encoding="utf-8")[:20_000], return_tensors="pt").input_ids[0]
