@@ -51,7 +51,10 @@ __all__ = [
     "rotkv_write",
     "rotkv_read",
     "triton_available",
+    "interpret_requested",
+    "use_triton",
     "rotate_half",
+    "apply_rope",
 ]
 
 logger = logging.getLogger(__name__)
@@ -165,6 +168,15 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
 
 
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Hugging Face-convention RoPE: ``x * cos + rotate_half(x) * sin``, in ``x``'s dtype.
+
+    ``cos``/``sin`` (``[..., D]``, each half repeated) broadcast against ``x`` (``[..., D]``); the caller
+    casts them (the record read applies RoPE in fp32, the transformers reference in the model dtype).
+    """
+    return x * cos + rotate_half(x) * sin
+
+
 def rotkv_write_ref(
     x: torch.Tensor,
     *,
@@ -238,9 +250,7 @@ def rotkv_read_ref(
         y = unperm
     x = hadamard_transform(y, block_size=rot_width, inverse=True).reshape(t, num_heads, head_dim)
     if cos is not None:
-        c = cos.to(torch.float32)[:, None, :]
-        s = sin.to(torch.float32)[:, None, :]
-        x = x * c + rotate_half(x) * s
+        x = apply_rope(x, cos.to(torch.float32)[:, None, :], sin.to(torch.float32)[:, None, :])
     return x.to(out_dtype)
 
 
@@ -260,22 +270,26 @@ def triton_available() -> bool:
     return True
 
 
-def _interpret_env() -> bool:
+def interpret_requested() -> bool:
+    """Whether ``TRITON_INTERPRET`` asks for Triton's interpreter (kernels on CPU tensors, for tests)."""
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
 
 
 @functools.lru_cache(maxsize=None)
 def _warn_no_triton_on_cuda() -> None:
-    logger.warning("CUDA tensors but Triton is not installed: rotkv_write/rotkv_read run the PyTorch reference")
+    logger.warning("CUDA tensors but Triton is not installed: the RotateKV cache ops run their PyTorch references")
 
 
-def _use_triton(t: torch.Tensor) -> bool:
+def use_triton(t: torch.Tensor) -> bool:
+    """Whether the RotateKV cache ops (records here, paged cache in ``rotkv_paged``) run their Triton kernels
+    for a tensor on ``t``'s device: on CUDA when Triton is installed (a warning, once, when it is not), on
+    the CPU only under ``TRITON_INTERPRET=1``."""
     if t.device.type == "cuda":
         if triton_available():
             return True
         _warn_no_triton_on_cuda()
         return False
-    return t.device.type == "cpu" and _interpret_env() and triton_available()
+    return t.device.type == "cpu" and interpret_requested() and triton_available()
 
 
 @torch.library.custom_op("rotkv::rotkv_write", mutates_args=())
@@ -285,7 +299,7 @@ def _rotkv_write_op(
 ) -> torch.Tensor:
     kw = dict(bits=bits, group_size=group_size, rot_width=rot_width, perm=perm, clip_ratio=clip_ratio,
               scale_format=scale_format)
-    if _use_triton(x):
+    if use_triton(x):
         from rotkv_kernels.rotkv_cache_triton import rotkv_write_triton
 
         return rotkv_write_triton(x, **kw)
@@ -308,7 +322,7 @@ def _rotkv_read_op(
 ) -> torch.Tensor:
     kw = dict(num_heads=num_heads, head_dim=head_dim, bits=bits, group_size=group_size, rot_width=rot_width,
               perm=perm, scale_format=scale_format, cos=cos, sin=sin, out_dtype=out_dtype)
-    if _use_triton(record):
+    if use_triton(record):
         from rotkv_kernels.rotkv_cache_triton import rotkv_read_triton
 
         return rotkv_read_triton(record, **kw)

@@ -41,9 +41,7 @@ other cached token (and the current chunk too: it was written before the read, a
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
-import logging
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -52,12 +50,13 @@ import torch
 from rotkv_kernels.hadamard import has_hadamard
 from rotkv_kernels.quant import SCALE_FORMATS, SUPPORTED_BITS
 from rotkv_kernels.rotkv_cache import (
-    _interpret_env,
+    apply_rope,
+    check_perm,
     record_bytes,
     rotate_half,
     rotkv_read_ref,
     rotkv_write_ref,
-    triton_available,
+    use_triton,
 )
 
 __all__ = [
@@ -70,11 +69,10 @@ __all__ = [
     "paged_write_ref",
     "paged_attention_ref",
     "paged_decode_ref",
+    "token_positions",
     "paged_write",
     "paged_attention",
 ]
-
-logger = logging.getLogger(__name__)
 
 PAGED_SPEC_VERSION = 1
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -309,8 +307,6 @@ def _check_rope(rope_cos, rope_sin, d: int, device) -> None:
 
 
 def _check_key_params(spec: PagedCacheSpec, key_perm, key_mean, device) -> None:
-    from rotkv_kernels.rotkv_cache import check_perm
-
     w = spec.width
     if key_perm is not None:
         check_perm(key_perm, w, spec.key_rot_width, check_values=key_perm.device.type == "cpu")
@@ -464,8 +460,7 @@ def _decode_context(spec: PagedCacheSpec, records, sinks, table_row, length, rop
     if key_mean is not None:
         k = k + key_mean.view(h, d)
     if rope_cos is not None:
-        c, s = rope_cos[pos].unsqueeze(1), rope_sin[pos].unsqueeze(1)
-        k = k * c + rotate_half(k) * s
+        k = apply_rope(k, rope_cos[pos].unsqueeze(1), rope_sin[pos].unsqueeze(1))
     v = rotkv_read_ref(rec[:, spec.key_bytes: spec.key_bytes + spec.value_bytes], num_heads=h, head_dim=d,
                        bits=spec.value_bits, group_size=spec.value_group_size, rot_width=spec.value_rot_width,
                        scale_format=spec.scale_format)
@@ -555,27 +550,33 @@ def paged_decode_ref(
     return paged_attention_ref(query, records, block_tables, seq_lens, qsl, spec=spec, scale=scale, **kw)
 
 
+def token_positions(query_start_loc: torch.Tensor, seq_lens: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """``int64 [num_tokens]``: position of each token in its sequence, computed where the inputs live (no
+    host synchronization on CUDA).
+
+    Token ``t`` of request ``r`` (``qsl[r] <= t < qsl[r + 1]``) sits at ``seq_lens[r] - q_len[r] + t -
+    qsl[r]`` (the attention's convention above); padding tokens (``t >= qsl[R]``) get 0, a valid row of any
+    RoPE table.
+    """
+    qsl = query_start_loc.to(torch.int64)
+    seq = seq_lens.to(torch.int64)
+    r = seq.shape[0]
+    tok = torch.arange(num_tokens, device=qsl.device, dtype=torch.int64)
+    if r == 0:
+        return torch.zeros_like(tok)
+    req = torch.searchsorted(qsl[1:], tok, right=True).clamp_(max=r - 1)
+    before = seq - (qsl[1:] - qsl[:-1])
+    pos = before[req] + tok - qsl[req]
+    return torch.where(tok < qsl[r], pos, 0)
+
+
 # ---- dispatch -----------------------------------------------------------------------------------------
-
-
-@functools.lru_cache(maxsize=None)
-def _warn_no_triton_on_cuda() -> None:
-    logger.warning("CUDA tensors but Triton is not installed: paged_write/paged_attention run the PyTorch reference")
-
-
-def _use_triton(t: torch.Tensor) -> bool:
-    if t.device.type == "cuda":
-        if triton_available():
-            return True
-        _warn_no_triton_on_cuda()
-        return False
-    return t.device.type == "cpu" and _interpret_env() and triton_available()
 
 
 def paged_write(key, value, slot_mapping, records, *, spec, **kw) -> None:
     """:func:`paged_write_ref`'s contract; the Triton kernel on CUDA (or the CPU under ``TRITON_INTERPRET=1``),
     else the reference."""
-    if _use_triton(records):
+    if use_triton(records):
         from rotkv_kernels.rotkv_paged_triton import paged_write_triton
 
         return paged_write_triton(key, value, slot_mapping, records, spec=spec, **kw)
@@ -586,7 +587,7 @@ def paged_attention(query, records, block_tables, seq_lens, query_start_loc, *, 
     """:func:`paged_attention_ref`'s contract; the Triton kernels on CUDA (or the CPU under
     ``TRITON_INTERPRET=1``), else the reference. Triton-only tuning arguments (``precision``, ``plan``, ...)
     are refused by the reference."""
-    if _use_triton(records):
+    if use_triton(records):
         from rotkv_kernels.rotkv_paged_triton import paged_attention_triton
 
         return paged_attention_triton(query, records, block_tables, seq_lens, query_start_loc, spec=spec,

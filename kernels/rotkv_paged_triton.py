@@ -91,6 +91,7 @@ __all__ = [
     "PagedAttentionPlan",
     "plan_paged_attention",
     "check_attention_head_dim",
+    "check_attention_limits",
     "paged_write_triton",
     "paged_attention_triton",
     "paged_decode_triton",
@@ -208,7 +209,10 @@ def check_attention_head_dim(head_dim: int) -> None:
                          "rotkv_kernels.rotkv_paged.paged_attention_ref")
 
 
-def _check_attention_limits(spec: PagedCacheSpec) -> None:
+def check_attention_limits(spec: PagedCacheSpec) -> None:
+    """Raise ``ValueError`` unless the fused attention can serve ``spec``'s layout: its head width
+    (:func:`check_attention_head_dim`), its quantization groups inside whole tiles, and a key rotation width
+    the tiled Hadamard covers."""
     check_attention_head_dim(spec.head_dim)
     check_triton_group_size(spec.key_group_size, spec.key_rot_width)
     check_triton_group_size(spec.value_group_size, spec.width)
@@ -711,7 +715,7 @@ if HAS_TRITON:
         """
         _check_attention(spec, query, records, block_tables, seq_lens, query_start_loc, sinks, scale, rope_cos,
                          rope_sin, key_perm, key_mean, out_dtype)
-        _check_attention_limits(spec)
+        check_attention_limits(spec)
         if precision not in PRECISIONS:
             raise ValueError(f"precision={precision!r}: expected one of {PRECISIONS}")
         check_launchable(records, "paged_attention_triton")

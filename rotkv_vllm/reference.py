@@ -33,8 +33,10 @@ import torch.nn.functional as F
 
 from rotkv_kernels.hadamard import hadamard_transform
 from rotkv_kernels.quant import bits_per_element, fake_quantize_groupwise
-from rotkv_vllm.calibration import RotateKVCalibration, _decoder_layers, describe_model
+from rotkv_kernels.rotkv_cache import apply_rope
+from rotkv_vllm.calibration import RotateKVCalibration
 from rotkv_vllm.config import RotateKVConfig, RotateKVLayout
+from rotkv_vllm.model_support import decoder_layers, describe_model
 from rotkv_vllm.sinks import sink_token_mask
 
 __all__ = ["KVMethod", "method_from_name", "quantized_kv", "perplexity", "KVStats", "METHOD_NAMES"]
@@ -101,17 +103,6 @@ class KVStats:
     @property
     def avg_bits(self) -> float:
         return self.stored_bits / max(self.elements, 1)
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [B, H, T, D]; cos/sin: [B, T, D] (HF convention)."""
-    cos, sin = cos.unsqueeze(1).to(x.dtype), sin.unsqueeze(1).to(x.dtype)
-    return x * cos + _rotate_half(x) * sin
 
 
 class _State:
@@ -215,7 +206,7 @@ def _transform(st: _State, layer: int, key: torch.Tensor, value: torch.Tensor):
     kq = kq.reshape(b, s, h, d).transpose(1, 2)
     if cfg.pre_rope:
         cos, sin = st.rope[layer]
-        kq = _apply_rope(kq, cos, sin)
+        kq = apply_rope(kq, cos.unsqueeze(1).to(kq.dtype), sin.unsqueeze(1).to(kq.dtype))  # cos/sin [B, T, D]
     if cfg.rotate_values:
         vr = hadamard_transform(v, block_size=d)
         vq = hadamard_transform(_fq_tokens(vr, vb, lay.value_group_size, vclip, cfg.scale_format), block_size=d,
@@ -308,7 +299,7 @@ def quantized_kv(model, method: KVMethod | str, calibration: RotateKVCalibration
     """
     method = method_from_name(method) if isinstance(method, str) else method
     info = describe_model(model)
-    layers = _decoder_layers(model)
+    layers = decoder_layers(model)
     cfg = method.rotkv or RotateKVConfig()
     if method.kind == "rotkv":
         if calibration is not None:
