@@ -39,7 +39,7 @@ from rotkv_vllm.config import RotateKVConfig, RotateKVLayout
 from rotkv_vllm.model_support import decoder_layers, describe_model
 from rotkv_vllm.sinks import sink_token_mask
 
-__all__ = ["KVMethod", "method_from_name", "quantized_kv", "perplexity", "KVStats", "METHOD_NAMES"]
+__all__ = ["KVMethod", "method_from_name", "quantized_kv", "perplexity", "windowed_nll", "KVStats", "METHOD_NAMES"]
 
 ATTN_NAME = "rotkv_ref"
 METHOD_NAMES = ("fp", "int4", "int2", "kivi2", "quarot2", "rotkv2", "rotkv3", "rotkv4")
@@ -351,30 +351,51 @@ def quantized_kv(model, method: KVMethod | str, calibration: RotateKVCalibration
 
 
 @torch.no_grad()
-def perplexity(model, token_ids: torch.Tensor, *, window: int = 1024, method: KVMethod | str = "fp",
-               calibration: RotateKVCalibration | None = None, stats: KVStats | None = None,
-               progress: bool = False) -> float:
-    """Perplexity over consecutive non-overlapping windows of ``window`` tokens of ``token_ids`` ([N]).
+def windowed_nll(model, token_ids: torch.Tensor, window: int, *, batch_size: int = 1,
+                 autocast_dtype: torch.dtype | None = None, progress: bool = False, desc: str = "ppl"
+                 ) -> tuple[float, int]:
+    """Summed next-token negative log-likelihood (nats) and the number of scored tokens, over consecutive
+    non-overlapping windows of ``window`` tokens of ``token_ids`` (``[N]``, or ``[n, window]`` already cut).
 
-    Each window is scored on its tokens 1..window-1 (teacher-forced); trailing tokens that do not fill
-    a window are dropped. ``exp(mean NLL)`` over all scored tokens.
+    Each window is one teacher-forced forward pass (no KV cache) scoring its tokens ``1 .. window - 1`` (the
+    first has no context; the positions vLLM's ``prompt_logprobs`` scores); trailing tokens that do not fill a
+    window are dropped. The one evaluation loop of the project: :func:`perplexity`, the Optimum quantizers'
+    evaluations and HALO's (``optimum_plugin.halo.data.causal_lm_nll``) all call it.
+
+    Args:
+        batch_size: windows per forward pass. autocast_dtype: run the forward under ``torch.autocast`` in
+            this dtype (None: the model's own dtype). Logits are scored in fp32 either way.
+    Raises:
+        ValueError: fewer tokens than one window.
     """
     ids = token_ids.reshape(-1)
     n_win = ids.numel() // window
     if n_win < 1:
         raise ValueError(f"{ids.numel()} tokens do not fill one window of {window}")
+    chunks = ids[: n_win * window].view(n_win, window)
     device = next(model.parameters()).device
-    nll, count = 0.0, 0
-    rng = range(n_win)
+    starts = range(0, n_win, batch_size)
     if progress:
         from tqdm.auto import tqdm
 
-        rng = tqdm(rng, desc=f"ppl {getattr(method, 'name', method)}", leave=False)
+        starts = tqdm(starts, desc=desc, unit="batch", leave=False)
+    nll, count = 0.0, 0
+    for i in starts:
+        x = chunks[i: i + batch_size].to(device)
+        with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+            logits = model(x, use_cache=False).logits
+        logits = logits[:, :-1].float()
+        nll += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum"))
+        count += x.shape[0] * (window - 1)
+    return nll, count
+
+
+def perplexity(model, token_ids: torch.Tensor, *, window: int = 1024, method: KVMethod | str = "fp",
+               calibration: RotateKVCalibration | None = None, stats: KVStats | None = None,
+               progress: bool = False) -> float:
+    """Perplexity over consecutive non-overlapping windows of ``window`` tokens of ``token_ids`` ([N]) with K/V
+    stored by ``method``: ``exp(mean NLL)`` over all scored tokens (:func:`windowed_nll`)."""
     with quantized_kv(model, method, calibration, stats):
-        for w in rng:
-            x = ids[w * window : (w + 1) * window].unsqueeze(0).to(device)
-            logits = model(x, use_cache=False).logits.float()
-            loss = F.cross_entropy(logits[0, :-1], x[0, 1:], reduction="sum")
-            nll += float(loss)
-            count += window - 1
+        nll, count = windowed_nll(model, token_ids, window, progress=progress,
+                                  desc=f"ppl {getattr(method, 'name', method)}")
     return math.exp(nll / count)
