@@ -1,0 +1,77 @@
+"""The examples run, on the bundled assets, and do what their docstrings say (the checks read their outputs).
+
+The ones that start vLLM are in ``tests/e2e/test_examples_vllm.py``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+TESTS_DIR = Path(__file__).resolve().parents[1]
+
+
+def load_example(name: str):
+    """An example script as a module (its ``main`` runs in this process)."""
+    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_generate_rotkv_answers_like_the_full_precision_cache(capsys):
+    res = load_example("generate_rotkv").main(["--bits", "2", "--max-new-tokens", "8"])
+    assert "Paris" in res["full_precision"] and "Paris" in res["rotkv"]
+    # 2-bit records with fp8 scales, plus the full-precision sink token of a ~30-token prompt
+    assert 2.0 < res["bits_per_element"] < 3.0
+    assert res["cache_bytes"] > 0
+    assert "rotkv2 cache" in capsys.readouterr().out
+
+
+def test_lrq_dit_quantize_publish_load_locally(tmp_path):
+    res = load_example("lrq_dit_quantize_push_load").main(
+        ["--out", str(tmp_path / "out"), "--labels", "0,1,2,3", "--steps", "4"])
+    assert res["source"] == tmp_path / "hub" / "you/digits-dit-lrq-w4a8"
+    assert (res["source"] / "README.md").is_file() and (res["source"] / "transformer" / "config.json").is_file()
+    assert res["packed_layers"] > 0
+    assert res["psnr_db"] > 10  # W4A8 samples close to the float pipeline's (a broken quantizer gives ~5 dB)
+    pipe = res["quantized_pipeline"]
+    pipe.set_progress_bar_config(disable=True)
+    again = pipe(class_labels=[0, 1, 2, 3], num_inference_steps=4, guidance_scale=1.5,
+                 generator=torch.Generator().manual_seed(0), output_type="pt").images
+    torch.testing.assert_close(res["images"], again, rtol=0, atol=1e-5)  # what was loaded is what was quantized
+
+
+@pytest.mark.slow
+def test_lrq_dit_push_to_the_loopback_hub_and_load_by_repo_id(tmp_path):
+    """The same example in a fresh process against the loopback Hub (tests/hub_server.py)."""
+    import subprocess
+
+    if str(TESTS_DIR / "optimum_plugin") not in sys.path:
+        sys.path.insert(0, str(TESTS_DIR / "optimum_plugin"))
+    from hub_helpers import TOKENS, WRITE, HubServer, hub_env
+
+    with HubServer(tmp_path / "server", TOKENS) as hub:
+        env = hub_env(hub, tmp_path / "hf_home", token=WRITE)
+        p = subprocess.run([sys.executable, str(EXAMPLES / "lrq_dit_quantize_push_load.py"), "--out",
+                            str(tmp_path / "out"), "--labels", "0,1,2,3", "--steps", "4", "--repo-id",
+                            "alice/digits-lrq", "--endpoint", hub.url], env=env, capture_output=True, text=True,
+                           timeout=600)
+        assert p.returncode == 0, p.stderr[-4000:]
+        assert f"pushed alice/digits-lrq to {hub.url}: commit " in p.stdout
+        assert "loaded alice/digits-lrq:" in p.stdout and "packed LRQLinear layers" in p.stdout
+
+
+def test_halo_finetune_and_export_without_serving(tmp_path):
+    res = load_example("halo_finetune_export_serve").main(
+        ["--steps", "4", "--seq-len", "64", "--eval-chunks", "2", "--out", str(tmp_path / "w8a8"), "--no-serve"])
+    assert (tmp_path / "w8a8" / "model.safetensors").is_file()
+    assert res["loss_after"] < res["loss_before"]  # fine-tuning on the text lowers its held-out loss
+    # the export is HALO's INT8 forward with row scales: the same loss up to quantization of the weights
+    assert abs(res["loss_w8a8"] - res["loss_after"]) < 0.02 * res["loss_after"]
+    assert len(res["transformers_tokens"]) == 8 and res["vllm_tokens"] is None
