@@ -90,7 +90,7 @@ def reference_ppl(model_dir: str, dtype: str, windows: list[list[int]], torch_dt
 
     from rotkv_vllm.calibration import find_calibration, load_calibration
     from rotkv_vllm.reference import KVMethod, perplexity
-    from rotkv_vllm.vllm_backend import effective_config
+    from rotkv_vllm.runtime import effective_config
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype).eval()
     ids = torch.tensor([t for w in windows for t in w])

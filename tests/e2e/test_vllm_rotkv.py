@@ -140,7 +140,7 @@ def test_perplexity_through_vllm_matches_reference(jobs, served_model, windows):
 
     from rotkv_vllm.calibration import load_calibration
     from rotkv_vllm.reference import KVMethod, perplexity
-    from rotkv_vllm.vllm_backend import effective_config
+    from rotkv_vllm.runtime import effective_config
 
     # fp32 reference weights (from the same bf16 checkpoint): the ratio measures the KV method, and fp32
     # keeps the reference fast on CPUs without bf16 matrix units.
