@@ -136,15 +136,22 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
-    """Inverse of :func:`pack_codes`: ``(..., m)`` uint8 -> ``(..., m * 8 // bits)`` uint8 codes."""
+    """Inverse of :func:`pack_codes`: ``(..., m)`` uint8 -> ``(..., m * 8 // bits)`` uint8 codes.
+
+    At 2 and 4 bits the 8-code words are byte aligned, so code ``i`` of a byte sits at bit ``i * bits`` of
+    it and a byte shift suffices (the form the CPU serving path needs: no 64-bit words); at 3 bits the 24-bit
+    little-endian word of every 3 bytes is assembled first.
+    """
     m = packed.shape[-1]
     if bits not in SUPPORTED_BITS:
         raise ValueError(f"bits={bits}: supported are {SUPPORTED_BITS}")
     if m % bits:
         raise ValueError(f"packed width {m} is not a multiple of bits={bits}")
-    p = packed.to(torch.int64).reshape(*packed.shape[:-1], m // bits, bits)
-    byte_shifts = torch.arange(bits, device=packed.device, dtype=torch.int64) * 8
-    word = (p << byte_shifts).sum(dim=-1, keepdim=True)
-    shifts = torch.arange(8, device=packed.device, dtype=torch.int64) * bits
-    codes = (word >> shifts) & ((1 << bits) - 1)
-    return codes.to(torch.uint8).reshape(*packed.shape[:-1], m // bits * 8)
+    lead = packed.shape[:-1]
+    if bits in (2, 4):
+        shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
+        return ((packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)).reshape(*lead, m * 8 // bits)
+    p = packed.reshape(*lead, m // 3, 3).to(torch.int32)
+    word = p[..., 0] | (p[..., 1] << 8) | (p[..., 2] << 16)
+    shifts = torch.arange(0, 24, 3, dtype=torch.int32, device=packed.device)
+    return ((word.unsqueeze(-1) >> shifts) & 7).to(torch.uint8).reshape(*lead, m // 3 * 8)

@@ -32,16 +32,9 @@ import os
 
 import torch
 
-from rotkv_kernels.hadamard import hadamard_transform, has_hadamard
-from rotkv_kernels.quant import (
-    SCALE_FORMATS,
-    SUPPORTED_BITS,
-    dequantize_groupwise,
-    pack_codes,
-    quantize_groupwise,
-    scale_dtypes,
-    unpack_codes,
-)
+from rotkv_kernels.hadamard import hadamard_transform
+from rotkv_kernels.quant import dequantize_groupwise, pack_codes, quantize_groupwise, scale_dtypes, unpack_codes
+from rotkv_kernels.rotkv_layout import check_perm, check_record_read_args, check_record_write_args, record_bytes
 
 __all__ = [
     "record_bytes",
@@ -51,118 +44,27 @@ __all__ = [
     "rotkv_write",
     "rotkv_read",
     "triton_available",
+    "interpret_requested",
+    "use_triton",
     "rotate_half",
+    "apply_rope",
 ]
 
 logger = logging.getLogger(__name__)
-
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def record_bytes(width: int, bits: int, group_size: int, scale_format: str) -> int:
-    """Bytes of one token's record: ``width*bits//8 + (width//group_size) * (scale bytes + zero bytes)``.
-
-    Raises:
-        ValueError: unsupported ``bits``/``scale_format``, ``group_size`` not dividing ``width``, or a
-            ``width`` that is not a multiple of 8 (8 codes pack into ``bits`` bytes).
-    """
-    if bits not in SUPPORTED_BITS:
-        raise ValueError(f"bits={bits}: supported are {SUPPORTED_BITS}")
-    if scale_format not in SCALE_FORMATS:
-        raise ValueError(f"scale_format={scale_format!r}: expected one of {SCALE_FORMATS}")
-    if width < 8 or width % 8:
-        raise ValueError(f"width={width}: must be a positive multiple of 8 to pack codes")
-    if group_size < 1 or width % group_size:
-        raise ValueError(f"group_size={group_size} must divide the KV width {width}")
-    sd, zd = scale_dtypes(scale_format)
-    return width * bits // 8 + (width // group_size) * (sd.itemsize + zd.itemsize)
-
-
-def check_perm(perm: torch.Tensor, width: int, rot_width: int, check_values: bool = True) -> None:
-    """Validate a channel permutation: int64 ``[width]``, a permutation, mapping each ``rot_width`` block onto itself.
-
-    ``check_values=False`` checks only dtype and shape (no device sync); callers on a GPU hot path should
-    validate once with ``check_values=True`` when they load the permutation.
-
-    Raises:
-        ValueError: wrong dtype/shape, not a permutation, or an index leaving its rotation block.
-    """
-    if not isinstance(perm, torch.Tensor) or perm.dtype != torch.int64 or perm.shape != (width,):
-        got = f"{perm.dtype} {tuple(perm.shape)}" if isinstance(perm, torch.Tensor) else type(perm).__name__
-        raise ValueError(f"perm: expected an int64 tensor of shape ({width},), got {got}")
-    if not check_values:
-        return
-    ar = torch.arange(width, device=perm.device)
-    if not torch.equal(torch.sort(perm).values, ar):
-        raise ValueError("perm is not a permutation of range(H*D)")
-    if not torch.equal(perm // rot_width, ar // rot_width):
-        raise ValueError(
-            f"perm moves channels across rotation blocks of rot_width={rot_width}: each block must map onto itself"
-        )
-
-
-def _check_args(width: int, bits: int, group_size: int, rot_width: int, scale_format: str) -> None:
-    record_bytes(width, bits, group_size, scale_format)
-    if rot_width < 1 or width % rot_width:
-        raise ValueError(f"rot_width={rot_width} must divide the KV width H*D={width}")
-    if not has_hadamard(rot_width):
-        raise ValueError(
-            f"rot_width={rot_width} has no Hadamard matrix (need m * 2**k with m in 1, 12, 20, 28, 36, 44, ...)"
-        )
-
-
-def _check_perm_arg(perm: torch.Tensor | None, width: int, rot_width: int, device: torch.device) -> None:
-    if perm is None:
-        return
-    # Full value checks need a device sync; on a GPU only the metadata is checked (see check_perm).
-    check_perm(perm, width, rot_width, check_values=perm.device.type == "cpu")
-    if perm.device != device:
-        raise ValueError(f"perm is on {perm.device}, the data on {device}: move perm to the same device")
-
-
-def _check_write(x: torch.Tensor, bits, group_size, rot_width, perm, clip_ratio, scale_format) -> None:
-    if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.dtype not in _FLOAT_DTYPES:
-        got = f"{x.dtype} {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
-        raise ValueError(f"x: expected a [T, H, D] float32/float16/bfloat16 tensor, got {got}")
-    width = x.shape[1] * x.shape[2]
-    _check_args(width, bits, group_size, rot_width, scale_format)
-    if not 0.0 < clip_ratio <= 1.0:
-        raise ValueError(f"clip_ratio={clip_ratio} must be in (0, 1]")
-    _check_perm_arg(perm, width, rot_width, x.device)
-
-
-def _check_read(record, num_heads, head_dim, bits, group_size, rot_width, perm, scale_format, cos, sin,
-                out_dtype) -> None:
-    if num_heads < 1 or head_dim < 1:
-        raise ValueError(f"num_heads={num_heads}, head_dim={head_dim}: must be positive")
-    width = num_heads * head_dim
-    _check_args(width, bits, group_size, rot_width, scale_format)
-    rb = record_bytes(width, bits, group_size, scale_format)
-    if not isinstance(record, torch.Tensor) or record.dtype != torch.uint8 or record.dim() != 2 \
-            or record.shape[1] != rb:
-        got = f"{record.dtype} {tuple(record.shape)}" if isinstance(record, torch.Tensor) else type(record).__name__
-        raise ValueError(f"record: expected uint8 [T, {rb}] (record_bytes of this layout), got {got}")
-    _check_perm_arg(perm, width, rot_width, record.device)
-    if (cos is None) != (sin is None):
-        raise ValueError("cos and sin: pass both (to apply RoPE) or neither")
-    if cos is not None:
-        t = record.shape[0]
-        for name, v in (("cos", cos), ("sin", sin)):
-            if v.shape != (t, head_dim) or v.dtype not in _FLOAT_DTYPES or v.device != record.device:
-                raise ValueError(
-                    f"{name}: expected a float tensor of shape ({t}, {head_dim}) on {record.device}, got "
-                    f"{v.dtype} {tuple(v.shape)} on {v.device}"
-                )
-        if head_dim % 2:
-            raise ValueError(f"head_dim={head_dim} must be even to apply RoPE")
-    if out_dtype not in _FLOAT_DTYPES:
-        raise ValueError(f"out_dtype={out_dtype}: expected float32, float16 or bfloat16")
-
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     """Hugging Face Llama's ``rotate_half``: ``cat(-x[..., D/2:], x[..., :D/2])``."""
     h = x.shape[-1] // 2
     return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Hugging Face-convention RoPE: ``x * cos + rotate_half(x) * sin``, in ``x``'s dtype.
+
+    ``cos``/``sin`` (``[..., D]``, each half repeated) broadcast against ``x`` (``[..., D]``); the caller
+    casts them (the record read applies RoPE in fp32, the transformers reference in the model dtype).
+    """
+    return x * cos + rotate_half(x) * sin
 
 
 def rotkv_write_ref(
@@ -188,7 +90,7 @@ def rotkv_write_ref(
     Raises:
         ValueError: any argument that does not fit (see the messages).
     """
-    _check_write(x, bits, group_size, rot_width, perm, clip_ratio, scale_format)
+    check_record_write_args(x, bits, group_size, rot_width, perm, clip_ratio, scale_format)
     t, h, d = x.shape
     y = hadamard_transform(x.reshape(t, h * d).to(torch.float32), block_size=rot_width)
     if perm is not None:
@@ -221,7 +123,8 @@ def rotkv_read_ref(
     Raises:
         ValueError: any argument that does not fit (see the messages).
     """
-    _check_read(record, num_heads, head_dim, bits, group_size, rot_width, perm, scale_format, cos, sin, out_dtype)
+    check_record_read_args(record, num_heads, head_dim, bits, group_size, rot_width, perm, scale_format, cos, sin,
+                           out_dtype)
     t = record.shape[0]
     width = num_heads * head_dim
     sd, zd = scale_dtypes(scale_format)
@@ -238,9 +141,7 @@ def rotkv_read_ref(
         y = unperm
     x = hadamard_transform(y, block_size=rot_width, inverse=True).reshape(t, num_heads, head_dim)
     if cos is not None:
-        c = cos.to(torch.float32)[:, None, :]
-        s = sin.to(torch.float32)[:, None, :]
-        x = x * c + rotate_half(x) * s
+        x = apply_rope(x, cos.to(torch.float32)[:, None, :], sin.to(torch.float32)[:, None, :])
     return x.to(out_dtype)
 
 
@@ -260,22 +161,26 @@ def triton_available() -> bool:
     return True
 
 
-def _interpret_env() -> bool:
+def interpret_requested() -> bool:
+    """Whether ``TRITON_INTERPRET`` asks for Triton's interpreter (kernels on CPU tensors, for tests)."""
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
 
 
 @functools.lru_cache(maxsize=None)
 def _warn_no_triton_on_cuda() -> None:
-    logger.warning("CUDA tensors but Triton is not installed: rotkv_write/rotkv_read run the PyTorch reference")
+    logger.warning("CUDA tensors but Triton is not installed: the RotateKV cache ops run their PyTorch references")
 
 
-def _use_triton(t: torch.Tensor) -> bool:
+def use_triton(t: torch.Tensor) -> bool:
+    """Whether the RotateKV cache ops (records here, paged cache in ``rotkv_paged``) run their Triton kernels
+    for a tensor on ``t``'s device: on CUDA when Triton is installed (a warning, once, when it is not), on
+    the CPU only under ``TRITON_INTERPRET=1``."""
     if t.device.type == "cuda":
         if triton_available():
             return True
         _warn_no_triton_on_cuda()
         return False
-    return t.device.type == "cpu" and _interpret_env() and triton_available()
+    return t.device.type == "cpu" and interpret_requested() and triton_available()
 
 
 @torch.library.custom_op("rotkv::rotkv_write", mutates_args=())
@@ -285,7 +190,7 @@ def _rotkv_write_op(
 ) -> torch.Tensor:
     kw = dict(bits=bits, group_size=group_size, rot_width=rot_width, perm=perm, clip_ratio=clip_ratio,
               scale_format=scale_format)
-    if _use_triton(x):
+    if use_triton(x):
         from rotkv_kernels.rotkv_cache_triton import rotkv_write_triton
 
         return rotkv_write_triton(x, **kw)
@@ -308,7 +213,7 @@ def _rotkv_read_op(
 ) -> torch.Tensor:
     kw = dict(num_heads=num_heads, head_dim=head_dim, bits=bits, group_size=group_size, rot_width=rot_width,
               perm=perm, scale_format=scale_format, cos=cos, sin=sin, out_dtype=out_dtype)
-    if _use_triton(record):
+    if use_triton(record):
         from rotkv_kernels.rotkv_cache_triton import rotkv_read_triton
 
         return rotkv_read_triton(record, **kw)

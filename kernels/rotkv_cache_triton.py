@@ -46,7 +46,7 @@ from rotkv_kernels.hadamard_triton import (
     hadamard_plan,
 )
 from rotkv_kernels.quant_triton import check_triton_group_size
-from rotkv_kernels.rotkv_cache import _check_read, _check_write, record_bytes
+from rotkv_kernels.rotkv_layout import check_record_read_args, check_record_write_args, record_bytes
 
 try:  # Triton is optional: the module must import without it (the stubs below raise instead).
     import triton
@@ -213,7 +213,7 @@ if HAS_TRITON:
         Extra limits: ``group_size % 8 == 0``; ``rot_width`` within ``hadamard_plan``'s tile limits.
         ``x`` may have any strides. Raises ``ValueError`` like the reference.
         """
-        _check_write(x, bits, group_size, rot_width, perm, clip_ratio, scale_format)
+        check_record_write_args(x, bits, group_size, rot_width, perm, clip_ratio, scale_format)
         t, h, d = x.shape
         width = h * d
         check_triton_group_size(group_size, width)
@@ -253,8 +253,8 @@ if HAS_TRITON:
 
         Extra limits as :func:`rotkv_write_triton`; ``record`` rows may be strided (last dim contiguous).
         """
-        _check_read(record, num_heads, head_dim, bits, group_size, rot_width, perm, scale_format, cos, sin,
-                    out_dtype)
+        check_record_read_args(record, num_heads, head_dim, bits, group_size, rot_width, perm, scale_format, cos,
+                               sin, out_dtype)
         width = num_heads * head_dim
         check_triton_group_size(group_size, width)
         check_launchable(record, "rotkv_read_triton")

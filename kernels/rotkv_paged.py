@@ -40,24 +40,17 @@ other cached token (and the current chunk too: it was written before the read, a
 
 from __future__ import annotations
 
-import dataclasses
-import functools
-import json
-import logging
-from dataclasses import dataclass
-from typing import Any, NamedTuple
-
 import torch
 
-from rotkv_kernels.hadamard import has_hadamard
-from rotkv_kernels.quant import SCALE_FORMATS, SUPPORTED_BITS
-from rotkv_kernels.rotkv_cache import (
-    _interpret_env,
-    record_bytes,
-    rotate_half,
-    rotkv_read_ref,
-    rotkv_write_ref,
-    triton_available,
+from rotkv_kernels.rotkv_cache import apply_rope, rotate_half, rotkv_read_ref, rotkv_write_ref, use_triton
+from rotkv_kernels.rotkv_layout import (  # the layout's public names are re-exported here
+    PAGED_SPEC_VERSION,
+    PagedCache,
+    PagedCacheSpec,
+    alloc_paged_cache,
+    check_paged_attention_args,
+    check_paged_write_args,
+    paged_cache_views,
 )
 
 __all__ = [
@@ -70,311 +63,10 @@ __all__ = [
     "paged_write_ref",
     "paged_attention_ref",
     "paged_decode_ref",
+    "token_positions",
     "paged_write",
     "paged_attention",
 ]
-
-logger = logging.getLogger(__name__)
-
-PAGED_SPEC_VERSION = 1
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_INT_DTYPES = (torch.int32, torch.int64)
-
-
-@dataclass(frozen=True)
-class PagedCacheSpec:
-    """How one layer's K and V are packed into a paged cache slot.
-
-    Attributes:
-        num_kv_heads / head_dim: ``H`` and ``D`` of this layer on this rank (``W = H * D``).
-        key_bits / value_bits: 2, 3 or 4.
-        key_group_size / value_group_size: quantization group along the stored channels; the key group
-            must divide ``key_rot_width`` (groups never straddle a rotation block).
-        key_rot_width: block Hadamard width of keys (``g * D``, ``g`` KV heads rotated together).
-        value_rot_width: ``D`` (per-head Hadamard on values) or ``1`` (no value rotation).
-        key_clip / value_clip: min-max clip ratios in (0, 1].
-        scale_format: ``"fp16"`` or ``"fp8"``.
-        record_bytes: ``C``, the slot size (at least ``key_bytes + value_bytes``); 0 means exactly that
-            sum rounded up to an even count (what the vLLM backend uses for a model with one bit width).
-        sink_tokens: ``S``, positions kept in full precision in each sequence's first block (0: none).
-        version: schema version.
-    """
-
-    num_kv_heads: int
-    head_dim: int
-    key_bits: int = 2
-    value_bits: int = 2
-    key_group_size: int = 128
-    value_group_size: int = 128
-    key_rot_width: int = 0
-    value_rot_width: int = 0
-    key_clip: float = 0.8
-    value_clip: float = 0.8
-    scale_format: str = "fp16"
-    record_bytes: int = 0
-    sink_tokens: int = 0
-    version: int = PAGED_SPEC_VERSION
-
-    def __post_init__(self) -> None:
-        for name in ("num_kv_heads", "head_dim"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name}={v!r}: must be a positive int")
-        h, d = self.num_kv_heads, self.head_dim
-        w = h * d
-        if self.key_rot_width == 0:
-            object.__setattr__(self, "key_rot_width", d)
-        if self.value_rot_width == 0:
-            object.__setattr__(self, "value_rot_width", d)
-        for name in ("key_bits", "value_bits"):
-            if getattr(self, name) not in SUPPORTED_BITS:
-                raise ValueError(f"{name}={getattr(self, name)!r}: supported bit widths are {SUPPORTED_BITS}")
-        if self.scale_format not in SCALE_FORMATS:
-            raise ValueError(f"scale_format={self.scale_format!r}: expected one of {SCALE_FORMATS}")
-        krw = self.key_rot_width
-        if not isinstance(krw, int) or krw < 1 or krw % d or w % krw or not has_hadamard(krw):
-            raise ValueError(
-                f"key_rot_width={krw!r}: must be g * head_dim for a g dividing num_kv_heads={h}, with a Hadamard "
-                f"matrix of that order (e.g. {d})"
-            )
-        if self.value_rot_width not in (1, d) or not has_hadamard(self.value_rot_width):
-            raise ValueError(f"value_rot_width={self.value_rot_width!r}: must be head_dim={d} (per-head Hadamard) "
-                             "or 1 (no value rotation)")
-        if not isinstance(self.key_group_size, int) or self.key_group_size < 1 or krw % self.key_group_size:
-            raise ValueError(f"key_group_size={self.key_group_size!r} must divide key_rot_width={krw}")
-        if not isinstance(self.value_group_size, int) or self.value_group_size < 1 or w % self.value_group_size:
-            raise ValueError(f"value_group_size={self.value_group_size!r} must divide the KV width {w}")
-        for name in ("key_clip", "value_clip"):
-            v = getattr(self, name)
-            if not isinstance(v, (int, float)) or not 0.0 < v <= 1.0:
-                raise ValueError(f"{name}={v!r}: must be in (0, 1]")
-        # record_bytes validates bits/width/group sizes once more (and the 8-codes packing rule).
-        need = self.key_bytes + self.value_bytes
-        if self.record_bytes == 0:
-            object.__setattr__(self, "record_bytes", need + need % 2)
-        if not isinstance(self.record_bytes, int) or self.record_bytes < need:
-            raise ValueError(f"record_bytes={self.record_bytes!r}: a slot needs at least key_bytes + value_bytes "
-                             f"= {need} bytes (0 picks that)")
-        if not isinstance(self.sink_tokens, int) or self.sink_tokens < 0:
-            raise ValueError(f"sink_tokens={self.sink_tokens!r}: must be a non-negative int")
-        if self.version != PAGED_SPEC_VERSION:
-            raise ValueError(f"PagedCacheSpec version {self.version} is not supported (expects {PAGED_SPEC_VERSION})")
-
-    # ---- derived sizes ----------------------------------------------------------------------------
-    @property
-    def width(self) -> int:
-        return self.num_kv_heads * self.head_dim
-
-    @property
-    def key_bytes(self) -> int:
-        return record_bytes(self.width, self.key_bits, self.key_group_size, self.scale_format)
-
-    @property
-    def value_bytes(self) -> int:
-        return record_bytes(self.width, self.value_bits, self.value_group_size, self.scale_format)
-
-    def sink_token_bytes(self, dtype: torch.dtype) -> int:
-        """Bytes of one sink token: K and V of all heads in ``dtype``."""
-        return 2 * self.width * torch.empty((), dtype=dtype).element_size()
-
-    def page_bytes(self, block_size: int, dtype: torch.dtype) -> int:
-        """Bytes of one page: ``block_size * C`` plus the sink area (``S`` tokens of K and V in ``dtype``)."""
-        return block_size * self.record_bytes + self.sink_tokens * self.sink_token_bytes(dtype)
-
-    # ---- serialisation ----------------------------------------------------------------------------
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "PagedCacheSpec":
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown PagedCacheSpec fields {sorted(unknown)}")
-        return cls(**d)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
-
-    @classmethod
-    def from_json(cls, s: str) -> "PagedCacheSpec":
-        return cls.from_dict(json.loads(s))
-
-
-class PagedCache(NamedTuple):
-    """A cache allocated like vLLM allocates one layer: ``raw`` bytes and the two views the kernels take."""
-
-    raw: torch.Tensor  # uint8 [num_blocks * page_bytes]
-    kv_cache: torch.Tensor  # uint8 [num_blocks, 1, block_size, C]: what vLLM hands the backend
-    records: torch.Tensor  # uint8 [num_blocks, block_size, C], stride(0) == page_bytes
-    sinks: torch.Tensor | None  # [num_blocks, S, 2, H, D] model dtype, or None
-
-
-def paged_cache_views(kv_cache: torch.Tensor, spec: PagedCacheSpec, dtype: torch.dtype
-                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``records`` and ``sinks`` views of vLLM's ``uint8 [num_blocks, 1, block_size, C]`` cache tensor.
-
-    The sink area of a page starts right after its ``block_size * C`` record bytes (page padding).
-
-    Raises:
-        ValueError: a tensor that is not this spec's page layout.
-    """
-    if kv_cache.dtype != torch.uint8 or kv_cache.dim() != 4 or kv_cache.shape[1] != 1 \
-            or kv_cache.shape[3] != spec.record_bytes or kv_cache.stride(3) != 1 \
-            or kv_cache.stride(2) != spec.record_bytes:
-        raise ValueError(f"kv_cache: expected uint8 [num_blocks, 1, block_size, {spec.record_bytes}] with contiguous "
-                         f"slots, got {kv_cache.dtype} {tuple(kv_cache.shape)} strides {kv_cache.stride()}")
-    nb, _, bs, c = kv_cache.shape
-    page = spec.page_bytes(bs, dtype)
-    if nb > 1 and kv_cache.stride(0) < page:
-        raise ValueError(f"kv_cache pages are {kv_cache.stride(0)} bytes apart, this spec needs {page}")
-    records = kv_cache[:, 0]
-    if spec.sink_tokens == 0:
-        return records, None
-    s = spec.sink_tokens
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    off = kv_cache.storage_offset() + bs * c
-    if off % itemsize or kv_cache.stride(0) % itemsize:
-        raise ValueError(f"the sink area is not aligned for {dtype}: page stride {kv_cache.stride(0)}, offset {off}")
-    raw = torch.as_strided(kv_cache, (nb, s * spec.sink_token_bytes(dtype)), (kv_cache.stride(0), 1), off)
-    sinks = raw.view(dtype).view(nb, s, 2, spec.num_kv_heads, spec.head_dim)
-    return records, sinks
-
-
-def alloc_paged_cache(spec: PagedCacheSpec, num_blocks: int, block_size: int, dtype: torch.dtype,
-                      device: torch.device | str = "cpu", fill: int | None = None) -> PagedCache:
-    """Allocate one layer's cache (pages of :meth:`PagedCacheSpec.page_bytes`) and its views.
-
-    ``fill=None`` leaves the bytes uninitialized (``torch.empty``: the pages of a large CPU cache are not
-    committed until touched); an int fills every byte with it.
-
-    Raises:
-        ValueError: non-positive sizes, a block smaller than the sink count, or a dtype that is not float.
-    """
-    if num_blocks < 1 or block_size < 1:
-        raise ValueError(f"num_blocks={num_blocks}, block_size={block_size}: must be positive")
-    if block_size < spec.sink_tokens:
-        raise ValueError(f"block_size={block_size} is smaller than sink_tokens={spec.sink_tokens}: the sinks live "
-                         "in each sequence's first block")
-    if dtype not in _FLOAT_DTYPES:
-        raise ValueError(f"dtype={dtype}: the sink store's dtype must be float32, float16 or bfloat16")
-    page = spec.page_bytes(block_size, dtype)
-    raw = torch.empty(num_blocks * page, dtype=torch.uint8, device=device)
-    if fill is not None:
-        raw.fill_(fill)
-    c = spec.record_bytes
-    kv = torch.as_strided(raw, (num_blocks, 1, block_size, c), (page, block_size * c, c, 1))
-    records, sinks = paged_cache_views(kv, spec, dtype)
-    return PagedCache(raw=raw, kv_cache=kv, records=records, sinks=sinks)
-
-
-# ---- argument checks shared with the Triton entry points ----------------------------------------------
-
-
-def _tensor_desc(t) -> str:
-    return f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
-
-
-def _check_cache(spec: PagedCacheSpec, records: torch.Tensor, sinks: torch.Tensor | None) -> None:
-    if not isinstance(spec, PagedCacheSpec):
-        raise ValueError(f"spec: expected a PagedCacheSpec, got {type(spec).__name__}")
-    if not isinstance(records, torch.Tensor) or records.dtype != torch.uint8 or records.dim() != 3 \
-            or records.shape[2] != spec.record_bytes or records.stride(2) != 1 \
-            or records.stride(1) != spec.record_bytes:
-        raise ValueError(f"records: expected uint8 [num_blocks, block_size, {spec.record_bytes}] with contiguous "
-                         f"slots (paged_cache_views), got {_tensor_desc(records)}")
-    if spec.sink_tokens:
-        want = (records.shape[0], spec.sink_tokens, 2, spec.num_kv_heads, spec.head_dim)
-        if not isinstance(sinks, torch.Tensor) or tuple(sinks.shape) != want or sinks.dtype not in _FLOAT_DTYPES \
-                or sinks.device != records.device:
-            raise ValueError(f"sinks: spec.sink_tokens={spec.sink_tokens} needs a float tensor {want} on "
-                             f"{records.device} (paged_cache_views), got {_tensor_desc(sinks)}")
-    elif sinks is not None:
-        raise ValueError("sinks: given, but spec.sink_tokens == 0; pass sinks=None")
-
-
-def _check_rope(rope_cos, rope_sin, d: int, device) -> None:
-    if (rope_cos is None) != (rope_sin is None):
-        raise ValueError("rope_cos and rope_sin: pass both (keys are post-RoPE) or neither")
-    if rope_cos is None:
-        return
-    for name, v in (("rope_cos", rope_cos), ("rope_sin", rope_sin)):
-        if not isinstance(v, torch.Tensor) or v.dim() != 2 or v.shape[1] != d or v.dtype != torch.float32 \
-                or v.device != device or v.stride(1) != 1:
-            raise ValueError(f"{name}: expected fp32 [max_position, {d}] (last dim contiguous) on {device}, got "
-                             f"{_tensor_desc(v)}")
-    if rope_cos.shape != rope_sin.shape:
-        raise ValueError(f"rope_cos {tuple(rope_cos.shape)} and rope_sin {tuple(rope_sin.shape)} differ in shape")
-    if d % 2:
-        raise ValueError(f"head_dim={d} must be even to apply RoPE")
-
-
-def _check_key_params(spec: PagedCacheSpec, key_perm, key_mean, device) -> None:
-    from rotkv_kernels.rotkv_cache import check_perm
-
-    w = spec.width
-    if key_perm is not None:
-        check_perm(key_perm, w, spec.key_rot_width, check_values=key_perm.device.type == "cpu")
-        if key_perm.device != device:
-            raise ValueError(f"key_perm is on {key_perm.device}, the cache on {device}: move it")
-    if key_mean is not None:
-        if not isinstance(key_mean, torch.Tensor) or key_mean.shape != (w,) or key_mean.dtype != torch.float32 \
-                or key_mean.device != device:
-            raise ValueError(f"key_mean: expected fp32 [{w}] on {device}, got {_tensor_desc(key_mean)}")
-
-
-def _check_write(spec, key, value, slot_mapping, positions, records, sinks, rope_cos, rope_sin, key_perm,
-                 key_mean) -> None:
-    _check_cache(spec, records, sinks)
-    h, d = spec.num_kv_heads, spec.head_dim
-    dev = records.device
-    for name, v in (("key", key), ("value", value)):
-        if not isinstance(v, torch.Tensor) or v.dim() != 3 or v.shape[1:] != (h, d) or v.dtype not in _FLOAT_DTYPES \
-                or v.device != dev:
-            raise ValueError(f"{name}: expected float [T, {h}, {d}] on {dev}, got {_tensor_desc(v)}")
-    t = key.shape[0]
-    if value.shape[0] != t:
-        raise ValueError(f"key has {t} tokens, value {value.shape[0]}")
-    if not isinstance(slot_mapping, torch.Tensor) or slot_mapping.shape != (t,) \
-            or slot_mapping.dtype not in _INT_DTYPES or slot_mapping.device != dev:
-        raise ValueError(f"slot_mapping: expected int32/int64 [{t}] on {dev}, got {_tensor_desc(slot_mapping)}")
-    need_pos = rope_cos is not None or spec.sink_tokens > 0
-    if need_pos and (not isinstance(positions, torch.Tensor) or positions.shape != (t,)
-                     or positions.dtype not in _INT_DTYPES or positions.device != dev):
-        raise ValueError(f"positions: expected int32/int64 [{t}] on {dev} (needed for RoPE and sinks), got "
-                         f"{_tensor_desc(positions)}")
-    _check_rope(rope_cos, rope_sin, d, dev)
-    _check_key_params(spec, key_perm, key_mean, dev)
-
-
-def _check_attention(spec, query, records, block_tables, seq_lens, query_start_loc, sinks, scale, rope_cos,
-                     rope_sin, key_perm, key_mean, out_dtype) -> None:
-    _check_cache(spec, records, sinks)
-    h, d = spec.num_kv_heads, spec.head_dim
-    dev = records.device
-    if not isinstance(query, torch.Tensor) or query.dim() != 3 or query.shape[2] != d \
-            or query.dtype not in _FLOAT_DTYPES or query.device != dev:
-        raise ValueError(f"query: expected float [T, Hq, {d}] on {dev}, got {_tensor_desc(query)}")
-    if query.shape[1] % h:
-        raise ValueError(f"query has {query.shape[1]} heads, not a multiple of num_kv_heads={h} (GQA)")
-    if not isinstance(seq_lens, torch.Tensor) or seq_lens.dim() != 1 or seq_lens.dtype not in _INT_DTYPES:
-        raise ValueError(f"seq_lens: expected int32/int64 [R], got {_tensor_desc(seq_lens)}")
-    r = seq_lens.shape[0]
-    if not isinstance(query_start_loc, torch.Tensor) or query_start_loc.shape != (r + 1,) \
-            or query_start_loc.dtype not in _INT_DTYPES:
-        raise ValueError(f"query_start_loc: expected int32/int64 [{r + 1}], got {_tensor_desc(query_start_loc)}")
-    if not isinstance(block_tables, torch.Tensor) or block_tables.dim() != 2 or block_tables.shape[0] < r \
-            or block_tables.dtype not in _INT_DTYPES:
-        raise ValueError(f"block_tables: expected int32/int64 [>= {r}, max_blocks], got {_tensor_desc(block_tables)}")
-    for name, v in (("seq_lens", seq_lens), ("query_start_loc", query_start_loc), ("block_tables", block_tables)):
-        if v.device != dev:
-            raise ValueError(f"{name} is on {v.device}, the cache on {dev}: move it")
-    if not isinstance(scale, (int, float)) or not scale > 0:
-        raise ValueError(f"scale={scale!r}: must be a positive float (usually head_dim ** -0.5)")
-    _check_rope(rope_cos, rope_sin, d, dev)
-    _check_key_params(spec, key_perm, key_mean, dev)
-    if out_dtype is not None and out_dtype not in _FLOAT_DTYPES:
-        raise ValueError(f"out_dtype={out_dtype}: expected float32, float16 or bfloat16")
-
 
 # ---- references ---------------------------------------------------------------------------------------
 
@@ -424,7 +116,8 @@ def paged_write_ref(
     Raises:
         ValueError: any argument that does not fit the spec (see the messages).
     """
-    _check_write(spec, key, value, slot_mapping, positions, records, sinks, rope_cos, rope_sin, key_perm, key_mean)
+    check_paged_write_args(spec, key, value, slot_mapping, positions, records, sinks, rope_cos, rope_sin, key_perm,
+                           key_mean)
     bs = records.shape[1]
     tok = (slot_mapping >= 0).nonzero().squeeze(1)
     if tok.numel() == 0:
@@ -464,8 +157,7 @@ def _decode_context(spec: PagedCacheSpec, records, sinks, table_row, length, rop
     if key_mean is not None:
         k = k + key_mean.view(h, d)
     if rope_cos is not None:
-        c, s = rope_cos[pos].unsqueeze(1), rope_sin[pos].unsqueeze(1)
-        k = k * c + rotate_half(k) * s
+        k = apply_rope(k, rope_cos[pos].unsqueeze(1), rope_sin[pos].unsqueeze(1))
     v = rotkv_read_ref(rec[:, spec.key_bytes: spec.key_bytes + spec.value_bytes], num_heads=h, head_dim=d,
                        bits=spec.value_bits, group_size=spec.value_group_size, rot_width=spec.value_rot_width,
                        scale_format=spec.scale_format)
@@ -513,8 +205,8 @@ def paged_attention_ref(
     Raises:
         ValueError: any argument that does not fit (see the messages).
     """
-    _check_attention(spec, query, records, block_tables, seq_lens, query_start_loc, sinks, scale, rope_cos,
-                     rope_sin, key_perm, key_mean, out_dtype)
+    check_paged_attention_args(spec, query, records, block_tables, seq_lens, query_start_loc, sinks, scale, rope_cos,
+                               rope_sin, key_perm, key_mean, out_dtype)
     t, hq, d = query.shape
     rep = hq // spec.num_kv_heads
     out = torch.zeros(t, hq, d, dtype=torch.float64, device=query.device)
@@ -555,27 +247,33 @@ def paged_decode_ref(
     return paged_attention_ref(query, records, block_tables, seq_lens, qsl, spec=spec, scale=scale, **kw)
 
 
+def token_positions(query_start_loc: torch.Tensor, seq_lens: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """``int64 [num_tokens]``: position of each token in its sequence, computed where the inputs live (no
+    host synchronization on CUDA).
+
+    Token ``t`` of request ``r`` (``qsl[r] <= t < qsl[r + 1]``) sits at ``seq_lens[r] - q_len[r] + t -
+    qsl[r]`` (the attention's convention above); padding tokens (``t >= qsl[R]``) get 0, a valid row of any
+    RoPE table.
+    """
+    qsl = query_start_loc.to(torch.int64)
+    seq = seq_lens.to(torch.int64)
+    r = seq.shape[0]
+    tok = torch.arange(num_tokens, device=qsl.device, dtype=torch.int64)
+    if r == 0:
+        return torch.zeros_like(tok)
+    req = torch.searchsorted(qsl[1:], tok, right=True).clamp_(max=r - 1)
+    before = seq - (qsl[1:] - qsl[:-1])
+    pos = before[req] + tok - qsl[req]
+    return torch.where(tok < qsl[r], pos, 0)
+
+
 # ---- dispatch -----------------------------------------------------------------------------------------
-
-
-@functools.lru_cache(maxsize=None)
-def _warn_no_triton_on_cuda() -> None:
-    logger.warning("CUDA tensors but Triton is not installed: paged_write/paged_attention run the PyTorch reference")
-
-
-def _use_triton(t: torch.Tensor) -> bool:
-    if t.device.type == "cuda":
-        if triton_available():
-            return True
-        _warn_no_triton_on_cuda()
-        return False
-    return t.device.type == "cpu" and _interpret_env() and triton_available()
 
 
 def paged_write(key, value, slot_mapping, records, *, spec, **kw) -> None:
     """:func:`paged_write_ref`'s contract; the Triton kernel on CUDA (or the CPU under ``TRITON_INTERPRET=1``),
     else the reference."""
-    if _use_triton(records):
+    if use_triton(records):
         from rotkv_kernels.rotkv_paged_triton import paged_write_triton
 
         return paged_write_triton(key, value, slot_mapping, records, spec=spec, **kw)
@@ -586,7 +284,7 @@ def paged_attention(query, records, block_tables, seq_lens, query_start_loc, *, 
     """:func:`paged_attention_ref`'s contract; the Triton kernels on CUDA (or the CPU under
     ``TRITON_INTERPRET=1``), else the reference. Triton-only tuning arguments (``precision``, ``plan``, ...)
     are refused by the reference."""
-    if _use_triton(records):
+    if use_triton(records):
         from rotkv_kernels.rotkv_paged_triton import paged_attention_triton
 
         return paged_attention_triton(query, records, block_tables, seq_lens, query_start_loc, spec=spec,

@@ -73,7 +73,7 @@ import torch
 
 from rotkv_kernels.hadamard_triton import _next_pow2, check_launchable, hadamard_operands, hadamard_plan
 from rotkv_kernels.quant_triton import check_triton_group_size
-from rotkv_kernels.rotkv_paged import PagedCacheSpec, _check_attention, _check_write
+from rotkv_kernels.rotkv_layout import PagedCacheSpec, check_paged_attention_args, check_paged_write_args
 
 try:  # Triton is optional: the module must import without it (the stubs below raise instead).
     import triton
@@ -91,6 +91,7 @@ __all__ = [
     "PagedAttentionPlan",
     "plan_paged_attention",
     "check_attention_head_dim",
+    "check_attention_limits",
     "paged_write_triton",
     "paged_attention_triton",
     "paged_decode_triton",
@@ -208,7 +209,10 @@ def check_attention_head_dim(head_dim: int) -> None:
                          "rotkv_kernels.rotkv_paged.paged_attention_ref")
 
 
-def _check_attention_limits(spec: PagedCacheSpec) -> None:
+def check_attention_limits(spec: PagedCacheSpec) -> None:
+    """Raise ``ValueError`` unless the fused attention can serve ``spec``'s layout: its head width
+    (:func:`check_attention_head_dim`), its quantization groups inside whole tiles, and a key rotation width
+    the tiled Hadamard covers."""
     check_attention_head_dim(spec.head_dim)
     check_triton_group_size(spec.key_group_size, spec.key_rot_width)
     check_triton_group_size(spec.value_group_size, spec.width)
@@ -368,8 +372,8 @@ if HAS_TRITON:
         Extra limits: group sizes multiples of 8; Hadamard orders within ``hadamard_plan``'s tile limits.
         Raises ``ValueError`` like the reference.
         """
-        _check_write(spec, key, value, slot_mapping, positions, records, sinks, rope_cos, rope_sin, key_perm,
-                     key_mean)
+        check_paged_write_args(spec, key, value, slot_mapping, positions, records, sinks, rope_cos, rope_sin,
+                               key_perm, key_mean)
         check_triton_group_size(spec.key_group_size, spec.width)
         check_triton_group_size(spec.value_group_size, spec.width)
         check_launchable(records, "paged_write_triton")
@@ -709,9 +713,9 @@ if HAS_TRITON:
             ValueError: like the reference, plus the kernel's limits (module docstring) and a bad
                 ``precision``/``out``.
         """
-        _check_attention(spec, query, records, block_tables, seq_lens, query_start_loc, sinks, scale, rope_cos,
-                         rope_sin, key_perm, key_mean, out_dtype)
-        _check_attention_limits(spec)
+        check_paged_attention_args(spec, query, records, block_tables, seq_lens, query_start_loc, sinks, scale,
+                                   rope_cos, rope_sin, key_perm, key_mean, out_dtype)
+        check_attention_limits(spec)
         if precision not in PRECISIONS:
             raise ValueError(f"precision={precision!r}: expected one of {PRECISIONS}")
         check_launchable(records, "paged_attention_triton")

@@ -13,7 +13,8 @@ their standard deviation instead, which groups channels of similar range.
 
 Outputs, next to the model (``save_calibration``):
     rotkv_config.json    {"format": "rotkv-calibration", "format_version": 1, "config": RotateKVConfig,
-                          "layout": {"head_group_size", "group_size"}, "model": {...shapes, k_proj norms},
+                          "layout": {"head_group_size", "group_size"},
+                          "model": {...shapes, k_proj norms, weight_fingerprint (rotkv_vllm.fingerprint)},
                           "calibration": {"source", "num_tokens", "seq_len"}}
     rotkv.safetensors    layers.{i}.key_order  int64 [H * D];  layers.{i}.key_channel_sum  fp32 [H * D];
                          layers.{i}.key_mean  fp32 [H * D] (pre-RoPE, unrotated)
@@ -37,6 +38,8 @@ import torch
 
 from rotkv_kernels.hadamard import hadamard_transform
 from rotkv_vllm.config import RotateKVConfig, RotateKVLayout
+from rotkv_vllm.fingerprint import check_fingerprint, model_fingerprint
+from rotkv_vllm.model_support import decoder_layers, describe_model
 from rotkv_vllm.sinks import sink_token_mask
 
 __all__ = [
@@ -57,60 +60,8 @@ CONFIG_FILE = "rotkv_config.json"
 TENSORS_FILE = "rotkv.safetensors"
 FORMAT = "rotkv-calibration"
 FORMAT_VERSION = 1
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-
-
-def describe_model(model_or_config) -> dict[str, Any]:
-    """Shapes RotateKV needs from a Llama-architecture (GQA) model, validated.
-
-    Raises:
-        ValueError: an architecture RotateKV does not support, naming what is missing.
-    """
-    cfg = getattr(model_or_config, "config", model_or_config)
-    model_type = getattr(cfg, "model_type", None)
-    missing = [a for a in ("num_hidden_layers", "num_attention_heads", "hidden_size") if getattr(cfg, a, None) is None]
-    if missing:
-        raise ValueError(f"model config (model_type={model_type!r}) has no {missing}: not a decoder-only transformer")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(
-            f"model_type={model_type!r} is not supported: RotateKV needs a Llama-architecture attention "
-            f"(k_proj/v_proj/o_proj, RoPE, no sliding window); supported: {SUPPORTED_MODEL_TYPES}"
-        )
-    if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True):
-        raise ValueError(f"model uses sliding_window={cfg.sliding_window}: RotateKV does not support sliding windows")
-    if getattr(cfg, "kv_lora_rank", None):
-        raise ValueError("model uses MLA (kv_lora_rank): RotateKV needs per-head keys and values")
-    rope = getattr(cfg, "rope_parameters", None) or {}
-    if getattr(cfg, "rope_theta", None) is None and not rope.get("rope_theta"):
-        raise ValueError("model has no rope_theta: RotateKV rotates keys before RoPE and needs a RoPE model")
-    heads = cfg.num_attention_heads
-    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-    return {
-        "model_type": model_type,
-        "num_hidden_layers": int(cfg.num_hidden_layers),
-        "num_attention_heads": int(heads),
-        "num_key_value_heads": int(kv_heads),
-        "head_dim": int(head_dim),
-        "hidden_size": int(cfg.hidden_size),
-    }
-
-
-def _decoder_layers(model) -> list:
-    inner = getattr(model, "model", None)
-    layers = getattr(inner, "layers", None)
-    if layers is None:
-        raise ValueError(f"{type(model).__name__} has no model.layers: not a Llama-architecture causal LM")
-    for i, layer in enumerate(layers):
-        attn = getattr(layer, "self_attn", None)
-        for name in ("k_proj", "v_proj", "o_proj"):
-            if attn is None or not hasattr(attn, name):
-                raise ValueError(f"layer {i} has no self_attn.{name}: RotateKV needs Llama-style attention")
-    return list(layers)
-
-
 def _k_proj_norms(model) -> list[float]:
-    return [float(layer.self_attn.k_proj.weight.detach().float().norm()) for layer in _decoder_layers(model)]
+    return [float(layer.self_attn.k_proj.weight.detach().float().norm()) for layer in decoder_layers(model)]
 
 
 @dataclass
@@ -143,7 +94,8 @@ class RotateKVCalibration:
         return self.key_orders[layer][rank * w : (rank + 1) * w] - rank * w
 
     def check_model(self, model_or_config) -> None:
-        """Raise ValueError if this calibration was made for another model."""
+        """Raise ValueError if this calibration was made for another model: another family or shapes (a model
+        or a config), or other weights of the same shapes (a model: :mod:`rotkv_vllm.fingerprint`)."""
         info = describe_model(model_or_config)
         for k, v in info.items():
             if self.model_info.get(k) != v:
@@ -151,8 +103,15 @@ class RotateKVCalibration:
                     f"this RotateKV calibration was made for a model with {k}={self.model_info.get(k)!r}, "
                     f"but the model has {k}={v!r}: recalibrate with `python -m rotkv_vllm.calibration MODEL_DIR`"
                 )
+        if not hasattr(model_or_config, "model"):
+            return
+        fingerprint = self.model_info.get("weight_fingerprint")
+        if fingerprint is not None:
+            check_fingerprint(fingerprint, model_fingerprint(model_or_config)["sha256"], "the model")
+            return
+        check_fingerprint(None, None, "the model")  # an older calibration: warn, and compare what it has
         norms = self.model_info.get("k_proj_norms")
-        if norms is not None and hasattr(model_or_config, "model"):
+        if norms is not None:
             mine = _k_proj_norms(model_or_config)
             if any(abs(a - b) > 1e-2 * max(abs(b), 1e-6) for a, b in zip(mine, norms)):
                 raise ValueError(
@@ -224,7 +183,7 @@ def calibrate(
     """
     config = config or RotateKVConfig()
     info = describe_model(model)
-    layers = _decoder_layers(model)
+    layers = decoder_layers(model)
     layout = RotateKVLayout.resolve(config, info["num_key_value_heads"], info["head_dim"], tp_size)
     body, source = load_calibration_text(text=text, text_file=text_file, dataset=dataset)
     ids = tokenizer(body, return_tensors="pt", add_special_tokens=False).input_ids[0]
@@ -285,7 +244,7 @@ def calibrate(
             s = (sq / max(c, 1) - (s / max(c, 1)) ** 2).clamp_min(0).sqrt()
         blocks = s.view(-1, w)
         orders.append((blocks.argsort(dim=1) + torch.arange(0, width, w).unsqueeze(1)).reshape(-1).to(torch.int64))
-    info = dict(info, k_proj_norms=_k_proj_norms(model))
+    info = dict(info, k_proj_norms=_k_proj_norms(model), weight_fingerprint=model_fingerprint(model))
     return RotateKVCalibration(
         config=config,
         model_info=info,

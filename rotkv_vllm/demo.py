@@ -66,10 +66,11 @@ def _calibration_matches(folder: Path, config: RotateKVConfig) -> bool:
     if find_calibration(folder) is None:
         return False
     try:
-        have = load_calibration(folder).config
+        have = load_calibration(folder)
     except ValueError:
         return False
-    return have.to_dict() == config.to_dict()
+    # A calibration without a weight fingerprint predates rotkv_vllm.fingerprint: make it anew.
+    return have.config.to_dict() == config.to_dict() and "weight_fingerprint" in have.model_info
 
 
 def prepare_model(src: str | os.PathLike, dest: str | os.PathLike, config: RotateKVConfig, *,

@@ -6,7 +6,8 @@
 Each layer keeps, per token, the packed record of its pre-RoPE key (grouped-head Hadamard, calibrated
 channel order, group quantization; ``rotkv_write``) and of its value (per-head Hadamard), plus the
 token's RoPE ``cos``/``sin`` so the key can be re-rotated at read time (``rotkv_read`` applies RoPE at
-each key's own position). Sink tokens (chosen at prefill) and the recent window keep their
+each key's own position). The record maths is ``rotkv_kernels.rotkv_cache``'s (``rotkv_write`` / ``rotkv_read``,
+the references beside their Triton kernels); this module only keeps the records of a transformers cache. Sink tokens (chosen at prefill) and the recent window keep their
 full-precision K/V in a side store. Every ``update`` returns the whole dequantized cache, so attention
 sees exactly what a quantized cache holds.
 
@@ -24,9 +25,10 @@ from typing import Iterator
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-from rotkv_kernels.rotkv_cache import record_bytes, rotate_half, rotkv_read, rotkv_write
-from rotkv_vllm.calibration import RotateKVCalibration, _decoder_layers, describe_model
+from rotkv_kernels.rotkv_cache import apply_rope, record_bytes, rotkv_read, rotkv_write
+from rotkv_vllm.calibration import RotateKVCalibration
 from rotkv_vllm.config import RotateKVConfig, RotateKVLayout
+from rotkv_vllm.model_support import decoder_layers, describe_model
 from rotkv_vllm.sinks import sink_token_mask
 
 __all__ = ["RotateKVCache", "RotateKVLayer", "rotkv_cache"]
@@ -43,6 +45,8 @@ class RotateKVLayer(DynamicLayer):
         self.layout = layout
         self.key_bits, self.value_bits = config.bits_for_layer(layer_idx)
         self.key_clip, self.value_clip = config.clip_ratios(self.key_bits, self.value_bits)
+        # Values: a per-head Hadamard, or none with rotate_values=False (as in the reference and the vLLM backend).
+        self.value_rot_width = layout.head_dim if config.rotate_values else 1
         self.key_order = key_order
         # Calibrated pre-RoPE key mean [H, D] (center_keys): stored keys are k - mean.
         self.key_mean = None if key_mean is None else key_mean.reshape(layout.num_kv_heads, layout.head_dim)
@@ -73,7 +77,7 @@ class RotateKVLayer(DynamicLayer):
             x.reshape(b * t, h, d),
             bits=self.key_bits if key else self.value_bits,
             group_size=lay.group_size if key else lay.value_group_size,
-            rot_width=(lay.group_width if key else (d if self.config.rotate_values else lay.kv_width)),
+            rot_width=lay.group_width if key else self.value_rot_width,
             perm=self.key_order if key else None,
             clip_ratio=self.key_clip if key else self.value_clip,
             scale_format=self.config.scale_format,
@@ -92,7 +96,7 @@ class RotateKVLayer(DynamicLayer):
             head_dim=d,
             bits=self.key_bits if key else self.value_bits,
             group_size=lay.group_size if key else lay.value_group_size,
-            rot_width=(lay.group_width if key else (d if self.config.rotate_values else lay.kv_width)),
+            rot_width=lay.group_width if key else self.value_rot_width,
             perm=self.key_order if key else None,
             scale_format=self.config.scale_format,
             cos=self.cos.reshape(b * s, d) if rope_in_kernel else None,
@@ -102,7 +106,7 @@ class RotateKVLayer(DynamicLayer):
         if key and self.key_mean is not None:
             out = out + self.key_mean
             cos, sin = self.cos.reshape(b * s, 1, d), self.sin.reshape(b * s, 1, d)
-            out = out * cos + rotate_half(out) * sin
+            out = apply_rope(out, cos, sin)
         return out.reshape(b, s, lay.num_kv_heads, d).transpose(1, 2).to(dtype)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -201,7 +205,7 @@ def rotkv_cache(model, calibration: RotateKVCalibration | None = None,
         ValueError: an unsupported model, a calibration for another model, or reordering without one.
     """
     info = describe_model(model)
-    layers = _decoder_layers(model)
+    layers = decoder_layers(model)
     if calibration is not None:
         calibration.check_model(model)
         config = config or calibration.config

@@ -33,11 +33,13 @@ import torch.nn.functional as F
 
 from rotkv_kernels.hadamard import hadamard_transform
 from rotkv_kernels.quant import bits_per_element, fake_quantize_groupwise
-from rotkv_vllm.calibration import RotateKVCalibration, _decoder_layers, describe_model
+from rotkv_kernels.rotkv_cache import apply_rope
+from rotkv_vllm.calibration import RotateKVCalibration
 from rotkv_vllm.config import RotateKVConfig, RotateKVLayout
+from rotkv_vllm.model_support import decoder_layers, describe_model
 from rotkv_vllm.sinks import sink_token_mask
 
-__all__ = ["KVMethod", "method_from_name", "quantized_kv", "perplexity", "KVStats", "METHOD_NAMES"]
+__all__ = ["KVMethod", "method_from_name", "quantized_kv", "perplexity", "windowed_nll", "KVStats", "METHOD_NAMES"]
 
 ATTN_NAME = "rotkv_ref"
 METHOD_NAMES = ("fp", "int4", "int2", "kivi2", "quarot2", "rotkv2", "rotkv3", "rotkv4")
@@ -101,17 +103,6 @@ class KVStats:
     @property
     def avg_bits(self) -> float:
         return self.stored_bits / max(self.elements, 1)
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [B, H, T, D]; cos/sin: [B, T, D] (HF convention)."""
-    cos, sin = cos.unsqueeze(1).to(x.dtype), sin.unsqueeze(1).to(x.dtype)
-    return x * cos + _rotate_half(x) * sin
 
 
 class _State:
@@ -215,7 +206,7 @@ def _transform(st: _State, layer: int, key: torch.Tensor, value: torch.Tensor):
     kq = kq.reshape(b, s, h, d).transpose(1, 2)
     if cfg.pre_rope:
         cos, sin = st.rope[layer]
-        kq = _apply_rope(kq, cos, sin)
+        kq = apply_rope(kq, cos.unsqueeze(1).to(kq.dtype), sin.unsqueeze(1).to(kq.dtype))  # cos/sin [B, T, D]
     if cfg.rotate_values:
         vr = hadamard_transform(v, block_size=d)
         vq = hadamard_transform(_fq_tokens(vr, vb, lay.value_group_size, vclip, cfg.scale_format), block_size=d,
@@ -308,7 +299,7 @@ def quantized_kv(model, method: KVMethod | str, calibration: RotateKVCalibration
     """
     method = method_from_name(method) if isinstance(method, str) else method
     info = describe_model(model)
-    layers = _decoder_layers(model)
+    layers = decoder_layers(model)
     cfg = method.rotkv or RotateKVConfig()
     if method.kind == "rotkv":
         if calibration is not None:
@@ -360,30 +351,51 @@ def quantized_kv(model, method: KVMethod | str, calibration: RotateKVCalibration
 
 
 @torch.no_grad()
-def perplexity(model, token_ids: torch.Tensor, *, window: int = 1024, method: KVMethod | str = "fp",
-               calibration: RotateKVCalibration | None = None, stats: KVStats | None = None,
-               progress: bool = False) -> float:
-    """Perplexity over consecutive non-overlapping windows of ``window`` tokens of ``token_ids`` ([N]).
+def windowed_nll(model, token_ids: torch.Tensor, window: int, *, batch_size: int = 1,
+                 autocast_dtype: torch.dtype | None = None, progress: bool = False, desc: str = "ppl"
+                 ) -> tuple[float, int]:
+    """Summed next-token negative log-likelihood (nats) and the number of scored tokens, over consecutive
+    non-overlapping windows of ``window`` tokens of ``token_ids`` (``[N]``, or ``[n, window]`` already cut).
 
-    Each window is scored on its tokens 1..window-1 (teacher-forced); trailing tokens that do not fill
-    a window are dropped. ``exp(mean NLL)`` over all scored tokens.
+    Each window is one teacher-forced forward pass (no KV cache) scoring its tokens ``1 .. window - 1`` (the
+    first has no context; the positions vLLM's ``prompt_logprobs`` scores); trailing tokens that do not fill a
+    window are dropped. The one evaluation loop of the project: :func:`perplexity`, the Optimum quantizers'
+    evaluations and HALO's (``optimum_plugin.halo.data.causal_lm_nll``) all call it.
+
+    Args:
+        batch_size: windows per forward pass. autocast_dtype: run the forward under ``torch.autocast`` in
+            this dtype (None: the model's own dtype). Logits are scored in fp32 either way.
+    Raises:
+        ValueError: fewer tokens than one window.
     """
     ids = token_ids.reshape(-1)
     n_win = ids.numel() // window
     if n_win < 1:
         raise ValueError(f"{ids.numel()} tokens do not fill one window of {window}")
+    chunks = ids[: n_win * window].view(n_win, window)
     device = next(model.parameters()).device
-    nll, count = 0.0, 0
-    rng = range(n_win)
+    starts = range(0, n_win, batch_size)
     if progress:
         from tqdm.auto import tqdm
 
-        rng = tqdm(rng, desc=f"ppl {getattr(method, 'name', method)}", leave=False)
+        starts = tqdm(starts, desc=desc, unit="batch", leave=False)
+    nll, count = 0.0, 0
+    for i in starts:
+        x = chunks[i: i + batch_size].to(device)
+        with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+            logits = model(x, use_cache=False).logits
+        logits = logits[:, :-1].float()
+        nll += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum"))
+        count += x.shape[0] * (window - 1)
+    return nll, count
+
+
+def perplexity(model, token_ids: torch.Tensor, *, window: int = 1024, method: KVMethod | str = "fp",
+               calibration: RotateKVCalibration | None = None, stats: KVStats | None = None,
+               progress: bool = False) -> float:
+    """Perplexity over consecutive non-overlapping windows of ``window`` tokens of ``token_ids`` ([N]) with K/V
+    stored by ``method``: ``exp(mean NLL)`` over all scored tokens (:func:`windowed_nll`)."""
     with quantized_kv(model, method, calibration, stats):
-        for w in rng:
-            x = ids[w * window : (w + 1) * window].unsqueeze(0).to(device)
-            logits = model(x, use_cache=False).logits.float()
-            loss = F.cross_entropy(logits[0, :-1], x[0, 1:], reduction="sum")
-            nll += float(loss)
-            count += window - 1
+        nll, count = windowed_nll(model, token_ids, window, progress=progress,
+                                  desc=f"ppl {getattr(method, 'name', method)}")
     return math.exp(nll / count)

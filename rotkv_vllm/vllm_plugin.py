@@ -215,7 +215,7 @@ def platform_reasons(platform: Any, head_size: int) -> list[str]:
     import torch
 
     from rotkv_kernels.rotkv_paged_triton import check_attention_head_dim
-    from rotkv_vllm.vllm_backend import select_attention_impl
+    from rotkv_vllm.runtime import select_attention_impl
 
     if platform.is_cpu():
         device = "cpu"

@@ -227,9 +227,9 @@ class LRQDiTCommand(_MethodCommand):
 
     @staticmethod
     def _prompts(raw: list[str], pipe) -> list:
-        from optimum_plugin.quantizers import _pipeline_prompt_argument
+        from optimum_plugin.lrq_dit.optimum_quantizer import pipeline_prompt_argument
 
-        if _pipeline_prompt_argument(pipe) != "class_labels":
+        if pipeline_prompt_argument(pipe) != "class_labels":
             return raw
         try:
             return [int(p) for p in raw]

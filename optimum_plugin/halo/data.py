@@ -41,19 +41,9 @@ def train_eval_split(chunks: torch.Tensor, eval_chunks: int) -> tuple[torch.Tens
 
 @torch.no_grad()
 def causal_lm_nll(model, chunks: torch.Tensor, batch_size: int = 4, autocast_dtype: torch.dtype | None = None):
-    """Summed next-token negative log-likelihood (nats) and the number of predicted tokens.
+    """Summed next-token negative log-likelihood (nats) and the number of predicted tokens of ``chunks``
+    (``[n, L]``): every chunk predicts its tokens 1..L-1 from the preceding ones (the first token has no
+    context), the same positions vLLM's ``prompt_logprobs`` scores (:func:`rotkv_vllm.reference.windowed_nll`)."""
+    from rotkv_vllm.reference import windowed_nll
 
-    Every chunk predicts its tokens 1..L-1 from the preceding ones (the first token has no context),
-    the same positions vLLM's ``prompt_logprobs`` scores.
-    """
-    total, count = 0.0, 0
-    dev = next(model.parameters()).device
-    for i in range(0, chunks.shape[0], batch_size):
-        ids = chunks[i : i + batch_size].to(dev)
-        with torch.autocast(dev.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
-            logits = model(input_ids=ids).logits
-        logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-        nll = -logp.gather(-1, ids[:, 1:, None]).squeeze(-1)
-        total += float(nll.sum())
-        count += nll.numel()
-    return total, count
+    return windowed_nll(model, chunks, chunks.shape[1], batch_size=batch_size, autocast_dtype=autocast_dtype)

@@ -29,8 +29,11 @@ from torch.utils import _pytree as pytree
 
 from optimum_plugin.halo.config import HALOConfig
 from optimum_plugin.halo.functional import rotate_features
+from optimum_plugin.halo.linear import HALOLinear
+from optimum_plugin.halo.quantized_weight import HALOQuantizedWeight
 from rotkv_kernels.lowp_matmul import qmax, torch_dtype
 
+# HALOQuantizedWeight lives in quantized_weight.py (the HALO layer reads it too) and is re-exported here.
 __all__ = ["HALOQuantizedWeight", "HQShardedWeight", "prepare_hq_fsdp", "all_gather_bytes"]
 
 logger = logging.getLogger(__name__)
@@ -65,48 +68,6 @@ def _quantize_rows(w: torch.Tensor, cfg: HALOConfig, group) -> tuple[torch.Tenso
         # every row carries the global scale so the all-gathered scales line up with the rows
         scale = scale.expand(w.shape[0], 1).contiguous()
     return q, scale
-
-
-class HALOQuantizedWeight(torch.Tensor):
-    """The unsharded weight under HQ-FSDP: shaped and typed like the float ``(N, K)`` weight, holding
-    ``codes`` (``(N, K)`` int8/fp8 of ``rot W``) and ``scale`` (``(N, 1)`` float32, or ``(1, 1)``).
-
-    Only the HALO layer reads it (through ``codes``/``scale``); other ops raise.
-    """
-
-    @staticmethod
-    def __new__(cls, codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, requires_grad: bool = False):
-        return torch.Tensor._make_wrapper_subclass(
-            cls, codes.shape, dtype=dtype, device=codes.device, requires_grad=requires_grad
-        )
-
-    def __init__(self, codes, scale, dtype, requires_grad=False):
-        self.codes = codes
-        self.scale = scale
-
-    def __repr__(self) -> str:
-        return f"HALOQuantizedWeight(shape={tuple(self.shape)}, codes={self.codes.dtype}, dtype={self.dtype})"
-
-    def __tensor_flatten__(self):
-        return ["codes", "scale"], self.dtype
-
-    @staticmethod
-    def __tensor_unflatten__(inner, dtype, outer_size, outer_stride):
-        return HALOQuantizedWeight(inner["codes"], inner["scale"], dtype)
-
-    @classmethod
-    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        t = args[0]
-        if func in (aten.detach.default, aten.alias.default):
-            return HALOQuantizedWeight(t.codes, t.scale, t.dtype)
-        if func is aten.as_strided.default and tuple(args[1]) == tuple(t.shape):
-            # FSDP views the all-gather output with the parameter's own shape and contiguous strides
-            return HALOQuantizedWeight(t.codes, t.scale, t.dtype)
-        raise NotImplementedError(
-            f"HALOQuantizedWeight (HQ-FSDP) does not support {func}; only HALO layers may read the all-gathered "
-            "weight. Leave the module out of prepare_hq_fsdp or disable hq_fsdp."
-        )
 
 
 # Ops whose outputs stay sharded-weight wrappers: what FSDP2 does to a parameter while sharding it.
@@ -203,8 +164,6 @@ def prepare_hq_fsdp(model: nn.Module, world_size: int | None = None) -> int:
         ValueError: no HALO layers, a config without ``hq_fsdp=True``, or ``out_features`` that the world
             size does not divide (FSDP would pad the shard and the all-gathered rows would not line up).
     """
-    from optimum_plugin.halo.linear import HALOLinear
-
     if world_size is None:
         world_size = dist.get_world_size() if dist.is_initialized() else 1
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, HALOLinear)]
@@ -231,8 +190,6 @@ def prepare_hq_fsdp(model: nn.Module, world_size: int | None = None) -> int:
 
 def unwrap_hq_fsdp(model: nn.Module) -> dict[str, Any]:
     """Undo :func:`prepare_hq_fsdp` on an unsharded model (plain float weights again)."""
-    from optimum_plugin.halo.linear import HALOLinear
-
     out = {}
     for name, mod in model.named_modules():
         if isinstance(mod, HALOLinear) and isinstance(mod.weight, HQShardedWeight):

@@ -7,6 +7,7 @@ from torch import nn
 
 from optimum_plugin.halo.config import HALOConfig
 from optimum_plugin.halo.functional import halo_linear, quantize_weight
+from optimum_plugin.halo.quantized_weight import HALOQuantizedWeight
 
 __all__ = ["HALOLinear"]
 
@@ -22,7 +23,7 @@ class HALOLinear(nn.Linear):
       quantized once; the cache is keyed on the tensor's storage, version counter and a float64 sum,
       so an in-place update (``merge_and_unload``, ``load_state_dict``) invalidates it;
     - under HQ-FSDP the all-gathered weight already *is* the quantized ``Q(rot W)``
-      (:class:`optimum_plugin.halo.fsdp.HALOQuantizedWeight`).
+      (:class:`optimum_plugin.halo.quantized_weight.HALOQuantizedWeight`).
     """
 
     def __init__(
@@ -61,8 +62,6 @@ class HALOLinear(nn.Linear):
         return lin
 
     def _quantized_weight(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        from optimum_plugin.halo.fsdp import HALOQuantizedWeight
-
         w = self.weight
         if isinstance(w, HALOQuantizedWeight):
             return w.codes, w.scale

@@ -41,10 +41,10 @@ from rotkv_kernels.twin_log import (
 )
 from rotkv_kernels.twin_log_triton import triton_runnable, twin_log_linear_triton
 
-from .config import LayerPlan
+from .config import LayerPlan, LRQDiTConfig
 from .rotation import rebuild_block_rotation, rotate, unpack_bits
 
-__all__ = ["KERNELS", "LRQLinear", "fake_quant_per_token", "uniform_dequantize"]
+__all__ = ["KERNELS", "LRQLinear", "fake_quant_per_token", "replace_with_skeletons", "set_module", "uniform_dequantize"]
 
 logger = logging.getLogger(__name__)
 
@@ -218,3 +218,39 @@ class LRQLinear(nn.Module):
         if self.bias is not None:
             total += self.bias.numel() * self.bias.element_size()
         return total
+
+
+def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put ``module`` at the dotted path ``name`` of ``model`` (replacing what is there)."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def replace_with_skeletons(model: nn.Module, config: LRQDiTConfig) -> int:
+    """Swap every layer listed in ``config.layers`` for an empty :class:`LRQLinear` (for loading a checkpoint).
+
+    Returns the number of swapped layers.
+    Raises:
+        ValueError: ``config.layers`` is missing or names a module that is not an ``nn.Linear`` of ``model``.
+    """
+    if not config.layers:
+        raise ValueError("quantization_config has no `layers`: the checkpoint was not written by LRQ-DiT's quantize_")
+    for name, plan in config.layers.items():
+        try:
+            m = model.get_submodule(name)
+        except AttributeError as e:
+            raise ValueError(f"quantization_config names layer {name!r}, which this model does not have") from e
+        if isinstance(m, LRQLinear):
+            continue
+        if not isinstance(m, nn.Linear):
+            raise ValueError(f"quantization_config names {name!r}, a {type(m).__name__}, not an nn.Linear")
+        dev = m.weight.device
+        q = LRQLinear(m.in_features, m.out_features, m.bias is not None, config.weight_bits, config.act_bits,
+                      config.weight_quantizer, plan, device=None if dev.type == "meta" else dev,
+                      dtype=m.weight.dtype)
+        if dev.type == "meta" and q.bias is not None:
+            q.bias = nn.Parameter(torch.empty(m.out_features, dtype=m.weight.dtype, device="meta"),
+                                  requires_grad=False)
+        set_module(model, name, q)
+    return len(config.layers)

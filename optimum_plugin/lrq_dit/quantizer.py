@@ -28,11 +28,11 @@ from rotkv_kernels.twin_log import twin_log_pack, twin_log_search
 
 from .calibration import LayerStats, calibrate_pipeline, target_linears
 from .config import LayerPlan, LRQDiTConfig
-from .modules import LRQLinear, fake_quant_per_token
+from .modules import LRQLinear, fake_quant_per_token, replace_with_skeletons, set_module
 from .rotation import OutlierRotation, default_block_size, fluctuation, pack_bits, rotate, smoothing_factors
 
 __all__ = ["channel_shift", "needs_statistics", "plan_layer", "quantize_", "quantize_linear", "quantize_pipeline",
-           "replace_with_skeletons", "uniform_quantize_rows"]
+           "replace_with_skeletons", "uniform_quantize_rows"]  # replace_with_skeletons: re-exported from .modules
 
 logger = logging.getLogger(__name__)
 
@@ -192,12 +192,6 @@ def quantize_linear(
     return q.to(dev), plan
 
 
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
-
-
 def quantize_(
     model: nn.Module,
     config: LRQDiTConfig,
@@ -236,7 +230,7 @@ def quantize_(
     for i, (name, linear) in enumerate(layers.items()):
         st = None if stats is None else stats.get(name)
         qmod, plans[name] = quantize_linear(linear, config, planned[name], st, seed=seed + i, name=name)
-        _set_module(model, name, qmod)
+        set_module(model, name, qmod)
     resolved = config.replace(layers=plans)
     kinds = {}
     for p in plans.values():
@@ -269,32 +263,3 @@ def quantize_pipeline(
         stats = calibrate_pipeline(pipe, config, prompts, num_inference_steps, batch_size, component, seed,
                                    progress=progress, **pipe_kwargs)
     return quantize_(getattr(pipe, component), config, stats, seed=seed)
-
-
-def replace_with_skeletons(model: nn.Module, config: LRQDiTConfig) -> int:
-    """Swap every layer listed in ``config.layers`` for an empty :class:`LRQLinear` (for loading a checkpoint).
-
-    Returns the number of swapped layers.
-    Raises:
-        ValueError: ``config.layers`` is missing or names a module that is not an ``nn.Linear`` of ``model``.
-    """
-    if not config.layers:
-        raise ValueError("quantization_config has no `layers`: the checkpoint was not written by LRQ-DiT's quantize_")
-    for name, plan in config.layers.items():
-        try:
-            m = model.get_submodule(name)
-        except AttributeError as e:
-            raise ValueError(f"quantization_config names layer {name!r}, which this model does not have") from e
-        if isinstance(m, LRQLinear):
-            continue
-        if not isinstance(m, nn.Linear):
-            raise ValueError(f"quantization_config names {name!r}, a {type(m).__name__}, not an nn.Linear")
-        dev = m.weight.device
-        q = LRQLinear(m.in_features, m.out_features, m.bias is not None, config.weight_bits, config.act_bits,
-                      config.weight_quantizer, plan, device=None if dev.type == "meta" else dev,
-                      dtype=m.weight.dtype)
-        if dev.type == "meta" and q.bias is not None:
-            q.bias = nn.Parameter(torch.empty(m.out_features, dtype=m.weight.dtype, device="meta"),
-                                  requires_grad=False)
-        _set_module(model, name, q)
-    return len(config.layers)

@@ -147,7 +147,7 @@ class LRQDiTDiffusersQuantizer(DiffusersQuantizer):
         check_diffusers_version()
 
     def _process_model_before_weight_loading(self, model, device_map=None, keep_in_fp32_modules=None, **kwargs):
-        from .quantizer import replace_with_skeletons
+        from .modules import replace_with_skeletons
 
         replace_with_skeletons(model, self.quantization_config.lrq_config)
         return model
@@ -171,7 +171,7 @@ class LRQDiTTransformersQuantizer(HfQuantizer):
     requires_calibration = True
 
     def _process_model_before_weight_loading(self, model, **kwargs):
-        from .quantizer import replace_with_skeletons
+        from .modules import replace_with_skeletons
 
         replace_with_skeletons(model, self.quantization_config.lrq_config)
         return model

@@ -21,7 +21,7 @@ SCRIPT = textwrap.dedent(
     import rotkv_kernels
     assert "triton" not in [m for m in sys.modules if sys.modules[m] is not None], "package import pulled triton"
     from rotkv_kernels import hadamard_triton, quant_triton, rotkv_cache_triton
-    from rotkv_kernels.rotkv_cache import _use_triton, rotkv_write_ref, rotkv_read_ref
+    from rotkv_kernels.rotkv_cache import use_triton, rotkv_write_ref, rotkv_read_ref
     assert not hadamard_triton.HAS_TRITON and not quant_triton.HAS_TRITON and not rotkv_cache_triton.HAS_TRITON
     assert not rotkv_kernels.triton_available()
     x = torch.randn(3, 3, 64)
@@ -39,7 +39,7 @@ SCRIPT = textwrap.dedent(
             assert "needs Triton, which is not installed" in str(e), e
         else:
             raise AssertionError("stub did not raise")
-    assert not _use_triton(x)
+    assert not use_triton(x)
     kw = dict(bits=2, group_size=64, rot_width=192)
     rec = rotkv_kernels.rotkv_write(x, **kw)
     assert torch.equal(rec, rotkv_write_ref(x, **kw))
@@ -67,9 +67,9 @@ def test_package_import_does_not_import_triton():
 DISPATCH_SCRIPT = textwrap.dedent(
     """
     import torch
-    from rotkv_kernels.rotkv_cache import _use_triton, rotkv_read, rotkv_read_ref, rotkv_write, rotkv_write_ref
+    from rotkv_kernels.rotkv_cache import use_triton, rotkv_read, rotkv_read_ref, rotkv_write, rotkv_write_ref
     x = torch.randn(3, 3, 64)
-    assert not _use_triton(x)
+    assert not use_triton(x)
     kw = dict(bits=2, group_size=192, rot_width=192, clip_ratio=0.8)
     rec = rotkv_write(x, **kw)
     assert torch.equal(rec, rotkv_write_ref(x, **kw))

@@ -22,6 +22,7 @@ from rotkv_kernels.rotkv_paged import (  # noqa: E402
     paged_cache_views,
     paged_write_ref,
 )
+from rotkv_kernels.rotkv_cache import rotate_half  # noqa: E402
 from rotkv_vllm import vllm_backend as vb  # noqa: E402
 from rotkv_vllm.calibration import RotateKVCalibration  # noqa: E402
 from rotkv_vllm.config import RotateKVConfig  # noqa: E402
@@ -124,7 +125,7 @@ def test_backend_cache_and_outputs_are_the_kernels_layout(name):
         k_pre[:, :, 5] += 3.0
         if rt.config.pre_rope:
             c, s_ = rt.rope_cos[positions][:, None], rt.rope_sin[positions][:, None]
-            k = (k_pre * c + vb._rotate_half(k_pre) * s_).to(torch.bfloat16)
+            k = (k_pre * c + rotate_half(k_pre) * s_).to(torch.bfloat16)
         else:
             k = k_pre.to(torch.bfloat16)
         v = torch.randn(t + 2, sp.num_kv_heads, sp.head_dim, generator=gen).to(torch.bfloat16)

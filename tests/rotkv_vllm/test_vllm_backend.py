@@ -19,7 +19,8 @@ pytest.importorskip("vllm")
 from vllm.v1.attention.backend import CommonAttentionMetadata  # noqa: E402
 from vllm.v1.kv_cache_interface import FullAttentionSpec  # noqa: E402
 
-from rotkv_kernels.rotkv_cache import record_bytes, rotkv_read_ref, rotkv_write_ref  # noqa: E402
+from rotkv_kernels.rotkv_cache import record_bytes, rotate_half, rotkv_read_ref, rotkv_write_ref  # noqa: E402
+from rotkv_kernels.rotkv_paged import inverse_rope_ref  # noqa: E402
 from rotkv_vllm import vllm_backend as vb  # noqa: E402
 from rotkv_vllm.calibration import RotateKVCalibration  # noqa: E402
 from rotkv_vllm.config import RotateKVConfig  # noqa: E402
@@ -129,7 +130,7 @@ class Engine:
             q = (torch.randn(t + pad, self.h, self.d, generator=self.gen)).to(torch.bfloat16)
             c = torch.cat([cos[pos], cos[:pad]])[:, None]
             s = torch.cat([sin[pos], sin[:pad]])[:, None]
-            k_post = (k_pre * c + vb._rotate_half(k_pre) * s).to(torch.bfloat16)
+            k_post = (k_pre * c + rotate_half(k_pre) * s).to(torch.bfloat16)
             out = torch.full((t + pad, self.h, self.d), float("nan"), dtype=torch.bfloat16)
             layer = type("L", (), {"layer_name": f"model.layers.{li}.self_attn.attn"})()
             impl.forward(layer, q, k_post, v, self.caches[li].view, md, out)
@@ -152,7 +153,7 @@ class Engine:
         pos = torch.arange(upto + 1)
         k_in = k_post.float()
         if cfg.pre_rope:
-            k_in = vb.inverse_rope(k_post, rt.rope_cos[pos], rt.rope_sin[pos])
+            k_in = inverse_rope_ref(k_post, rt.rope_cos[pos], rt.rope_sin[pos])
         mu = codec.key_mean.view(self.hkv, self.d) if cfg.center_keys else torch.zeros(self.hkv, self.d)
         krec = rotkv_write_ref(k_in - mu, bits=codec.key_bits, group_size=lay.group_size,
                                rot_width=lay.group_width, perm=codec.key_order, clip_ratio=codec.key_clip,
@@ -162,7 +163,7 @@ class Engine:
                             scale_format=cfg.scale_format) + mu
         if cfg.pre_rope:
             c, s_ = rt.rope_cos[pos][:, None], rt.rope_sin[pos][:, None]
-            kq = kq * c + vb._rotate_half(kq) * s_
+            kq = kq * c + rotate_half(kq) * s_
         vw = self.d if cfg.rotate_values else 1
         vrec = rotkv_write_ref(v.float(), bits=codec.value_bits, group_size=lay.value_group_size, rot_width=vw,
                                clip_ratio=codec.value_clip, scale_format=cfg.scale_format)
@@ -282,11 +283,11 @@ def test_inverse_rope_recovers_pre_rope_keys():
     k = torch.randn(50, 3, 64, dtype=torch.float64)
     pos = torch.randint(0, 4096, (50,))
     c, s = cos[pos].double()[:, None], sin[pos].double()[:, None]
-    post = k * c + vb._rotate_half(k) * s
-    back = vb.inverse_rope(post.float(), cos[pos], sin[pos]).double()
+    post = k * c + rotate_half(k) * s
+    back = inverse_rope_ref(post.float(), cos[pos], sin[pos]).double()
     # fp32 arithmetic on O(1) values: a few ulps of fp32 per element.
     assert float((back - k).abs().max()) < 1e-5 * float(k.abs().max())
-    scaled = vb.inverse_rope((post * 1.7).float(), cos[pos] * 1.7, sin[pos] * 1.7).double()  # mscale folded in
+    scaled = inverse_rope_ref((post * 1.7).float(), cos[pos] * 1.7, sin[pos] * 1.7).double()  # mscale folded in
     assert float((scaled - k * 1.7 / 1.7).abs().max()) < 1e-5 * float(k.abs().max())
 
 
@@ -315,24 +316,6 @@ def test_tensor_parallel_ranks_take_their_own_heads_and_orders():
         assert torch.equal(local.sort().values, torch.arange(128))
     with pytest.raises(ValueError, match="tensor"):
         _calibration(cfg, 2, 4, 64, 4).layout(2)  # a group of 4 heads cannot split over 2 ranks
-
-
-@pytest.mark.parametrize("bits", [2, 3, 4])
-def test_fast_unpack_and_dequantize_match_quant_reference(bits):
-    from rotkv_kernels.quant import dequantize_groupwise, quantize_groupwise, unpack_codes
-
-    gen = torch.Generator().manual_seed(bits)
-    packed = torch.randint(0, 256, (37, 96 * bits // 8), dtype=torch.uint8, generator=gen)
-    assert torch.equal(vb.unpack_codes_fast(packed, bits), unpack_codes(packed, bits))
-    x = torch.randn(37, 3, 32, generator=gen)
-    rec = rotkv_write_ref(x, bits=bits, group_size=32, rot_width=1, scale_format="fp16")
-    codes, scale, zero = quantize_groupwise(x.view(37, 96), bits, 32, 1.0, "fp16")
-    ref = dequantize_groupwise(codes, scale, zero, 32)
-    valid = torch.arange(37) % 5 != 0
-    got = vb.dequantize_records(rec, bits, 96, 32, "fp16", valid)
-    # Same fp32 products, one rounding apart (addcmul vs subtract-then-multiply).
-    assert torch.allclose(got[valid], ref[valid], rtol=1e-6, atol=1e-6 * float(ref.abs().max()))
-    assert torch.equal(got[~valid], torch.zeros_like(got[~valid]))
 
 
 # ---- start-up resolution against a model folder -------------------------------------------------------

@@ -32,6 +32,7 @@ from vllm.v1.attention.backend import CommonAttentionMetadata  # noqa: E402
 from vllm.v1.kv_cache_interface import FullAttentionSpec  # noqa: E402
 
 from rotkv_kernels.rotkv_paged import alloc_paged_cache, paged_attention_ref  # noqa: E402
+from rotkv_kernels.rotkv_cache import rotate_half  # noqa: E402
 from rotkv_vllm import vllm_backend as vb  # noqa: E402
 from rotkv_vllm.calibration import RotateKVCalibration  # noqa: E402
 from rotkv_vllm.config import RotateKVConfig  # noqa: E402
@@ -159,7 +160,7 @@ class Twin:
                 v = torch.randn(n, hkv, d, generator=self.gen)
             if rt.config.pre_rope:
                 c, s = rt.rope_cos[positions][:, None], rt.rope_sin[positions][:, None]
-                k_pre = k_pre * c + vb._rotate_half(k_pre) * s
+                k_pre = k_pre * c + rotate_half(k_pre) * s
             k, v = k_pre.to(torch.bfloat16), v.to(torch.bfloat16)
             q = torch.randn(n, self.heads, d, generator=self.gen).to(torch.bfloat16)
             layer = type("L", (), {"layer_name": f"model.layers.{li}.self_attn.attn"})()
@@ -179,7 +180,7 @@ class Twin:
         n_q = int(qsl[-1])
         sp = rt.paged_spec(li)
         cache = cache if cache is not None else self.torch.caches[li]
-        p = rt.fused_params(li, torch.device("cpu"))
+        p = rt.kernel_params(li, torch.device("cpu"))
         kw = dict(spec=sp, scale=sp.head_dim ** -0.5, sinks=cache.sinks, rope_cos=p.rope_cos, rope_sin=p.rope_sin,
                   key_perm=p.key_perm, key_mean=p.key_mean)
         ref = paged_attention_ref(q[:n_q], cache.records, step["table"], torch.tensor(step["seq"]), qsl,
@@ -276,12 +277,12 @@ def test_paged_spec_page_bytes_match_runtime():
                 assert sp.page_bytes(bs, rt.dtype) == rt.page_bytes(bs)
 
 
-def test_fused_params_built_once_per_layer_and_device():
+def test_kernel_params_built_once_per_layer_and_device():
     rt = _runtime(RotateKVConfig.for_bits(2, sink_mode="none", center_keys=True), layers=2)
     cpu = torch.device("cpu")
-    p0 = rt.fused_params(0, cpu)
-    assert rt.fused_params(0, cpu) is p0  # cached, not rebuilt per step
-    p1 = rt.fused_params(1, cpu)
+    p0 = rt.kernel_params(0, cpu)
+    assert rt.kernel_params(0, cpu) is p0  # cached, not rebuilt per step
+    p1 = rt.kernel_params(1, cpu)
     assert p1.rope_cos is p0.rope_cos  # one copy of the RoPE tables per device
     assert not torch.equal(p1.key_perm, p0.key_perm)
     assert torch.equal(p0.key_perm[p0.inv_perm], torch.arange(rt.layout.kv_width))
