@@ -398,8 +398,24 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tensor-parallel-size", type=int, default=1)
     ap.add_argument("--out", help="output folder (default: the model folder)")
     args = ap.parse_args(argv)
+    from rotkv_vllm.cli import user_errors_exit
+
+    with user_errors_exit(ap.prog):
+        _run(args)
+
+
+def _run(args: argparse.Namespace) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    model_dir = Path(args.model)
+    if not (model_dir / "config.json").is_file():
+        what = "is not a model folder (no config.json)" if model_dir.is_dir() else "does not exist"
+        raise ValueError(f"model folder {args.model} {what}; this command calibrates a local transformers "
+                         "checkpoint (for a Hub repo id use optimum-cli rotkv rotatekv -m REPO_ID)")
+    for opt in ("calib_file", "config_json"):
+        f = getattr(args, opt)
+        if f is not None and not Path(f).is_file():
+            raise ValueError(f"--{opt.replace('_', '-')} {f} does not exist")
     config = (RotateKVConfig.from_json(Path(args.config_json).read_text()) if args.config_json
               else RotateKVConfig.for_bits(args.bits))
     tok = AutoTokenizer.from_pretrained(args.model)

@@ -3,7 +3,8 @@
 Each command: check the Hub token first when ``--push-to-hub`` is given (a wrong token fails in a second, not
 after calibration), load the source (folder or repo id), run the method's ``OptimumQuantizer``
 (:mod:`optimum_plugin.quantizers`) with progress bars, write the output folder and its model card, push it as one
-commit, and print a summary. User errors exit with ``optimum-cli rotkv NAME: error: ...`` and status 1.
+commit, and print a summary. User errors (:data:`rotkv_vllm.cli.USER_ERRORS`) exit with one line,
+``optimum-cli rotkv NAME: error: ...``, and status 1.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 from optimum.commands.base import BaseOptimumCLICommand, CommandInfo
 
 from optimum_plugin.hub import human_bytes
+from rotkv_vllm.cli import USER_ERRORS, one_line
 
 __all__ = ["RotKVCommand", "RotateKVCommand", "LRQDiTCommand", "HALOExportCommand", "PushCommand", "command_line"]
 
@@ -132,15 +134,15 @@ class _MethodCommand(BaseOptimumCLICommand):
                 pushed = quantizer.push_to_hub(args.push_to_hub, token=args.token, private=args.private,
                                                revision=args.revision, commit_message=args.commit_message,
                                                retries=args.retries, progress=not args.no_progress)
-        except ValueError as e:
-            raise SystemExit(f"optimum-cli rotkv {self.COMMAND.name}: error: {e}") from None
         except HubPushError as e:
             # The output is complete; only the upload failed: say how to retry it without recomputing.
             retry = ["optimum-cli", "rotkv", "push", str(args.output), args.push_to_hub]
             retry += ["--private"] if args.private else []
             retry += ["--revision", args.revision] if args.revision else []
-            raise SystemExit(f"optimum-cli rotkv {self.COMMAND.name}: error: {e}\nThe output folder {args.output} is "
-                             f"complete: retry the upload alone with `{shlex.join(retry)}`") from None
+            raise SystemExit(f"optimum-cli rotkv {self.COMMAND.name}: error: {one_line(e)}; the output folder "
+                             f"{args.output} is complete: retry the upload alone with `{shlex.join(retry)}`") from None
+        except USER_ERRORS as e:
+            raise SystemExit(f"optimum-cli rotkv {self.COMMAND.name}: error: {one_line(e)}") from None
         print(_summary(self.COMMAND.name, quantizer.save_dir, quantizer.card_spec, pushed), flush=True)
 
     def _quantize(self, args: argparse.Namespace, command: str) -> Any:
@@ -314,8 +316,8 @@ class PushCommand(BaseOptimumCLICommand):
         try:
             res = push_to_hub(a.folder, a.repo_id, token=a.token, private=a.private, revision=a.revision,
                               commit_message=a.commit_message, retries=a.retries, progress=not a.no_progress)
-        except (ValueError, HubPushError) as e:
-            raise SystemExit(f"optimum-cli rotkv push: error: {e}") from None
+        except (HubPushError, *USER_ERRORS) as e:
+            raise SystemExit(f"optimum-cli rotkv push: error: {one_line(e)}") from None
         print(f"== optimum-cli rotkv push: done\n  pushed       {res.url} @ {res.revision}: commit "
               f"{res.commit_oid[:12]} ({res.files} files, {human_bytes(res.bytes)}, {res.retries} retried "
               "request(s))", flush=True)

@@ -39,6 +39,7 @@ from optimum_plugin.halo.apply import get_halo_config, remove_halo
 from optimum_plugin.halo.config import HALOConfig
 from optimum_plugin.halo.fsdp import HQShardedWeight
 from optimum_plugin.halo.functional import hadamard_rotate
+from optimum_plugin.halo.w8a8_config import base_config_dict, w8a8_config_dict, write_remote_code
 from rotkv_kernels.hadamard import hadamard_matrix, has_hadamard
 from rotkv_kernels.lowp_matmul import lowp_matmul, quantize_lowp
 
@@ -212,11 +213,16 @@ def save_w8a8(
 
     path.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    # typed halo_w8a8, not as the base model: transformers would load it without its transforms
     cfg = m.config.to_dict()
+    if not cfg.get("architectures"):  # as save_pretrained records it; vLLM picks its model class from it
+        cfg["architectures"] = [type(m).__name__]
+    cfg = w8a8_config_dict(cfg)
     cfg["quantization_config"] = qcfg
     cfg["dtype"] = str(dtype).removeprefix("torch.")
     cfg.pop("torch_dtype", None)
     (path / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
+    write_remote_code(path)
     _write_side_files(m, path, tokenizer, halo_cfg)
     logger.info("W8A8 checkpoint: %d int8 linear layers, hadamard=%s -> %s", len(quantized_prefixes), hadamard, path)
     return path
@@ -280,7 +286,7 @@ def load_w8a8(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> nn
             or tensors are missing / left over.
     """
     from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import CONFIG_MAPPING, AutoModelForCausalLM
 
     path = Path(path)
     raw = json.loads((path / "config.json").read_text())
@@ -288,9 +294,9 @@ def load_w8a8(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> nn
     if qcfg.get("quant_method") != "compressed-tensors" or qcfg.get("format") != "int-quantized":
         raise ValueError(f"{path} is not a compressed-tensors int-quantized (W8A8) checkpoint")
     tensors = load_file(str(path / "model.safetensors"))
-    config = AutoConfig.from_pretrained(path)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
+    base = base_config_dict(raw)
+    base.pop("quantization_config")
+    config = CONFIG_MAPPING[base["model_type"]].from_dict(base)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     prefixes = sorted(k[: -len(".weight_scale")] for k in tensors if k.endswith(".weight_scale"))
     used = set()

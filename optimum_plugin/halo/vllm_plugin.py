@@ -11,7 +11,9 @@ platform the transform's dense matmul goes through ``cpu_unquantized_gemm(layer,
 ``halo_compressed_tensors``: the compressed-tensors method itself, which claims compressed-tensors
 checkpoints that carry a ``transform_config`` only on the CPU platform (through vLLM's
 ``override_quantization_method`` hook) and gives each transform module a ``cpu_linear`` that is
-``F.linear``. Everything else -- weight loading, the int8 GEMM, dynamic per-token activation
+``F.linear``; and it registers the ``halo_w8a8`` model type of those checkpoints with transformers'
+``AutoConfig`` (:mod:`optimum_plugin.halo.w8a8_config`), which vLLM reads configurations through.
+Everything else -- weight loading, the int8 GEMM, dynamic per-token activation
 quantization -- is vLLM's own compressed-tensors code. It is safe to call more than once.
 """
 
@@ -31,8 +33,12 @@ def register() -> None:
     from vllm.model_executor.layers.quantization import register_quantization_config
 
     from optimum_plugin.halo._vllm_quant import QUANT_METHOD_NAME as name, HALOCompressedTensorsConfig
+    from optimum_plugin.halo.w8a8_config import register_config
 
     assert name == QUANT_METHOD_NAME
     # re-registering overwrites the same entry, so repeated loads in each vLLM process are harmless
     register_quantization_config(QUANT_METHOD_NAME)(HALOCompressedTensorsConfig)
+    # W8A8 exports are typed "halo_w8a8" so that transformers cannot load them without their transforms;
+    # vLLM reads them as their base model once the type is known (optimum_plugin.halo.w8a8_config).
+    register_config()
     logger.debug("rotkv HALO: registered vLLM quantization method %r", QUANT_METHOD_NAME)

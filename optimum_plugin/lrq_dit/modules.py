@@ -2,7 +2,7 @@
 
 State (all buffers are persistent and saved; shapes for ``out x n`` with ``b`` weight bits):
 
-    weight_packed   uint8  (out, twin_log_packed_width(n, b))  codes, 8 per b bytes (8-bit: one per byte)
+    weight          uint8  (out, twin_log_packed_width(n, b))  packed codes, 8 per b bytes (8-bit: one per byte)
     weight_params   int16  (out, 5) Twin-Log | (out, 2) uniform   fp16 bit patterns (see below)
     bias            float  (out,)                                  nn.Parameter, if the layer had one
     shift           int16  (n,)                                    fp16 bit patterns of delta, if shifting
@@ -18,6 +18,11 @@ with. Forward, for ``x`` ``(..., n)`` in any float dtype (fp32 arithmetic inside
     x' = rotate((x - delta) / s)             (folded offline: W' = rotate(W * s), bias' = bias + W delta)
     x' = fake_quant_per_token(x', act_bits)  (asymmetric min-max per token; skipped if act_bits is None)
     y  = x' @ dequant(weight).T + bias       (Triton kernel on CUDA for Twin-Log, PyTorch reference otherwise)
+
+The packed codes are stored under the float layer's own name, ``weight``: a loader without the plugin
+(diffusers or transformers, where an unknown ``quant_method`` only logs a warning) then meets a uint8 tensor of
+another shape where it expects the float weight and refuses (transformers: a size-mismatch error) instead of
+loading an unquantized layer with a freshly initialised weight.
 """
 
 from __future__ import annotations
@@ -103,7 +108,7 @@ class LRQLinear(nn.Module):
         self.kernel = "auto"
         n_params = TWIN_LOG_NUM_PARAMS if weight_quantizer == "twin_log" else UNIFORM_NUM_PARAMS
         width = twin_log_packed_width(in_features, weight_bits)
-        self.register_buffer("weight_packed", torch.zeros(out_features, width, dtype=torch.uint8, device=device))
+        self.register_buffer("weight", torch.zeros(out_features, width, dtype=torch.uint8, device=device))
         self.register_buffer("weight_params", torch.zeros(out_features, n_params, dtype=torch.int16, device=device))
         if bias or plan.shift:
             self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype), requires_grad=False)
@@ -178,7 +183,7 @@ class LRQLinear(nn.Module):
 
     def dequantized_weight(self) -> torch.Tensor:
         """The folded weight ``W'`` ``(out, n)`` fp32, as the forward uses it."""
-        codes = twin_log_unpack(self.weight_packed, self.weight_bits, self.in_features)
+        codes = twin_log_unpack(self.weight, self.weight_bits, self.in_features)
         if self.weight_quantizer == "twin_log":
             return twin_log_dequantize(codes, self.params_fp16(), self.weight_bits)
         return uniform_dequantize(codes, self.params_fp16())
@@ -200,7 +205,7 @@ class LRQLinear(nn.Module):
             xt = fake_quant_per_token(xt, self.act_bits)
         bias = None if self.bias is None else self.bias.to(torch.float32)
         if self._use_triton(xt):
-            y = twin_log_linear_triton(xt, self.weight_packed, self.params_fp16(), self.weight_bits,
+            y = twin_log_linear_triton(xt, self.weight, self.params_fp16(), self.weight_bits,
                                        self.in_features, bias)
         else:
             y = F.linear(xt, self.dequantized_weight(), bias)

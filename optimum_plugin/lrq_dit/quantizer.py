@@ -172,7 +172,7 @@ def quantize_linear(
     dev = linear.weight.device
     q = LRQLinear(n, linear.out_features, linear.bias is not None, config.weight_bits, config.act_bits,
                   config.weight_quantizer, plan, device=dev, dtype=linear.weight.dtype)
-    q.weight_packed.copy_(twin_log_pack(codes, config.weight_bits))
+    q.weight.copy_(twin_log_pack(codes, config.weight_bits))
     q.weight_params.copy_(params.view(torch.int16))
     bias = linear.bias.detach().to(torch.float32).cpu() if linear.bias is not None else None
     if delta is not None:

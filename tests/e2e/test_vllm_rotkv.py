@@ -133,29 +133,96 @@ def test_engine_reports_packed_capacity(jobs, served_model):
 
 
 # ---- accuracy -------------------------------------------------------------------------------------
-def test_perplexity_through_vllm_matches_reference(jobs, served_model, windows):
-    """vLLM's rotkv2 perplexity (prompt_logprobs, 32-token chunks reading the packed cache) is within 5% of
-    the transformers reference with the same config and calibration; auto is within 2% of fp."""
+# Accuracy through vLLM is compared with the transformers reference on a computation that is the same up to
+# fp32 rounding: both in fp32 (engine dtype float32; reference weights in fp32), every token of every window
+# scored, 8 windows of 256 tokens (2,040 scored tokens). The reference attends over the dequantized records
+# of every token, the query's own included, exactly as the backend reads its packed cache, so the engine's
+# chunking does not change the maths; what is left is fp32 rounding in another order.
+#
+# How far that can move perplexity was measured with a perturbation run (the reference with every weight
+# multiplied by 1 + 1e-6 * N(0, 1), rounding-sized, 4 seeds): rotkv2 ratios 1.0158, 0.9934, 0.9862, 0.9996.
+# A 2-bit code flips where a value sits on a rounding boundary and the flip propagates through later layers,
+# so rounding-level differences become ~1.2% (one sigma) of perplexity on 2,040 tokens; fp has no such
+# discontinuity (auto: vLLM and reference agreed to 5 digits). Measured through vLLM: auto 1.00000, rotkv2
+# 1.0056 (the same in 5 of 5 runs on a busy machine). Bounds: rotkv2 4% (2.5x the largest perturbation
+# deviation, ~3.3 sigma), auto 1%. A served calibration without its sink gives 1.25 (test below).
+PPL_WINDOWS, PPL_WINDOW = 8, 256
+PPL_BOUND = {"auto": 0.01, "rotkv2": 0.04}
+
+
+@pytest.fixture(scope="module")
+def ppl_windows(tokenizer) -> list[list[int]]:
+    from rotkv_data import EVAL_TEXT, data_path
+
+    ids = tokenizer(data_path(EVAL_TEXT).read_text(encoding="utf-8")[:60_000], add_special_tokens=False).input_ids
+    assert len(ids) >= PPL_WINDOWS * PPL_WINDOW
+    return [ids[i * PPL_WINDOW:(i + 1) * PPL_WINDOW] for i in range(PPL_WINDOWS)]
+
+
+def _vllm_ppl(model_dir, kv_dtype: str, windows) -> float:
+    llm = _engine(model_dir, kv_dtype, dtype="float32")
+    return run_job(llm, [{"kind": "ppl", "windows": windows}])["ppl"]
+
+
+@pytest.fixture(scope="module")
+def reference_ppl(served_model, ppl_windows) -> dict[str, float]:
+    """Teacher-forced perplexity of the transformers reference (fp32) on ``ppl_windows``: fp and rotkv2."""
     from transformers import AutoModelForCausalLM
 
     from rotkv_vllm.calibration import load_calibration
     from rotkv_vllm.reference import KVMethod, perplexity
     from rotkv_vllm.runtime import effective_config
 
-    # fp32 reference weights (from the same bf16 checkpoint): the ratio measures the KV method, and fp32
-    # keeps the reference fast on CPUs without bf16 matrix units.
     model = AutoModelForCausalLM.from_pretrained(served_model, dtype=torch.float32).eval()
-    ids = torch.tensor([t for w in windows for t in w])
+    ids = torch.tensor([t for w in ppl_windows for t in w])
     cal = load_calibration(served_model)
-    ref = {"auto": perplexity(model, ids, window=256, method="fp"),
-           "rotkv2": perplexity(model, ids, window=256, calibration=cal,
-                                method=KVMethod.from_config(effective_config(cal, "rotkv2"), "rotkv2"))}
-    for dt in ref:
-        ratio = jobs[dt]["ppl"] / ref[dt]
-        print(f"\n{dt}: vLLM ppl {jobs[dt]['ppl']:.3f}, reference {ref[dt]:.3f}, ratio {ratio:.4f}")
-    assert abs(jobs["auto"]["ppl"] / ref["auto"] - 1) < 0.02
-    assert abs(jobs["rotkv2"]["ppl"] / ref["rotkv2"] - 1) < 0.05
-    # Fewer bits cannot be better than more bits by more than noise.
+    method = KVMethod.from_config(effective_config(cal, "rotkv2"), "rotkv2")
+    return {"auto": perplexity(model, ids, window=PPL_WINDOW, method="fp"),
+            "rotkv2": perplexity(model, ids, window=PPL_WINDOW, calibration=cal, method=method)}
+
+
+def test_perplexity_through_vllm_matches_reference(served_model, ppl_windows, reference_ppl):
+    """fp32 engine vs fp32 reference: auto within 1%, rotkv2 within 4% (bounds derived above)."""
+    for dt in ("auto", "rotkv2"):
+        got = _vllm_ppl(served_model, dt, ppl_windows)
+        ratio = got / reference_ppl[dt]
+        print(f"\n{dt}: vLLM ppl {got:.4f}, reference {reference_ppl[dt]:.4f}, ratio {ratio:.5f} "
+              f"(bound {PPL_BOUND[dt]})")
+        assert abs(ratio - 1) < PPL_BOUND[dt]
+
+
+def _broken_copy(served_model, dest, *, identity_order: bool = False, no_sinks: bool = False):
+    """A serving folder with the same weights and a deliberately damaged calibration."""
+    import dataclasses
+
+    from rotkv_vllm.calibration import CONFIG_FILE, TENSORS_FILE, load_calibration, save_calibration
+
+    dest.mkdir()
+    for f in served_model.iterdir():
+        if f.name not in (CONFIG_FILE, TENSORS_FILE) and not f.name.startswith("."):
+            (dest / f.name).symlink_to(f.resolve())
+    cal = load_calibration(served_model)
+    if identity_order:
+        cal = dataclasses.replace(cal, key_orders=[torch.arange(o.numel()) for o in cal.key_orders])
+    if no_sinks:
+        cal = dataclasses.replace(cal, config=dataclasses.replace(cal.config, sink_mode="none"))
+    save_calibration(cal, dest)
+    return dest
+
+
+def test_perplexity_bound_catches_a_broken_path(served_model, ppl_windows, reference_ppl, tmp_path):
+    """The same comparison fails when the served path drops the attention sink (measured 1.25): the test above
+    can fail, and a broken path lands far outside its bound. (Serving with the identity channel order instead
+    of the calibrated one measured 0.958 here: with centered keys the order moves SmolLM2's perplexity by less
+    than the 2-bit noise band at this length, so it is not used as the broken case.)"""
+    broken = _broken_copy(served_model, tmp_path / "no_sinks", no_sinks=True)
+    ratio = _vllm_ppl(broken, "rotkv2", ppl_windows) / reference_ppl["rotkv2"]
+    print(f"\nrotkv2 served without its sink: vLLM / intact reference = {ratio:.4f}")
+    assert abs(ratio - 1) > 3 * PPL_BOUND["rotkv2"]
+
+
+def test_fewer_bits_are_not_better(jobs):
+    """bf16 engines: fewer bits cannot beat more bits by more than noise (gaps measured: 1.02x and 1.5x)."""
     assert jobs["auto"]["ppl"] <= jobs["rotkv4"]["ppl"] * 1.02 <= jobs["rotkv2"]["ppl"] * 1.04
 
 

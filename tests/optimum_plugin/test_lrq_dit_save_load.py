@@ -92,9 +92,9 @@ def test_checkpoint_holds_packed_codes_and_config(quantized_dit):
     with safe_open(str(folder / "transformer" / "diffusion_pytorch_model.safetensors"), "pt") as f:
         keys = set(f.keys())
         k = "transformer_blocks.0.attn1.to_q"
-        packed = f.get_tensor(f"{k}.weight_packed")
+        packed = f.get_tensor(f"{k}.weight")
         params = f.get_tensor(f"{k}.weight_params")
-    assert f"{k}.weight" not in keys
+    assert f"{k}.weight_packed" not in keys  # the codes live under the float weight's name (modules.py)
     assert packed.dtype == torch.uint8 and packed.shape == (64, twin_log_packed_width(64, 4))
     assert params.dtype == torch.int16 and params.shape == (64, 5)
 
@@ -131,7 +131,7 @@ def test_from_pretrained_loads_packed_and_is_bit_exact(quantized_dit):
     assert tr.is_quantized and tr.config.quantization_config.lrq_config == resolved
     mods = {n: m for n, m in tr.named_modules() if isinstance(m, LRQLinear)}
     assert set(mods) == set(resolved.layers)
-    assert all(m.weight_packed.dtype == torch.uint8 for m in mods.values())
+    assert all(m.weight.dtype == torch.uint8 for m in mods.values())
     assert torch.equal(_probe(tr), out)
     assert torch.equal(_generate(loaded), images)
     # Saving the loaded model again reproduces the same checkpoint state.
@@ -233,3 +233,15 @@ def test_transformers_model_roundtrip(tmp_path):
     assert {n for n, m in loaded.named_modules() if isinstance(m, LRQLinear)} == set(layers)
     with torch.no_grad():
         assert torch.equal(loaded(pixel_values=x).last_hidden_state, out)
+    # Without the plugin (a fresh interpreter that never imports it), transformers only warns about the unknown
+    # quant_method; the packed codes stored as `weight` then make it refuse instead of loading a float ViT with
+    # freshly initialised weights.
+    import subprocess
+    import sys
+
+    code = ("from transformers import ViTModel\n"
+            f"ViTModel.from_pretrained({str(tmp_path)!r}, add_pooling_layer=False)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0
+    assert "ignore_mismatched_sizes" in r.stderr and "q_proj.weight" in r.stderr and "MISMATCH" in r.stderr
+    assert "Unknown quantization type, got lrq_dit" in r.stderr
