@@ -18,6 +18,11 @@ stashes its input residual (for sinks) and ``(cos, sin)``, and an attention func
 transformers' ``AttentionInterface`` as ``"rotkv_ref"`` builds the dequantized K/V. Tokens kept in full
 precision (sinks, recent window, KIVI's residual) are handled exactly: scores and values for key ``s``
 seen from query ``t`` use full-precision K/V where ``fp_mask[t, s]``, quantized K/V elsewhere.
+
+It is the oracle, so RotateKV is formulated here on its own on purpose: fake quantization
+(``quant.fake_quantize_groupwise``) of the rotated, reordered channels, with no records and no packing. The
+cache that stores records (``hf_cache.py``, the vLLM backend) uses ``rotkv_kernels``' record maths instead, and
+the tests hold the two against each other (``tests/rotkv_vllm/test_reference.py``, ``test_hf_cache.py``).
 """
 
 from __future__ import annotations
