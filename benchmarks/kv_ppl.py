@@ -117,6 +117,77 @@ def main(argv: list[str] | None = None) -> list[dict]:
     return rows
 
 
+def _run_workers(args, methods: list[str]) -> list[dict]:
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    chunks = [methods[i :: args.workers] for i in range(args.workers)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    with tempfile.TemporaryDirectory() as tmp:
+        procs = []
+        for i, chunk in enumerate(c for c in chunks if c):
+            out = os.path.join(tmp, f"{i}.json")
+            cmd = [sys.executable, "-m", "benchmarks.kv_ppl", "--tokens", str(args.tokens), "--window", str(args.window),
+                   "--calib-sequences", str(args.calib_sequences), "--methods", ",".join(chunk), "--json", out]
+            procs.append((subprocess.Popen(cmd, env=env), out))
+        by_name = {}
+        for p, out in procs:
+            if p.wait() != 0:
+                raise RuntimeError(f"a kv_ppl worker failed with exit code {p.returncode}")
+            with open(out) as f:
+                by_name.update({r["method"]: r for r in json.load(f)})
+    return [by_name[m] for m in methods]
+
+
+def _run(args, methods: list[str]) -> list[dict]:
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = ensure_smollm2()
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ids = tok(data_path("wikitext2_test.txt").read_text(encoding="utf-8"), return_tensors="pt").input_ids[0]
+    ids = ids[: args.tokens]
+    calib_text = data_path("calib_wikitext2_valid.txt").read_text(encoding="utf-8")
+    variants = rotkv_variants()
+    calibs: dict[tuple, object] = {}
+
+    def calibration_for(cfg: RotateKVConfig):
+        # The order depends on the centering (sort by mean or by spread) and the excluded sink tokens.
+        key = (cfg.center_keys, cfg.sink_mode, cfg.max_sink_tokens, cfg.sink_topk)
+        if key not in calibs:
+            calibs[key] = calibrate(model, tok, cfg, text=calib_text, num_sequences=args.calib_sequences, seq_len=512)
+        return calibs[key]
+
+    rows = []
+    for name in methods:
+        if name in variants:
+            cfg = variants[name]
+            method, cal = KVMethod.from_config(cfg, name), calibration_for(cfg)
+        else:
+            method, cal = method_from_name(name), None
+        st = KVStats()
+        t0 = time.perf_counter()
+        ppl = perplexity(model, ids, window=args.window, method=method, calibration=cal, stats=st)
+        row = {
+            "method": name,
+            "avg_bits": 16.0 if method.kind == "fp" else round(st.avg_bits, 4),
+            "ppl": round(ppl, 4),
+            "fp_tokens_per_window": round(st.fp_tokens / max(st.tokens, 1) * args.window, 2),
+            "seconds": round(time.perf_counter() - t0, 1),
+        }
+        if method.rotkv is not None:
+            row["config"] = method.rotkv.to_dict()
+        rows.append(row)
+        if args.json:  # after every row, so that an interrupted run keeps what it measured
+            with open(args.json, "w") as f:
+                json.dump(rows, f, indent=2)
+        print(f"{name:36s} bits={row['avg_bits']:7.4f} ppl={ppl:10.3f}", flush=True)
+    return rows
+
+
 def frontier(rows: list[dict]) -> list[str]:
     """Methods no other row dominates: none has at most its bits and at most its perplexity, one of them lower."""
     def dominated(r):
