@@ -105,7 +105,8 @@ def method_from_name(name: str) -> KVMethod:
 
 @dataclass
 class KVStats:
-    """Stored-bits accounting over the evaluated windows (state of the cache at each window's end)."""
+    """Stored-bits accounting over the evaluated windows (state of the cache at each window's end; a KIVI
+    residual that fills and empties is counted at its mean share over one cycle, see ``_account``)."""
 
     stored_bits: float = 0.0
     elements: int = 0
