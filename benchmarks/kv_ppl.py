@@ -1,11 +1,15 @@
 """WikiText-2 perplexity of SmolLM2-135M with quantized K/V: every method measured in one run.
 
     python -m benchmarks.kv_ppl [--tokens 16384] [--window 1024] [--methods fp,kivi2,rotkv2] [--json out.json]
+                                [--workers 3] [--plot ppl_vs_bits.png]
+    python -m benchmarks.kv_ppl --rows-from out.json --plot ppl_vs_bits.png     # redraw without measuring
 
 Windows of ``--window`` tokens over the first ``--tokens`` tokens of ``data/wikitext2_test.txt``;
 RotateKV is calibrated on ``data/calib_wikitext2_valid.txt`` only (never the evaluation text).
 Rows: method, average stored bits per K/V element (scales, zeros and full-precision tokens included,
-counted at the end of each window), perplexity, and perplexity / fp.
+counted at the end of each window; KIVI's key residual, which fills and empties, at its mean over one
+cycle), perplexity, perplexity / fp, and ``*`` for the rows on the accuracy-per-bit frontier (no other row
+has both fewer bits and a lower perplexity). ``--plot`` draws perplexity / fp against average bits.
 """
 
 from __future__ import annotations
@@ -53,10 +57,24 @@ def rotkv_variants() -> dict[str, RotateKVConfig]:
         "rotkv2+recent4": dataclasses.replace(default2, recent_window=4),
         "rotkv3": config_for_cache_dtype("rotkv3"),
         "rotkv4": config_for_cache_dtype("rotkv4"),
+        **key_value_presets(default2),
     }
 
 
-DEFAULT_METHODS = ["fp", "int4", "int2", "kivi2", "quarot2", *rotkv_variants()]
+def key_value_presets(base: RotateKVConfig, key_bits=(2, 3, 4), windows=(0, 4, 16, 32)) -> dict[str, RotateKVConfig]:
+    """Keys at more bits than 2-bit values (keys are the sensitive half), each with and without a
+    full-precision recent window: ``rotkv-k{K}v2[+recent{R}]``. K2V2 without a window is ``rotkv2`` itself
+    and K2V2 with 4 tokens is ``rotkv2+recent4``, so neither is repeated."""
+    out = {}
+    for kb in key_bits:
+        for r in windows:
+            name = f"rotkv-k{kb}v2" + (f"+recent{r}" if r else "")
+            if (kb, r) not in ((2, 0), (2, 4)):
+                out[name] = dataclasses.replace(base, key_bits=kb, recent_window=r)
+    return out
+
+
+DEFAULT_METHODS = ["fp", "int4", "int2", "kivi2", "kivi2-r128", "quarot2", *rotkv_variants()]
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -68,23 +86,34 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--json", help="also write the rows as a JSON list of objects")
     ap.add_argument("--workers", type=int, default=1,
                     help="split the methods over this many single-threaded processes (perplexity is deterministic)")
+    ap.add_argument("--plot", help="also draw perplexity / fp against average bits into this PNG (needs matplotlib)")
+    ap.add_argument("--rows-from", help="read the rows from a previous --json file instead of measuring")
     args = ap.parse_args(argv)
     methods = args.methods.split(",")
-    if args.workers > 1:
+    if args.rows_from:
+        with open(args.rows_from) as f:
+            rows = json.load(f)
+    elif args.workers > 1:
         rows = _run_workers(args, methods)
     else:
         rows = _run(args, methods)
     fp_ppl = next((r["ppl"] for r in rows if r["method"] == "fp"), None)
     for r in rows:
         r["ppl_ratio"] = None if fp_ppl is None else round(r["ppl"] / fp_ppl, 4)
-    print(f"\nWikiText-2, SmolLM2-135M-Instruct, first {args.tokens} tokens in windows of {args.window}")
+    on_front = set(frontier(rows))
+    for r in rows:
+        r["frontier"] = r["method"] in on_front
+    title = f"WikiText-2, SmolLM2-135M-Instruct, first {args.tokens} tokens in windows of {args.window}"
+    print(f"\n{title}")
     print(f"{'method':36s} {'avg bits':>9s} {'PPL':>10s} {'PPL/fp':>8s}")
     for r in rows:
         ratio = "" if r["ppl_ratio"] is None else f"{r['ppl_ratio']:8.3f}"
-        print(f"{r['method']:36s} {r['avg_bits']:9.4f} {r['ppl']:10.3f} {ratio}")
+        print(f"{r['method']:36s} {r['avg_bits']:9.4f} {r['ppl']:10.3f} {ratio} {'*' if r['frontier'] else ''}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)
+    if args.plot:
+        plot_rows(rows, args.plot, title)
     return rows
 
 
@@ -152,8 +181,80 @@ def _run(args, methods: list[str]) -> list[dict]:
         if method.rotkv is not None:
             row["config"] = method.rotkv.to_dict()
         rows.append(row)
+        if args.json:  # after every row, so that an interrupted run keeps what it measured
+            with open(args.json, "w") as f:
+                json.dump(rows, f, indent=2)
         print(f"{name:36s} bits={row['avg_bits']:7.4f} ppl={ppl:10.3f}", flush=True)
     return rows
+
+
+def frontier(rows: list[dict]) -> list[str]:
+    """Methods no other row dominates: none has at most its bits and at most its perplexity, one of them lower."""
+    def dominated(r):
+        return any(o["avg_bits"] <= r["avg_bits"] and o["ppl"] <= r["ppl"]
+                   and (o["avg_bits"] < r["avg_bits"] or o["ppl"] < r["ppl"]) for o in rows)
+
+    return [r["method"] for r in rows if not dominated(r)]
+
+
+def _family(name: str) -> str:
+    if name == "fp" or name.startswith(("int", "quarot", "kivi")):
+        return "baselines"
+    if name.startswith("rotkv2-paper"):
+        return "RotateKV as published (ablation)"
+    if name.startswith("rotkv-k"):
+        return "key/value presets (rotkv-kKv2[+recentR])"
+    return "rotkv defaults and extensions"
+
+
+def plot_rows(rows: list[dict], path: str, title: str) -> None:
+    """Perplexity / fp (log scale) against average stored bits, one numbered point per quantized row.
+
+    fp is the line at 1 (its 16 bits would squeeze every other point into the left edge). Numbers, not
+    names, mark the points (RotateKV's rows crowd around 2.2 bits); the key beside the axes gives each
+    number's method, bits and ratio. The accuracy-per-bit frontier is drawn as a step line.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on a server
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in rows if r.get("ppl_ratio") is not None]
+    quant = [(i, r) for i, r in enumerate(rows, 1) if r["method"] != "fp"]
+    families = list(dict.fromkeys(_family(r["method"]) for _, r in quant))
+    colors = dict(zip(families, plt.get_cmap("tab10").colors))
+    fig, (ax, key) = plt.subplots(1, 2, figsize=(15, 8), gridspec_kw={"width_ratios": [2.1, 1]})
+    for fam in families:
+        pts = [r for _, r in quant if _family(r["method"]) == fam]
+        ax.scatter([r["avg_bits"] for r in pts], [r["ppl_ratio"] for r in pts], s=36, color=colors[fam],
+                   label=fam, zorder=3, edgecolors="black", linewidths=0.4)
+    ax.axhline(1.0, color="black", linewidth=1, label="fp (16 bits)")
+    front = sorted((r for _, r in quant if r.get("frontier")), key=lambda r: r["avg_bits"])
+    if front:
+        xmax = max(r["avg_bits"] for _, r in quant) * 1.03
+        ax.step([r["avg_bits"] for r in front] + [xmax], [r["ppl_ratio"] for r in front] + [front[-1]["ppl_ratio"]],
+                where="post", color="gray", linestyle="--", linewidth=1, zorder=2, label="accuracy-per-bit frontier")
+    # Alternate label sides so that neighbours at nearly the same bits do not print on top of each other.
+    by_bits = sorted(quant, key=lambda ir: (ir[1]["avg_bits"], ir[1]["ppl_ratio"]))
+    for rank, (i, r) in enumerate(by_bits):
+        dx = 6 if rank % 2 == 0 else -6
+        ax.annotate(str(i), (r["avg_bits"], r["ppl_ratio"]), xytext=(dx, 3), textcoords="offset points",
+                    fontsize=8, ha="left" if dx > 0 else "right", color=colors[_family(r["method"])])
+    ax.set_yscale("log")
+    ax.set_xlabel("average stored bits per K/V element (scales, zeros and full-precision tokens included)")
+    ax.set_ylabel("perplexity / fp (log scale)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper right")
+    key.axis("off")
+    lines = [f"{i:2d} {r['method'][:34]:34s} {r['avg_bits']:5.2f} {r['ppl_ratio']:7.2f}{' *' if r.get('frontier') else ''}"
+             for i, r in enumerate(rows, 1)]
+    key.text(0, 1, f"{'':2s} {'method':34s} {'bits':>5s} {'PPL/fp':>7s}\n" + "\n".join(lines),
+             family="monospace", fontsize=7.5, va="top", transform=key.transAxes)
+    key.text(0, 0, "* on the accuracy-per-bit frontier", fontsize=8, transform=key.transAxes)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

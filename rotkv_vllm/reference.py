@@ -6,8 +6,10 @@ method so that comparisons come from one run:
 
     fp        no quantization (reproduces the unmodified model's logits bit for bit)
     int4/int2 per-token asymmetric min-max on post-RoPE K/V, no rotation
-    kivi2     keys per channel over groups of 32 tokens (the incomplete last group stays full precision,
-              as KIVI's residual), values per token
+    kivi2     KIVI (Liu et al., 2024) without its residual: post-RoPE keys per channel over groups of 32
+              tokens (a group stays full precision until its last token is written), values per token over
+              one head; asymmetric min-max with the group minimum as a real zero point (fp16 scale and min)
+    kivi2-r128  KIVI as published: the same groups plus a full-precision residual of the last 128 tokens
     quarot2   post-RoPE per-head Hadamard, then per-token (QuaRot's KV cache)
     rotkv*    RotateKV from a :class:`RotateKVConfig` + calibration: pre-RoPE grouped-head Hadamard and
               calibrated channel order for keys, per-head Hadamard for values, attention sinks (and the
@@ -30,7 +32,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator
 
 import torch
@@ -44,10 +46,11 @@ from rotkv_vllm.config import RotateKVConfig, RotateKVLayout
 from rotkv_vllm.model_support import decoder_layers, describe_model
 from rotkv_vllm.sinks import sink_token_mask
 
-__all__ = ["KVMethod", "method_from_name", "quantized_kv", "perplexity", "windowed_nll", "KVStats", "METHOD_NAMES"]
+__all__ = ["KVMethod", "method_from_name", "quantized_kv", "perplexity", "windowed_nll", "KVStats", "METHOD_NAMES",
+           "kivi_fake_quantize", "kivi_fp_masks", "KIVI_BITS_PER_GROUP"]
 
 ATTN_NAME = "rotkv_ref"
-METHOD_NAMES = ("fp", "int4", "int2", "kivi2", "quarot2", "rotkv2", "rotkv3", "rotkv4")
+METHOD_NAMES = ("fp", "int4", "int2", "kivi2", "kivi2-r128", "quarot2", "rotkv2", "rotkv3", "rotkv4")
 KINDS = ("fp", "per_token", "kivi", "quarot", "rotkv")
 
 
@@ -57,6 +60,10 @@ class KVMethod:
 
     For the baselines, ``key_bits``/``value_bits``/``clip_ratio``/``scale_format`` apply and the
     per-token group is ``group_size`` (``None``: the same group RotateKV resolves for the model).
+    ``kind="kivi"`` uses :func:`kivi_fake_quantize` (its own scale and zero format; ``clip_ratio`` and
+    ``scale_format`` do not apply): keys per channel over ``kivi_token_group`` tokens, values per token
+    over ``group_size`` channels of one head (``None``: the head width), and a full-precision residual of
+    ``kivi_residual`` tokens (0: none; else a multiple of ``kivi_token_group``), see :func:`kivi_fp_masks`.
     """
 
     name: str
@@ -67,11 +74,15 @@ class KVMethod:
     clip_ratio: float = 1.0
     scale_format: str = "fp16"
     kivi_token_group: int = 32
+    kivi_residual: int = 0
     rotkv: RotateKVConfig | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"kind={self.kind!r}: expected one of {KINDS}")
+        if self.kivi_token_group < 1 or self.kivi_residual < 0 or self.kivi_residual % self.kivi_token_group:
+            raise ValueError(f"kivi_token_group={self.kivi_token_group}, kivi_residual={self.kivi_residual}: the "
+                             "residual must be a non-negative multiple of a positive token group")
         if self.kind == "rotkv" and self.rotkv is None:
             raise ValueError("kind='rotkv' needs rotkv=RotateKVConfig(...)")
 
@@ -89,6 +100,9 @@ def method_from_name(name: str) -> KVMethod:
         return KVMethod(name, "per_token", b, b)
     if name == "kivi2":
         return KVMethod(name, "kivi", 2, 2)
+    if name == "kivi2-r128":
+        # The paper's setting: G = 32 for both the key token groups and the value channel groups, R = 128.
+        return KVMethod(name, "kivi", 2, 2, group_size=32, kivi_residual=128)
     if name == "quarot2":
         return KVMethod(name, "quarot", 2, 2)
     if name in ("rotkv2", "rotkv3", "rotkv4"):
@@ -98,11 +112,12 @@ def method_from_name(name: str) -> KVMethod:
 
 @dataclass
 class KVStats:
-    """Stored-bits accounting over the evaluated windows (state of the cache at each window's end)."""
+    """Stored-bits accounting over the evaluated windows (state of the cache at each window's end; a KIVI
+    residual that fills and empties is counted at its mean share over one cycle, see ``_account``)."""
 
     stored_bits: float = 0.0
     elements: int = 0
-    fp_tokens: int = 0
+    fp_tokens: float = 0.0
     tokens: int = 0
 
     @property
@@ -149,9 +164,84 @@ def _fq_tokens(x: torch.Tensor, bits: int, group: int, clip: float, fmt: str) ->
     return y.reshape(b, t, h, d).transpose(1, 2)
 
 
+# KIVI stores each group's scale and minimum in the model's 16-bit dtype.
+KIVI_BITS_PER_GROUP = 32
+
+
+def kivi_fake_quantize(x: torch.Tensor, bits: int, group_size: int, dim: int = -1) -> torch.Tensor:
+    """KIVI's quantizer, quantize then dequantize: groups of ``group_size`` consecutive elements along ``dim``.
+
+    Per group, with ``M = 2**bits - 1`` and ``min``/``max`` over the group (no clipping):
+
+        s  = fp16((max - min) / M),   m = fp16(min)      (32 bits per group)
+        q  = clamp(round((x - m) / s), 0, M)
+        x^ = q * s + m                                     (x^ = m where s == 0)
+
+    The zero point is the real-valued minimum, so every group's range is covered whatever its sign;
+    an integer zero point clamped to ``[0, M]`` (``rotkv_kernels.quant``) cannot represent a group that
+    lies entirely above or below 0, which per-channel key groups often do.
+
+    Args:
+        x: any float tensor; ``x.shape[dim]`` must be a multiple of ``group_size``.
+    Returns:
+        a tensor of ``x``'s shape and dtype.
+    Raises:
+        ValueError: ``bits`` outside 1..8 or a group size that does not divide ``x.shape[dim]``.
+    """
+    if not 1 <= bits <= 8:
+        raise ValueError(f"bits={bits}: expected 1..8")
+    n = x.shape[dim]
+    if group_size < 1 or n % group_size:
+        raise ValueError(f"group_size={group_size} must divide the quantized dimension {n}")
+    maxq = (1 << bits) - 1
+    y = x.to(torch.float32).movedim(dim, -1)
+    g = y.reshape(*y.shape[:-1], n // group_size, group_size)
+    lo = g.amin(dim=-1, keepdim=True).to(torch.float16).to(torch.float32)
+    scale = ((g.amax(dim=-1, keepdim=True) - g.amin(dim=-1, keepdim=True)) / maxq).to(torch.float16).to(torch.float32)
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.clamp(torch.round((g - lo) / safe), 0, maxq)
+    out = torch.where(scale > 0, q * scale + lo, lo.expand_as(g))
+    return out.reshape(y.shape).movedim(-1, dim).to(x.dtype)
+
+
+def kivi_fp_masks(s: int, token_group: int, residual: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which K and V entries query ``t`` reads in full precision under KIVI's streaming cache: ``[S, S]`` bool each.
+
+    KIVI appends each new key to a full-precision block, attends, and quantizes the block (per channel, in
+    token groups) once it holds ``B = residual or token_group`` keys; so key ``j`` is full precision for
+    queries ``t < (j // B + 1) * B``. Values keep the last ``residual`` tokens before the current one in full
+    precision (quantized per token as they leave): value ``j`` is full precision for ``t - j <= residual``;
+    with ``residual == 0`` every value is quantized when written.
+    """
+    t = torch.arange(s, device=device).unsqueeze(1)
+    j = torch.arange(s, device=device).unsqueeze(0)
+    block = residual or token_group
+    fp_k = (t < (j // block + 1) * block) & (j <= t)
+    fp_v = ((t - j) <= residual) & (j <= t) if residual else torch.zeros(s, s, dtype=torch.bool, device=device)
+    return fp_k, fp_v
+
+
+def _kivi_transform(m: KVMethod, k: torch.Tensor, v: torch.Tensor):
+    """KIVI on fp32 ``[B, H, S, D]`` post-RoPE K/V: dequantized (K, V), their ``[B, S, S]`` full-precision masks
+    and the stored bits per quantized K and V element."""
+    b, h, s, d = k.shape
+    g = m.kivi_token_group
+    vgroup = m.group_size or d
+    if d % vgroup:
+        raise ValueError(f"value group {vgroup} must divide the head width {d} (KIVI groups values within a head)")
+    nfull = (s // g) * g
+    kq = k.clone()  # a trailing incomplete token group is never quantized: it stays in the residual
+    if nfull:
+        kq[:, :, :nfull] = kivi_fake_quantize(k[:, :, :nfull], m.key_bits, g, dim=2)
+    vq = kivi_fake_quantize(v, m.value_bits, vgroup, dim=-1)
+    fp_k, fp_v = kivi_fp_masks(s, g, m.kivi_residual, device=k.device)
+    bits = (m.key_bits + KIVI_BITS_PER_GROUP / g, m.value_bits + KIVI_BITS_PER_GROUP / vgroup)
+    return kq, vq, (fp_k.expand(b, s, s), fp_v.expand(b, s, s)), bits
+
+
 def _transform(st: _State, layer: int, key: torch.Tensor, value: torch.Tensor):
-    """Dequantized (K, V) as ``[B, Hkv, S, D]`` fp32, the full-precision mask ``[B, T, S]`` (or None),
-    and the per-element stored bits of quantized K and V."""
+    """Dequantized (K, V) as ``[B, Hkv, S, D]`` fp32, the full-precision mask ``[B, T, S]`` (or None; for
+    KIVI a ``(keys, values)`` pair of masks), and the per-element stored bits of quantized K and V."""
     m = st.method
     lay = st.layout
     k = key.to(torch.float32)
@@ -171,20 +261,7 @@ def _transform(st: _State, layer: int, key: torch.Tensor, value: torch.Tensor):
         bits = (bits_per_element(m.key_bits, group, m.scale_format), bits_per_element(m.value_bits, group, m.scale_format))
         return kq, vq, None, bits
     if m.kind == "kivi":
-        g = m.kivi_token_group
-        nfull = (s // g) * g
-        kq = k.clone()
-        if nfull:
-            blocks = k[:, :, :nfull].reshape(b, h, nfull // g, g, d).transpose(-1, -2)  # [.., D, g]
-            blocks = fake_quantize_groupwise(blocks, m.key_bits, g, m.clip_ratio, m.scale_format)
-            kq[:, :, :nfull] = blocks.transpose(-1, -2).reshape(b, h, nfull, d)
-        vq = _fq_tokens(v, m.value_bits, group, m.clip_ratio, m.scale_format)
-        t_idx = torch.arange(s, device=k.device)
-        # Key s is quantized once its token group is complete: at query t >= (s // g + 1) * g - 1.
-        complete_at = (t_idx // g + 1) * g - 1
-        fp = t_idx.unsqueeze(1) < complete_at.unsqueeze(0)  # [T, S]
-        bits = (bits_per_element(m.key_bits, g, m.scale_format), bits_per_element(m.value_bits, group, m.scale_format))
-        return kq, vq, fp.unsqueeze(0).expand(b, s, s), bits
+        return _kivi_transform(m, k, v)
 
     # RotateKV
     cfg = m.rotkv
@@ -230,19 +307,37 @@ def _transform(st: _State, layer: int, key: torch.Tensor, value: torch.Tensor):
     return kq, vq, fp, bits
 
 
-def _account(st: _State, fp: torch.Tensor | None, bits: tuple[float, float], b: int, s: int, h: int, d: int) -> None:
-    """Bits stored for K and V of one layer at the end of the window (last query row of fp_mask)."""
-    n_fp = int(fp[:, -1, :].sum()) if fp is not None else 0
+def _account(st: _State, fp, bits: tuple[float, float], b: int, s: int, h: int, d: int) -> None:
+    """Bits stored for K and V of one layer at the end of the window.
+
+    ``fp`` is the full-precision mask ``[B, T, S]`` (or None) shared by K and V, or a ``(keys, values)``
+    pair. A mask whose full-precision part is fixed (sinks, recent window) is counted on its last query
+    row. KIVI's key residual fills and empties every ``kivi_residual or kivi_token_group`` tokens, so its
+    masks are counted as the mean full-precision share of the cache read by the last such block of queries.
+    """
+    fp_k, fp_v = fp if isinstance(fp, tuple) else (fp, fp)
+    m = st.method
+    rows = min(s, (m.kivi_residual or m.kivi_token_group) if m.kind == "kivi" else 1)
     n = b * s
+
+    def fp_count(mask):
+        if mask is None:
+            return 0.0
+        last = mask[:, s - rows :, :].sum(dim=-1).to(torch.float64)  # [B, rows]
+        readers = torch.arange(s - rows + 1, s + 1, dtype=torch.float64, device=mask.device)
+        return float((last / readers).mean(dim=-1).sum()) * s
+
+    nk, nv = fp_count(fp_k), fp_count(fp_v)
     per_tok = h * d
-    st.stats.stored_bits += ((n - n_fp) * (bits[0] + bits[1]) + n_fp * 2 * 16) * per_tok
+    st.stats.stored_bits += ((n - nk) * bits[0] + (n - nv) * bits[1] + (nk + nv) * 16) * per_tok
     st.stats.elements += 2 * n * per_tok
-    st.stats.fp_tokens += n_fp
+    st.stats.fp_tokens += (nk + nv) / 2
     st.stats.tokens += n
 
 
-def _mixed_attention(query, k_fp, v_fp, k_q, v_q, fp, attention_mask, scaling, groups):
-    """Softmax attention where key/value ``s`` for query ``t`` is full precision iff ``fp[b, t, s]``."""
+def _mixed_attention(query, k_fp, v_fp, k_q, v_q, fp, attention_mask, scaling, groups, fp_v=None):
+    """Softmax attention where key/value ``s`` for query ``t`` is full precision iff ``fp[b, t, s]``
+    (values by ``fp_v[b, t, s]`` instead where given)."""
     b, hq, t, d = query.shape
     s = k_fp.shape[2]
     rep = lambda x: x.repeat_interleave(groups, dim=1) if groups > 1 else x  # noqa: E731
@@ -259,7 +354,7 @@ def _mixed_attention(query, k_fp, v_fp, k_q, v_q, fp, attention_mask, scaling, g
         causal = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(diagonal=s - t)
         scores = scores.masked_fill(~causal, float("-inf"))
     p = torch.softmax(scores, dim=-1)
-    fpf = fp4.to(p.dtype)
+    fpf = (fp4 if fp_v is None else fp_v[:, -t:, :].unsqueeze(1)).to(p.dtype)
     out = (p * fpf) @ rep(v_fp) + (p * (1 - fpf)) @ rep(v_q)
     return out.transpose(1, 2).contiguous().to(query.dtype)
 
@@ -278,8 +373,9 @@ def _attention(module, query, key, value, attention_mask, dropout: float = 0.0, 
     if fp is None:
         return sdpa_attention_forward(module, query, kq.to(query.dtype), vq.to(query.dtype), attention_mask,
                                       dropout=dropout, scaling=scaling, **kwargs)
-    out = _mixed_attention(query, key.to(torch.float32), value.to(torch.float32), kq, vq, fp, attention_mask,
-                           scaling, query.shape[1] // h)
+    fp_k, fp_v = fp if isinstance(fp, tuple) else (fp, None)
+    out = _mixed_attention(query, key.to(torch.float32), value.to(torch.float32), kq, vq, fp_k, attention_mask,
+                           scaling, query.shape[1] // h, fp_v=fp_v)
     return out, None
 
 

@@ -15,7 +15,7 @@ device="${ROTKV_DEVICE:-}"
 if [ -z "$device" ]; then
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then device=gpu; else device=cpu; fi
 fi
-extras="triton,dit,halo,optimum,datasets,test"
+extras="triton,dit,halo,optimum,datasets,test,bench"
 pip_install torch==2.13.0
 if [ "$device" = gpu ]; then
   pip_install -e ".[vllm-gpu,$extras]"
