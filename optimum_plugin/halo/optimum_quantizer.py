@@ -105,7 +105,7 @@ class HALOQuantizer(HubQuantizer):
         Raises:
             ValueError: ``file_prefix`` given, an unknown format, or a non-empty ``save_dir``.
         """
-        from optimum_plugin.halo.export import load_w8a8, save_merged, save_w8a8
+        from optimum_plugin.halo.export import save_merged, save_w8a8
 
         if file_prefix is not None:
             raise ValueError("file_prefix is not used by HALO: the checkpoint is model.safetensors")

@@ -24,9 +24,10 @@ def run_example(name: str, *args: str, timeout: float = 900) -> str:
     return p.stdout
 
 
-def test_serve_rotkv_answers_through_the_packed_cache():
+def test_serve_rotkv_answers_through_the_packed_cache(tmp_path):
+    # a fresh serving folder: the example's own calibration (8 x 512 tokens), not one cached by an earlier run
     out = run_example("serve_rotkv", "--bits", "4", "--prompt", "What is the capital of France?", "--max-tokens",
-                      "12", "--calib-sequences", "4")
+                      "12", "--work-dir", str(tmp_path / "serve"))
     answer = out.split("What is the capital of France?\n  -> ", 1)[1].splitlines()[0]
     assert "Paris" in answer
 
