@@ -12,7 +12,7 @@ Paged cache (one layer; a page per block of ``block_size`` tokens, pages ``page_
 
 The maths that fills them is in ``rotkv_cache`` (records: ``rotkv_write_ref`` / ``rotkv_read_ref``) and
 ``rotkv_paged`` (pages: ``paged_write_ref`` / ``paged_attention_ref``), with the Triton kernels beside them
-(``rotkv_cache_triton``, ``rotkv_paged_triton``) and the CPU attention in ``rotkv_paged_cpu``. This module is
+(``rotkv_cache_triton``, ``rotkv_paged_triton``) and the CPU attention in ``rotkv_paged_tiles``. This module is
 what all of them share, so that none of them imports another's private names (and no reference module and its
 Triton module import each other). It imports neither Triton nor vLLM; ``rotkv_cache`` and ``rotkv_paged``
 re-export its public names.

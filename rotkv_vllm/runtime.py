@@ -2,7 +2,7 @@
 
 The vLLM backend (:mod:`rotkv_vllm.vllm_backend`) builds one :class:`RotateKVRuntime` per worker process and
 hands its per-layer :class:`~rotkv_kernels.rotkv_paged.PagedCacheSpec` and :class:`KernelParams` to the kernels
-of ``rotkv_kernels.rotkv_paged`` (write, reference), ``rotkv_paged_cpu`` (the CPU attention) and
+of ``rotkv_kernels.rotkv_paged`` (write, reference), ``rotkv_paged_tiles`` (the CPU attention) and
 ``rotkv_paged_triton`` (the fused CUDA kernels). Everything here is plain PyTorch, so the Optimum side and the
 tests import it without vLLM:
 
@@ -27,7 +27,7 @@ import torch
 
 from rotkv_kernels.rotkv_cache import interpret_requested, record_bytes, triton_available
 from rotkv_kernels.rotkv_paged import PagedCacheSpec
-from rotkv_kernels.rotkv_paged_cpu import CpuReadTables, interleave_order
+from rotkv_kernels.rotkv_paged_tiles import CpuReadTables, interleave_order
 from rotkv_kernels.rotkv_paged_triton import PRECISIONS
 from rotkv_vllm.config import KV_CACHE_DTYPES, RotateKVConfig, RotateKVLayout
 from rotkv_vllm.model_support import describe_model
@@ -292,7 +292,7 @@ class RotateKVRuntime:
         return self._params[key]
 
     def cpu_tables(self, layer: int) -> CpuReadTables:
-        """``layer``'s read tables for the CPU attention (``rotkv_paged_cpu``): key channels come out with RoPE
+        """``layer``'s read tables for the CPU attention (``rotkv_paged_tiles``): key channels come out with RoPE
         pairs interleaved when keys are stored pre-RoPE; the complex RoPE table is shared by all layers."""
         if layer not in self._cpu_tables:
             lay = self.layout

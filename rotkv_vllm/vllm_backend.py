@@ -32,8 +32,8 @@ reference in :mod:`rotkv_vllm.reference` does).
 Two implementations read and write the same bytes (``runtime.select_attention_impl`` picks one per step);
 the maths of both lives in ``rotkv_kernels``, this module only plans the step and calls it:
 
-- ``"torch"`` (the CPU default): the builder plans tiles (``rotkv_paged_cpu.plan_tiles``); ``store`` is
-  ``rotkv_paged.paged_write_ref`` and ``attend`` is ``rotkv_paged_cpu.attend_tiles`` (one gather, one
+- ``"torch"`` (the CPU default): the builder plans tiles (``rotkv_paged_tiles.plan_tiles``); ``store`` is
+  ``rotkv_paged.paged_write_ref`` and ``attend`` is ``rotkv_paged_tiles.attend_tiles`` (one gather, one
   dequantization and one SDPA call per tile). CPU caches only.
 - ``"triton"`` (the CUDA default): ``store`` is one ``paged_write_triton`` launch (inverse RoPE, key mean,
   Hadamard, permutation, quantization, packing and the scatter by slot mapping, sinks included) and
@@ -80,7 +80,7 @@ from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
 
 from rotkv_kernels.hadamard import has_hadamard
 from rotkv_kernels.rotkv_paged import PagedCacheSpec, paged_cache_views, paged_write_ref, token_positions
-from rotkv_kernels.rotkv_paged_cpu import AttentionTile, attend_tiles, build_tile, plan_tiles
+from rotkv_kernels.rotkv_paged_tiles import AttentionTile, attend_tiles, build_tile, plan_tiles
 from rotkv_kernels.rotkv_paged_triton import (
     check_attention_limits,
     paged_attention_triton,
@@ -174,7 +174,7 @@ class RotateKVAttentionMetadata:
         attention_impl: ``"torch"`` or ``"triton"`` (:func:`select_attention_impl` for the builder's device).
         query_start_loc_cpu / seq_lens_cpu: host copies (``"triton"``: for planning the kernels' work; the
             sequence lengths may be vLLM's upper bound, which only enlarges the planned context splits).
-        tiles: the attention work of the step (``rotkv_paged_cpu.AttentionTile``; ``"torch"``).
+        tiles: the attention work of the step (``rotkv_paged_tiles.AttentionTile``; ``"torch"``).
     """
 
     num_actual_tokens: int
@@ -420,7 +420,7 @@ class RotateKVAttentionImpl(AttentionImpl[RotateKVAttentionMetadata]):
                output: torch.Tensor) -> None:
         """``output[t] = softmax(q_t K^T * scale) V`` over each query's causal context (``query [T, Hq, D]``,
         ``output [>= T, Hq, D]`` written in rows ``< query_start_loc[R]`` only): the fused split-K
-        ``paged_attention_triton`` (``"triton"``), or ``rotkv_paged_cpu.attend_tiles`` over the step's tiles."""
+        ``paged_attention_triton`` (``"triton"``), or ``rotkv_paged_tiles.attend_tiles`` over the step's tiles."""
         records, sinks = self._cache_views(kv_cache)
         if md.attention_impl == "triton":
             p = self.runtime.kernel_params(layer_idx, kv_cache.device)

@@ -88,7 +88,7 @@ def test_rotate_values_is_the_same_value_transform_everywhere(tiny_llama, calib_
     """The vLLM runtime's V records (``paged_write_ref``) and the transformers cache's are the same bytes, with a
     per-head Hadamard (``rotate_values=True``) or none at all (``False``)."""
     from rotkv_kernels.rotkv_paged import alloc_paged_cache, paged_write_ref
-    from rotkv_kernels.rotkv_paged_cpu import AttentionTile, read_tile
+    from rotkv_kernels.rotkv_paged_tiles import AttentionTile, read_tile
 
     model, _ = tiny_llama
     cfg = calib_rv.config

@@ -1,4 +1,4 @@
-"""The CPU paged attention's pieces (``rotkv_kernels.rotkv_paged_cpu``) against ``quant.py``'s reference; the
+"""The CPU paged attention's pieces (``rotkv_kernels.rotkv_paged_tiles``) against ``quant.py``'s reference; the
 whole CPU path is checked against ``paged_attention_ref`` through the vLLM backend in
 ``tests/rotkv_vllm/test_vllm_backend.py`` and ``tests/kernels/test_rotkv_paged_vllm_layout.py``."""
 
@@ -9,7 +9,7 @@ import torch
 
 from rotkv_kernels.quant import dequantize_groupwise, pack_codes, quantize_groupwise, unpack_codes
 from rotkv_kernels.rotkv_cache import rotkv_write_ref
-from rotkv_kernels.rotkv_paged_cpu import KeyDecoder, dequantize_records, interleave_order
+from rotkv_kernels.rotkv_paged_tiles import KeyDecoder, dequantize_records, interleave_order
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
