@@ -1,0 +1,221 @@
+// Thin vector types for the CPU attention kernel: one struct per ISA with the same static members,
+// so the kernel (rotkv_paged_cpu_kernel.h) is written once and compiled once per ISA.
+//
+//   N                     lanes (fp32)
+//   F / I                 float / int32 vector
+//   load, store, set1, add, sub, mul, fmadd(a, b, c) = a * b + c, max
+//   hmax, hsum            horizontal max / sum (to a scalar)
+//   exp2                  2^x per lane, relative error below 2^-22 for x >= -126, exactly 0 below
+//   mask_gt(pos, lim, s)  s where pos <= lim, -inf elsewhere
+//   gather32(base, off)   the 32-bit little-endian word at base + off[lane]
+//   srli, and_, cvt       logical shift right, bitwise and, int32 -> fp32
+//   unpack<BITS>(codes, c0)  codes c0 .. c0 + N - 1 of a packed bit stream (c0 a multiple of N)
+//
+// The header selects by the compiler's target macros, so each translation unit gets the type of the
+// flags it is compiled with (rotkv_paged_cpu_{scalar,avx2,avx512}.cpp).
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+#if defined(ROTKV_VEC_AVX512) && !(defined(__AVX512F__) && defined(__AVX512BW__))
+#error "ROTKV_VEC_AVX512 needs -mavx512f -mavx512bw (setup.py ISA_FLAGS)"
+#endif
+#if defined(ROTKV_VEC_AVX2) && !(defined(__AVX2__) && defined(__FMA__))
+#error "ROTKV_VEC_AVX2 needs -mavx2 -mfma (setup.py ISA_FLAGS)"
+#endif
+#if defined(ROTKV_VEC_AVX512) || defined(ROTKV_VEC_AVX2)
+#include <immintrin.h>
+#endif
+
+namespace rotkv_cpu {
+
+inline uint32_t load_u32(const uint8_t* p) {
+  uint32_t w;
+  std::memcpy(&w, p, 4);
+  return w;
+}
+
+// Exact 2^x for the reduction step: cephes' exp2f polynomial on [-0.5, 0.5] (relative error ~1.5e-7).
+#define ROTKV_EXP2_POLY(FMA, SET1, f)                   \
+  FMA(FMA(FMA(FMA(FMA(SET1(1.535336188319500e-4f), f,   \
+                      SET1(1.339887440266574e-3f)), f,  \
+                  SET1(9.618437357674640e-3f)), f,      \
+              SET1(5.550332471162809e-2f)), f,          \
+          SET1(2.402264791363012e-1f)), f,              \
+      SET1(6.931472028550421e-1f))
+
+#if defined(ROTKV_VEC_AVX512)
+
+struct Vec {
+  static constexpr int N = 16;
+  using F = __m512;
+  using I = __m512i;
+  static inline F zero() { return _mm512_setzero_ps(); }
+  static inline F set1(float x) { return _mm512_set1_ps(x); }
+  static inline F load(const float* p) { return _mm512_loadu_ps(p); }
+  static inline void store(float* p, F x) { _mm512_storeu_ps(p, x); }
+  static inline F add(F a, F b) { return _mm512_add_ps(a, b); }
+  static inline F sub(F a, F b) { return _mm512_sub_ps(a, b); }
+  static inline F mul(F a, F b) { return _mm512_mul_ps(a, b); }
+  static inline F fmadd(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+  static inline F max(F a, F b) { return _mm512_max_ps(a, b); }
+  static inline float hmax(F a) { return _mm512_reduce_max_ps(a); }
+  static inline float hsum(F a) { return _mm512_reduce_add_ps(a); }
+  static inline F exp2(F x) {
+    const F xc = _mm512_max_ps(x, _mm512_set1_ps(-126.0f));
+    const F n = _mm512_roundscale_ps(xc, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const F f = _mm512_sub_ps(xc, n);
+    F p = ROTKV_EXP2_POLY(_mm512_fmadd_ps, _mm512_set1_ps, f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    const I e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+    const F r = _mm512_mul_ps(p, _mm512_castsi512_ps(e));
+    const __mmask16 keep = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-126.0f), _CMP_GE_OQ);
+    return _mm512_maskz_mov_ps(keep, r);
+  }
+  static inline F mask_gt(F pos, F lim, F s) {
+    const __mmask16 ok = _mm512_cmp_ps_mask(pos, lim, _CMP_LE_OQ);
+    return _mm512_mask_blend_ps(ok, _mm512_set1_ps(-std::numeric_limits<float>::infinity()), s);
+  }
+  static inline I load_i(const int32_t* p) { return _mm512_loadu_si512(p); }
+  static inline I gather32(const uint8_t* base, I off) { return _mm512_i32gather_epi32(off, base, 1); }
+  static inline I srli(I a, int n) { return _mm512_srl_epi32(a, _mm_cvtsi32_si128(n)); }
+  static inline I and_(I a, int m) { return _mm512_and_si512(a, _mm512_set1_epi32(m)); }
+  static inline F cvt(I a) { return _mm512_cvtepi32_ps(a); }
+  // Codes c0 .. c0 + 15 span 2 * BITS <= 8 bytes from byte c0 * BITS / 8. Each 128-bit lane gets the 8 bytes
+  // (twice), a byte shuffle puts the two bytes holding code j into 32-bit lane j, a variable shift aligns it.
+  template <int BITS>
+  static inline I unpack(const uint8_t* codes, int c0) {
+    uint64_t w;
+    std::memcpy(&w, codes + c0 * BITS / 8, 8);
+    const I v = _mm512_set1_epi64(static_cast<long long>(w));
+    alignas(64) static const struct Tables {
+      int8_t idx[64];
+      int32_t shift[16];
+      Tables() : idx(), shift() {
+        for (int j = 0; j < 16; ++j) {
+          const int b = (j * BITS) / 8;
+          idx[j * 4 + 0] = static_cast<int8_t>(b);
+          idx[j * 4 + 1] = static_cast<int8_t>(b + 1);
+          idx[j * 4 + 2] = static_cast<int8_t>(0x80);
+          idx[j * 4 + 3] = static_cast<int8_t>(0x80);
+          shift[j] = (j * BITS) % 8;
+        }
+      }
+    } t;
+    const I bytes = _mm512_shuffle_epi8(v, _mm512_load_si512(t.idx));
+    const I s = _mm512_srlv_epi32(bytes, _mm512_load_si512(t.shift));
+    return _mm512_and_si512(s, _mm512_set1_epi32((1 << BITS) - 1));
+  }
+};
+
+#elif defined(ROTKV_VEC_AVX2)
+
+struct Vec {
+  static constexpr int N = 8;
+  using F = __m256;
+  using I = __m256i;
+  static inline F zero() { return _mm256_setzero_ps(); }
+  static inline F set1(float x) { return _mm256_set1_ps(x); }
+  static inline F load(const float* p) { return _mm256_loadu_ps(p); }
+  static inline void store(float* p, F x) { _mm256_storeu_ps(p, x); }
+  static inline F add(F a, F b) { return _mm256_add_ps(a, b); }
+  static inline F sub(F a, F b) { return _mm256_sub_ps(a, b); }
+  static inline F mul(F a, F b) { return _mm256_mul_ps(a, b); }
+  static inline F fmadd(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+  static inline F max(F a, F b) { return _mm256_max_ps(a, b); }
+  static inline float hmax(F a) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 1));
+    return _mm_cvtss_f32(m);
+  }
+  static inline float hsum(F a) {
+    __m128 m = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    m = _mm_add_ps(m, _mm_movehl_ps(m, m));
+    m = _mm_add_ss(m, _mm_shuffle_ps(m, m, 1));
+    return _mm_cvtss_f32(m);
+  }
+  static inline F exp2(F x) {
+    const F xc = _mm256_max_ps(x, _mm256_set1_ps(-126.0f));
+    const F n = _mm256_round_ps(xc, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const F f = _mm256_sub_ps(xc, n);
+    F p = ROTKV_EXP2_POLY(_mm256_fmadd_ps, _mm256_set1_ps, f);
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
+    const I e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    const F r = _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+    return _mm256_and_ps(r, _mm256_cmp_ps(x, _mm256_set1_ps(-126.0f), _CMP_GE_OQ));
+  }
+  static inline F mask_gt(F pos, F lim, F s) {
+    return _mm256_blendv_ps(_mm256_set1_ps(-std::numeric_limits<float>::infinity()), s,
+                            _mm256_cmp_ps(pos, lim, _CMP_LE_OQ));
+  }
+  static inline I load_i(const int32_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+  static inline I gather32(const uint8_t* base, I off) {
+    return _mm256_i32gather_epi32(reinterpret_cast<const int*>(base), off, 1);
+  }
+  static inline I srli(I a, int n) { return _mm256_srl_epi32(a, _mm_cvtsi32_si128(n)); }
+  static inline I and_(I a, int m) { return _mm256_and_si256(a, _mm256_set1_epi32(m)); }
+  static inline F cvt(I a) { return _mm256_cvtepi32_ps(a); }
+  // Codes c0 .. c0 + 7 span BITS <= 4 bytes from byte c0 * BITS / 8 (same scheme as the AVX-512 type).
+  template <int BITS>
+  static inline I unpack(const uint8_t* codes, int c0) {
+    const I v = _mm256_set1_epi32(static_cast<int>(load_u32(codes + c0 * BITS / 8)));
+    alignas(32) static const struct Tables {
+      int8_t idx[32];
+      int32_t shift[8];
+      Tables() : idx(), shift() {
+        for (int j = 0; j < 8; ++j) {
+          const int b = (j * BITS) / 8;
+          // lanes 4..7 live in the upper 128-bit half, which holds the same 4 bytes (broadcast)
+          idx[j * 4 + 0] = static_cast<int8_t>(b);
+          idx[j * 4 + 1] = static_cast<int8_t>(b + 1);
+          idx[j * 4 + 2] = static_cast<int8_t>(0x80);
+          idx[j * 4 + 3] = static_cast<int8_t>(0x80);
+          shift[j] = (j * BITS) % 8;
+        }
+      }
+    } t;
+    const I bytes = _mm256_shuffle_epi8(v, _mm256_load_si256(reinterpret_cast<const __m256i*>(t.idx)));
+    const I s = _mm256_srlv_epi32(bytes, _mm256_load_si256(reinterpret_cast<const __m256i*>(t.shift)));
+    return _mm256_and_si256(s, _mm256_set1_epi32((1 << BITS) - 1));
+  }
+};
+
+#else  // scalar reference: one lane, plain C++
+
+struct Vec {
+  static constexpr int N = 1;
+  using F = float;
+  using I = int32_t;
+  static inline F zero() { return 0.0f; }
+  static inline F set1(float x) { return x; }
+  static inline F load(const float* p) { return *p; }
+  static inline void store(float* p, F x) { *p = x; }
+  static inline F add(F a, F b) { return a + b; }
+  static inline F sub(F a, F b) { return a - b; }
+  static inline F mul(F a, F b) { return a * b; }
+  static inline F fmadd(F a, F b, F c) { return a * b + c; }
+  static inline F max(F a, F b) { return a > b ? a : b; }
+  static inline float hmax(F a) { return a; }
+  static inline float hsum(F a) { return a; }
+  static inline F exp2(F x) { return x >= -126.0f ? std::exp2(x) : 0.0f; }
+  static inline F mask_gt(F pos, F lim, F s) { return pos <= lim ? s : -std::numeric_limits<float>::infinity(); }
+  static inline I load_i(const int32_t* p) { return *p; }
+  static inline I gather32(const uint8_t* base, I off) { return static_cast<I>(load_u32(base + off)); }
+  static inline I srli(I a, int n) { return static_cast<I>(static_cast<uint32_t>(a) >> n); }
+  static inline I and_(I a, int m) { return a & m; }
+  static inline F cvt(I a) { return static_cast<float>(a); }
+  template <int BITS>
+  static inline I unpack(const uint8_t* codes, int c0) {
+    const int bit = c0 * BITS;
+    uint32_t w = codes[bit / 8] | (static_cast<uint32_t>(codes[bit / 8 + 1]) << 8);
+    return static_cast<I>((w >> (bit % 8)) & ((1u << BITS) - 1));
+  }
+};
+
+#endif
+
+}  // namespace rotkv_cpu
