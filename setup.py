@@ -55,6 +55,7 @@ def _ext_modules():
         "rotkv_kernels._paged_cpu",
         sources=[f"{src}/rotkv_paged_cpu.cpp", f"{src}/rotkv_paged_cpu_scalar.cpp", f"{src}/rotkv_paged_cpu_avx2.cpp",
                  f"{src}/rotkv_paged_cpu_avx512.cpp"],
+        depends=[f"{src}/rotkv_paged_cpu.h", f"{src}/rotkv_paged_cpu_kernel.h", f"{src}/rotkv_paged_cpu_vec.h"],
         # -ffp-contract=off: the write must round like the PyTorch reference (no fused multiply-adds
         # the compiler invents); the kernels' FMAs are explicit intrinsics.
         extra_compile_args=["-O3", "-fopenmp", "-ffp-contract=off", "-std=c++17"],

@@ -38,7 +38,8 @@ namespace ROTKV_ISA_NAMESPACE {
 namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-constexpr int kRowBlock = 8;  // rows whose scores / accumulators are kept in registers together
+constexpr int kRowBlock = 8;             // rows whose scores / accumulators are kept in registers together
+constexpr float kMagic = 8388608.0f;  // 2^23: float(2^23 + q) - (2^23 + z) == q - z exactly (Vec::code_float)
 
 inline float half_to_float(uint16_t h) {
   const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
@@ -86,12 +87,24 @@ inline float fp8e4m3_to_float(uint8_t x) {
   return sign ? -v : v;
 }
 
+struct Fp8Table {
+  float v[256];
+  Fp8Table() {
+    for (int i = 0; i < 256; ++i) v[i] = fp8e4m3_to_float(static_cast<uint8_t>(i));
+  }
+};
+
+inline float fp8_value(uint8_t x) {
+  static const Fp8Table table;
+  return table.v[x];
+}
+
 // scale and zero of group `g` of a record (codes first, then all scales, then all zeros)
 inline void scale_zero(const uint8_t* rec, int width, int bits, int group, bool fp8, int g, float* s, float* z) {
   const uint8_t* sp = rec + width * bits / 8;
   const int ng = width / group;
   if (fp8) {
-    *s = fp8e4m3_to_float(sp[g]);
+    *s = fp8_value(sp[g]);
     *z = static_cast<float>(sp[ng + g]);
   } else {
     uint16_t sh, zh;
@@ -163,45 +176,55 @@ void decode_keys(const AttnParams& P, int rot, const uint8_t* tb, const int32_t*
     const typename V::I word = V::gather32(tb + i0 * BITS / 8, off);
 #pragma GCC unroll 16
     for (int j = 0; j < CPG; ++j) {
-      const typename V::F c = V::cvt(V::and_(V::srli(word, j * BITS), (1 << BITS) - 1));
+      const typename V::F c = V::code_float(word, j * BITS, (1 << BITS) - 1);
       const int dst = (P.key_perm ? static_cast<int>(P.key_perm[i0 + j]) : i0 + j) - i_base;
       V::store(X + dst * N, V::mul(V::sub(c, zv), sv));
     }
   }
 }
 
+// LOGR butterfly stages (strides h, 2h, ..., 2^(LOGR-1) h) on 2^LOGR vectors held in registers
+template <int LOGR>
+inline void butterfly_pass(float* y, int p, int h) {
+  using V = Vec;
+  constexpr int N = V::N, R = 1 << LOGR;
+  for (int i0 = 0; i0 < p; i0 += R * h)
+    for (int i = i0; i < i0 + h; ++i) {
+      typename V::F r[R];
+      for (int k = 0; k < R; ++k) r[k] = V::load(y + (i + k * h) * N);
+      for (int st = 1; st < R; st *= 2)
+        for (int k0 = 0; k0 < R; k0 += 2 * st)
+          for (int k = k0; k < k0 + st; ++k) {
+            const typename V::F a = r[k], b = r[k + st];
+            r[k] = V::add(a, b);
+            r[k + st] = V::sub(a, b);
+          }
+      for (int k = 0; k < R; ++k) V::store(y + (i + k * h) * N, r[k]);
+    }
+}
+
 // inverse kron(H_m, H_p) over X[rw][N] (unnormalized: 1/sqrt(rw) is folded into the key scales)
 inline void inverse_hadamard_tile(const AttnParams& P, float* X) {
   using V = Vec;
   constexpr int N = V::N;
+  // stages per pass over memory: 4 with 32 vector registers (AVX-512), 3 otherwise
+  constexpr int kMaxLog = N == 16 ? 4 : 3;
   const int m = P.key_m, p = P.key_p;
+  int logp = 0;
+  while ((1 << logp) < p) ++logp;
   for (int a = 0; a < m; ++a) {
     float* y = X + static_cast<size_t>(a) * p * N;
-    int h = 1;
-    // two butterfly stages per pass over memory (radix 4), then one radix-2 stage if log2(p) is odd
-    for (; 4 * h <= p; h *= 4) {
-      for (int i0 = 0; i0 < p; i0 += 4 * h)
-        for (int i = i0; i < i0 + h; ++i) {
-          float* q0 = y + i * N;
-          float* q1 = q0 + h * N;
-          float* q2 = q1 + h * N;
-          float* q3 = q2 + h * N;
-          const typename V::F a0 = V::load(q0), a1 = V::load(q1), a2 = V::load(q2), a3 = V::load(q3);
-          const typename V::F b0 = V::add(a0, a1), b1 = V::sub(a0, a1), b2 = V::add(a2, a3), b3 = V::sub(a2, a3);
-          V::store(q0, V::add(b0, b2));
-          V::store(q1, V::add(b1, b3));
-          V::store(q2, V::sub(b0, b2));
-          V::store(q3, V::sub(b1, b3));
-        }
-    }
-    if (h < p) {
-      for (int i = 0; i < h; ++i) {
-        float* q0 = y + i * N;
-        float* q1 = q0 + h * N;
-        const typename V::F a0 = V::load(q0), a1 = V::load(q1);
-        V::store(q0, V::add(a0, a1));
-        V::store(q1, V::sub(a0, a1));
+    int h = 1, left = logp;
+    while (left > 0) {
+      const int st = std::min(left, kMaxLog);
+      switch (st) {
+        case 4: butterfly_pass<(kMaxLog >= 4 ? 4 : 1)>(y, p, h); break;
+        case 3: butterfly_pass<3>(y, p, h); break;
+        case 2: butterfly_pass<2>(y, p, h); break;
+        default: butterfly_pass<1>(y, p, h); break;
       }
+      h <<= st;
+      left -= st;
     }
   }
   if (m > 1) {
@@ -249,20 +272,44 @@ void score_rows(const AttnParams& P, int h, const float* Xh, const float* CT, co
   for (int k = 0; k < NB; ++k) V::store(S + k * N, V::mask_gt(pv, V::set1(lim[k]), acc[k]));
 }
 
-// acc[k][c0 .. c0 + N) += sum_t ps[k][t] * (codes_t - z_t) for NB rows (one value group for the chunk)
+// acc[k][c0 .. c0 + N) += sum_t ps[k][t] * (codes_t - z_t) for NB rows (one value group for the chunk);
+// zt holds 2^23 + z (kMagic)
 template <int BITS, int NB>
-void accumulate_values(const uint8_t* tb, int row_bytes, int vcodes_off, int chan, int ntok, const float* zt,
-                       const float* ps, float* const* acc) {
+void accumulate_values(const uint8_t* vbase, int stride, int chan, int t0, int t1, const float* zt, const float* ps,
+                       float* const* acc) {
   using V = Vec;
   constexpr int N = V::N;
   typename V::F a[NB];
   for (int k = 0; k < NB; ++k) a[k] = V::load(acc[k]);
-  for (int t = 0; t < ntok; ++t) {
+  for (int t = t0; t < t1; ++t) {
     const typename V::F f =
-        V::sub(V::cvt(Vec::template unpack<BITS>(tb + t * row_bytes + vcodes_off, chan)), V::set1(zt[t]));
+        V::sub(V::cvt(Vec::template unpack<BITS>(vbase + t * stride, chan)), V::set1(zt[t] - kMagic));
     for (int k = 0; k < NB; ++k) a[k] = V::fmadd(V::set1(ps[k * N + t]), f, a[k]);
   }
   for (int k = 0; k < NB; ++k) V::store(acc[k], a[k]);
+}
+
+// Interleaved block of N * 8 / BITS channels (BITS 2 or 4) starting at channel `chan`: N code bytes are
+// zero-extended once; vector kk holds code kk of each byte.
+template <int BITS, int NB>
+void accumulate_values_il(const uint8_t* vbase, int stride, int chan, int t0, int t1, const float* zt,
+                          const float* ps, float* const* acc) {
+  using V = Vec;
+  constexpr int N = V::N, PER = 8 / BITS;
+  typename V::F a[NB][PER];
+  for (int k = 0; k < NB; ++k)
+    for (int kk = 0; kk < PER; ++kk) a[k][kk] = V::load(acc[k] + kk * N);
+  for (int t = t0; t < t1; ++t) {
+    const typename V::I x = V::bytes(vbase + t * stride + chan * BITS / 8);
+    const typename V::F zv = V::set1(zt[t]);
+#pragma GCC unroll 4
+    for (int kk = 0; kk < PER; ++kk) {
+      const typename V::F f = V::sub(V::code_float(x, kk * BITS, (1 << BITS) - 1), zv);
+      for (int k = 0; k < NB; ++k) a[k][kk] = V::fmadd(V::set1(ps[k * N + t]), f, a[k][kk]);
+    }
+  }
+  for (int k = 0; k < NB; ++k)
+    for (int kk = 0; kk < PER; ++kk) V::store(acc[k] + kk * N, a[k][kk]);
 }
 
 template <int NB, class Fn>
@@ -376,57 +423,91 @@ void attend_item_t(const AttnParams& P, const WorkItem& w) {
   alignas(64) float posf[N];
   const float c_rot = static_cast<float>(1.0 / std::sqrt(static_cast<double>(rw)));
   const uint8_t* trow[N];
-  for (int i = 0; i < N; ++i) lane_off[i] = i * row_bytes;
-
-  for (int64_t p0 = std::max<int64_t>(lo, S); p0 < hi; p0 += N) {
-    const int nv = static_cast<int>(std::min<int64_t>(N, hi - p0));
-    // 1. records of the tile's positions
-    for (int i = 0; i < N; ++i) {
-      uint8_t* dst = tb + i * row_bytes;
-      if (i < nv) {
-        const int64_t pos = p0 + i;
-        const int64_t blk = P.block_table[static_cast<int64_t>(r) * P.bt_stride + pos / P.block_size];
-        const uint8_t* src = P.records + blk * P.page_stride + (pos % P.block_size) * P.slot_bytes;
-        std::memcpy(dst, src, P.key_bytes + P.value_bytes);
-        std::memset(dst + P.key_bytes + P.value_bytes, 0, row_bytes - P.key_bytes - P.value_bytes);
-        posf[i] = static_cast<float>(pos);
-      } else {
-        std::memset(dst, 0, row_bytes);
-        posf[i] = std::numeric_limits<float>::max();
-      }
-      trow[i] = dst;
+  const float* crow[N];
+  const float* srow[N];
+  // Pages hold whole tiles when the block size is a multiple of N (tiles start at multiples of N): the
+  // kernel then reads the slots where they are; otherwise it copies each tile's records first.
+  const bool direct = P.block_size % N == 0;
+  const int stride = direct ? static_cast<int>(P.slot_bytes) : row_bytes;
+  for (int i = 0; i < N; ++i) lane_off[i] = i * stride;
+  // Values with lanes over channels: for 2 and 4 bits, N whole bytes are zero-extended at once and each of
+  // the 8 / bits codes per byte gives one vector, so a block of N * 8 / bits channels is held interleaved
+  // (vector k, lane j = channel j * 8 / bits + k) until the item ends.
+  constexpr int v_per = VB == 3 ? 1 : 8 / VB;
+  constexpr int v_block = N * v_per;
+  const bool interleaved = VB != 3 && D % v_block == 0 && P.value_group % v_block == 0;
+  auto permute_rows = [&](bool to_interleaved) {
+    for (int k = 0; k < R; ++k) {
+      float* a = acc + static_cast<size_t>(k) * D;
+      std::memcpy(tmp, a, size_t(D) * 4);
+      for (int b0 = 0; b0 < D; b0 += v_block)
+        for (int kk = 0; kk < v_per; ++kk)
+          for (int j = 0; j < N; ++j) {
+            const int nat = b0 + j * v_per + kk, il = b0 + kk * N + j;
+            if (to_interleaved) a[il] = tmp[nat]; else a[nat] = tmp[il];
+          }
     }
-    // scales and zeros; invalid lanes decode to exact zeros whatever their bytes
+  };
+  if (interleaved) permute_rows(true);
+
+  const int64_t p_start = std::max<int64_t>(lo, S);
+  for (int64_t p0 = p_start / N * N; p0 < hi; p0 += N) {
+    const int lane_lo = static_cast<int>(std::max<int64_t>(0, p_start - p0));
+    const int nv = static_cast<int>(std::min<int64_t>(N, hi - p0));
+    const uint8_t* tbase;
+    if (direct) {
+      const int64_t blk = P.block_table[static_cast<int64_t>(r) * P.bt_stride + p0 / P.block_size];
+      tbase = P.records + blk * P.page_stride + (p0 % P.block_size) * P.slot_bytes;
+      for (int i = 0; i < N; ++i) trow[i] = tbase + i * stride;
+    } else {
+      for (int i = 0; i < N; ++i) {
+        uint8_t* dst = tb + i * row_bytes;
+        if (i >= lane_lo && i < nv) {
+          const int64_t pos = p0 + i;
+          const int64_t blk = P.block_table[static_cast<int64_t>(r) * P.bt_stride + pos / P.block_size];
+          const uint8_t* src = P.records + blk * P.page_stride + (pos % P.block_size) * P.slot_bytes;
+          std::memcpy(dst, src, P.key_bytes + P.value_bytes);
+          std::memset(dst + P.key_bytes + P.value_bytes, 0, row_bytes - P.key_bytes - P.value_bytes);
+        } else {
+          std::memset(dst, 0, row_bytes);
+        }
+        trow[i] = dst;
+      }
+      tbase = tb;
+    }
+    for (int i = 0; i < N; ++i)
+      posf[i] = (i >= lane_lo && i < nv) ? static_cast<float>(p0 + i) : std::numeric_limits<float>::max();
+    // scales and zeros; lanes outside [lane_lo, nv) decode to exact zeros whatever their bytes hold
     for (int gk = 0; gk < n_kg; ++gk)
       for (int i = 0; i < N; ++i) {
-        float s = 0.0f, z = 0.0f;
-        if (i < nv) scale_zero(trow[i], W, P.key_bits, P.key_group, P.scale_fp8, kg0 + gk, &s, &z);
-        ks[gk * N + i] = s * c_rot;
-        kz[gk * N + i] = z;
+        float sc = 0.0f, z = 0.0f;
+        if (i >= lane_lo && i < nv) scale_zero(trow[i], W, P.key_bits, P.key_group, P.scale_fp8, kg0 + gk, &sc, &z);
+        ks[gk * N + i] = sc * c_rot;
+        kz[gk * N + i] = kMagic + z;
       }
     for (int gv = 0; gv < n_vg; ++gv)
       for (int i = 0; i < N; ++i) {
-        float s = 0.0f, z = 0.0f;
-        if (i < nv)
-          scale_zero(trow[i] + P.key_bytes, W, P.value_bits, P.value_group, P.scale_fp8, vg0 + gv, &s, &z);
-        vs[gv * N + i] = s;
-        vz[gv * N + i] = z;
+        float sc = 0.0f, z = 0.0f;
+        if (i >= lane_lo && i < nv)
+          scale_zero(trow[i] + P.key_bytes, W, P.value_bits, P.value_group, P.scale_fp8, vg0 + gv, &sc, &z);
+        vs[gv * N + i] = sc;
+        vz[gv * N + i] = kMagic + z;
       }
     // 2-3. keys of the rotation block, natural order, inverse Hadamard
-    decode_keys<KB, CPG>(P, w.rot, tb, lane_off, ks, kz, X);
+    decode_keys<KB, CPG>(P, w.rot, tbase, lane_off, ks, kz, X);
     inverse_hadamard_tile(P, X);
     // RoPE tables of the tile, transposed to [D][N]
     const float* CTp = nullptr;
     const float* STp = nullptr;
     if (P.rope_cos) {
       for (int i = 0; i < N; ++i) {
-        const bool ok = i < nv;
-        const float* cr = ok ? P.rope_cos + (p0 + i) * P.rope_stride : zero_row;
-        const float* sr = ok ? P.rope_sin + (p0 + i) * P.rope_stride : zero_row;
-        for (int c = 0; c < D; ++c) {
-          CT[c * N + i] = cr[c];
-          ST[c * N + i] = sr[c];
-        }
+        const bool ok = i >= lane_lo && i < nv;
+        crow[i] = ok ? P.rope_cos + (p0 + i) * P.rope_stride : zero_row;
+        srow[i] = ok ? P.rope_sin + (p0 + i) * P.rope_stride : zero_row;
+      }
+      for (int c0 = 0; c0 < D; c0 += N) {
+        V::transpose(crow, c0, CT + c0 * N);
+        V::transpose(srow, c0, ST + c0 * N);
       }
       CTp = CT;
       STp = ST;
@@ -448,17 +529,17 @@ void attend_item_t(const AttnParams& P, const WorkItem& w) {
     }
     // 5. online softmax per row; Sc becomes p
     for (int k = 0; k < R; ++k) {
-      float* s = Sc + static_cast<size_t>(k) * N;
-      const typename V::F sv = V::load(s);
+      float* sk = Sc + static_cast<size_t>(k) * N;
+      const typename V::F sv = V::load(sk);
       const float tmax = V::hmax(sv);
       if (tmax == kNegInf) {
-        V::store(s, V::zero());
+        V::store(sk, V::zero());
         continue;
       }
       const float mn = std::max(m[k], tmax);
       const float alpha = std::exp2(m[k] - mn);
       const typename V::F pv = V::exp2(V::sub(sv, V::set1(mn)));
-      V::store(s, pv);
+      V::store(sk, pv);
       l[k] = l[k] * alpha + V::hsum(pv);
       if (alpha != 1.0f) {
         float* a = acc + static_cast<size_t>(k) * D;
@@ -468,7 +549,7 @@ void attend_item_t(const AttnParams& P, const WorkItem& w) {
       m[k] = mn;
     }
     // 6. values, in their rotated basis
-    const int vcodes = P.key_bytes;
+    const uint8_t* vbase = tbase + P.key_bytes;
     for (int hl = 0; hl < g; ++hl) {
       const int h = w.rot * g + hl;
       for (int ti = 0; ti < nt; ++ti)
@@ -476,9 +557,10 @@ void attend_item_t(const AttnParams& P, const WorkItem& w) {
           const int nb = std::min(kRowBlock, qpk - j0);
           const int k0 = ti * per_tok + hl * qpk + j0;
           int cur_g = -1;
-          for (int c0 = 0; c0 < D; c0 += N) {
+          const int step = interleaved ? v_block : N;
+          for (int c0 = 0; c0 < D; c0 += step) {
             const int chan = h * D + c0;
-            const int ga = chan / P.value_group, gb = (chan + N - 1) / P.value_group;
+            const int ga = chan / P.value_group, gb = (chan + step - 1) / P.value_group;
             float* accp[kRowBlock];
             for (int k = 0; k < nb; ++k) accp[k] = acc + static_cast<size_t>(k0 + k) * D + c0;
             if (ga == gb) {
@@ -490,20 +572,23 @@ void attend_item_t(const AttnParams& P, const WorkItem& w) {
               }
               const float* zt = vz + (ga - vg0) * N;
               dispatch_rows<kRowBlock>(nb, [&](auto nbc) {
-                accumulate_values<VB, decltype(nbc)::value>(tb, row_bytes, vcodes, chan, nv, zt, ps, accp);
+                if (interleaved)
+                  accumulate_values_il<VB, decltype(nbc)::value>(vbase, stride, chan, lane_lo, nv, zt, ps, accp);
+                else
+                  accumulate_values<VB, decltype(nbc)::value>(vbase, stride, chan, lane_lo, nv, zt, ps, accp);
               });
             } else {
               // a chunk straddling two value groups (group sizes not a multiple of N): per-lane scale and zero
               cur_g = -1;
-              for (int t = 0; t < nv; ++t) {
+              for (int t = lane_lo; t < nv; ++t) {
                 alignas(64) float sl[N], zl[N];
                 for (int i = 0; i < N; ++i) {
                   const int gi = (chan + i) / P.value_group - vg0;
                   sl[i] = vs[gi * N + t];
-                  zl[i] = vz[gi * N + t];
+                  zl[i] = vz[gi * N + t] - kMagic;
                 }
                 const typename V::F f = V::sub(
-                    V::cvt(Vec::template unpack<VB>(tb + t * row_bytes + vcodes, chan)), V::load(zl));
+                    V::cvt(Vec::template unpack<VB>(vbase + t * stride, chan)), V::load(zl));
                 const typename V::F sf = V::mul(f, V::load(sl));
                 for (int k = 0; k < nb; ++k)
                   V::store(accp[k], V::fmadd(V::set1(Sc[static_cast<size_t>(k0 + k) * N + t]), sf, V::load(accp[k])));
@@ -513,6 +598,7 @@ void attend_item_t(const AttnParams& P, const WorkItem& w) {
         }
     }
   }
+  if (interleaved) permute_rows(false);
 
   // partial results of this split
   for (int k = 0; k < R; ++k) {

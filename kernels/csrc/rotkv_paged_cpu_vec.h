@@ -10,6 +10,10 @@
 //   gather32(base, off)   the 32-bit little-endian word at base + off[lane]
 //   srli, and_, cvt       logical shift right, bitwise and, int32 -> fp32
 //   unpack<BITS>(codes, c0)  codes c0 .. c0 + N - 1 of a packed bit stream (c0 a multiple of N)
+//   bytes(p)              N bytes zero-extended to int32 lanes
+//   code_float(x, s, m)   float(2^23 + ((x >> s) & m)): subtracting 2^23 + z gives q - z exactly (1-2 ops
+//                         instead of mask, convert and subtract)
+//   transpose(rows, c0, out)  out[j * N + i] = rows[i][c0 + j] for i, j < N (RoPE tables, lanes = positions)
 //
 // The header selects by the compiler's target macros, so each translation unit gets the type of the
 // flags it is compiled with (rotkv_paged_cpu_{scalar,avx2,avx512}.cpp).
@@ -86,6 +90,36 @@ struct Vec {
   static inline F cvt(I a) { return _mm512_cvtepi32_ps(a); }
   // Codes c0 .. c0 + 15 span 2 * BITS <= 8 bytes from byte c0 * BITS / 8. Each 128-bit lane gets the 8 bytes
   // (twice), a byte shuffle puts the two bytes holding code j into 32-bit lane j, a variable shift aligns it.
+  static inline I bytes(const uint8_t* p) { return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+  static inline F code_float(I x, int s, int m) {
+    // (x >> s) & m | 0x4B000000 in one ternary-logic op: A & B | C = 0xEA
+    return _mm512_castsi512_ps(_mm512_ternarylogic_epi32(_mm512_srl_epi32(x, _mm_cvtsi32_si128(s)),
+                                                         _mm512_set1_epi32(m), _mm512_set1_epi32(0x4B000000), 0xEA));
+  }
+  static inline void transpose(const float* const* rows, int c0, float* out) {
+    __m512 r[16], t[16];
+    for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(rows[i] + c0);
+    for (int i = 0; i < 8; ++i) {
+      t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+      t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    // u[4i + j], 128-bit lane k: column 4k + j of rows 4i .. 4i + 3
+    for (int i = 0; i < 4; ++i) {
+      r[4 * i + 0] = _mm512_shuffle_ps(t[4 * i + 0], t[4 * i + 2], 0x44);
+      r[4 * i + 1] = _mm512_shuffle_ps(t[4 * i + 0], t[4 * i + 2], 0xEE);
+      r[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+      r[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
+    }
+    for (int j = 0; j < 4; ++j) {
+      const __m512 v0 = _mm512_shuffle_f32x4(r[j], r[4 + j], 0x88), v1 = _mm512_shuffle_f32x4(r[j], r[4 + j], 0xDD);
+      const __m512 v2 = _mm512_shuffle_f32x4(r[8 + j], r[12 + j], 0x88),
+                   v3 = _mm512_shuffle_f32x4(r[8 + j], r[12 + j], 0xDD);
+      _mm512_storeu_ps(out + (j) * 16, _mm512_shuffle_f32x4(v0, v2, 0x88));
+      _mm512_storeu_ps(out + (8 + j) * 16, _mm512_shuffle_f32x4(v0, v2, 0xDD));
+      _mm512_storeu_ps(out + (4 + j) * 16, _mm512_shuffle_f32x4(v1, v3, 0x88));
+      _mm512_storeu_ps(out + (12 + j) * 16, _mm512_shuffle_f32x4(v1, v3, 0xDD));
+    }
+  }
   template <int BITS>
   static inline I unpack(const uint8_t* codes, int c0) {
     uint64_t w;
@@ -160,6 +194,29 @@ struct Vec {
   static inline I and_(I a, int m) { return _mm256_and_si256(a, _mm256_set1_epi32(m)); }
   static inline F cvt(I a) { return _mm256_cvtepi32_ps(a); }
   // Codes c0 .. c0 + 7 span BITS <= 4 bytes from byte c0 * BITS / 8 (same scheme as the AVX-512 type).
+  static inline I bytes(const uint8_t* p) { return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))); }
+  static inline F code_float(I x, int s, int m) {
+    const I c = _mm256_and_si256(_mm256_srl_epi32(x, _mm_cvtsi32_si128(s)), _mm256_set1_epi32(m));
+    return _mm256_castsi256_ps(_mm256_or_si256(c, _mm256_set1_epi32(0x4B000000)));
+  }
+  static inline void transpose(const float* const* rows, int c0, float* out) {
+    __m256 r[8], t[8];
+    for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(rows[i] + c0);
+    for (int i = 0; i < 4; ++i) {
+      t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+      t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    for (int i = 0; i < 2; ++i) {
+      r[4 * i + 0] = _mm256_shuffle_ps(t[4 * i + 0], t[4 * i + 2], 0x44);
+      r[4 * i + 1] = _mm256_shuffle_ps(t[4 * i + 0], t[4 * i + 2], 0xEE);
+      r[4 * i + 2] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+      r[4 * i + 3] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
+    }
+    for (int j = 0; j < 4; ++j) {
+      _mm256_storeu_ps(out + j * 8, _mm256_permute2f128_ps(r[j], r[4 + j], 0x20));
+      _mm256_storeu_ps(out + (4 + j) * 8, _mm256_permute2f128_ps(r[j], r[4 + j], 0x31));
+    }
+  }
   template <int BITS>
   static inline I unpack(const uint8_t* codes, int c0) {
     const I v = _mm256_set1_epi32(static_cast<int>(load_u32(codes + c0 * BITS / 8)));
@@ -208,6 +265,9 @@ struct Vec {
   static inline I srli(I a, int n) { return static_cast<I>(static_cast<uint32_t>(a) >> n); }
   static inline I and_(I a, int m) { return a & m; }
   static inline F cvt(I a) { return static_cast<float>(a); }
+  static inline I bytes(const uint8_t* p) { return p[0]; }
+  static inline F code_float(I x, int s, int m) { return 8388608.0f + static_cast<float>((static_cast<uint32_t>(x) >> s) & m); }
+  static inline void transpose(const float* const* rows, int c0, float* out) { out[0] = rows[0][c0]; }
   template <int BITS>
   static inline I unpack(const uint8_t* codes, int c0) {
     const int bit = c0 * BITS;
