@@ -41,32 +41,6 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr int kRowBlock = 8;             // rows whose scores / accumulators are kept in registers together
 constexpr float kMagic = 8388608.0f;  // 2^23: float(2^23 + q) - (2^23 + z) == q - z exactly (Vec::code_float)
 
-inline float half_to_float(uint16_t h) {
-  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
-  const uint32_t exp = (h >> 10) & 0x1Fu, man = h & 0x3FFu;
-  uint32_t bits;
-  if (exp == 0) {
-    if (man == 0) {
-      bits = sign;
-    } else {  // subnormal: renormalize
-      int e = -1;
-      uint32_t m = man;
-      do {
-        ++e;
-        m <<= 1;
-      } while ((m & 0x400u) == 0);
-      bits = sign | ((127 - 15 - e) << 23) | ((m & 0x3FFu) << 13);
-    }
-  } else if (exp == 0x1F) {
-    bits = sign | 0x7F800000u | (man << 13);
-  } else {
-    bits = sign | ((exp + 127 - 15) << 23) | (man << 13);
-  }
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
-}
-
 inline float bf16_to_float(uint16_t h) {
   const uint32_t bits = static_cast<uint32_t>(h) << 16;
   float f;
@@ -94,10 +68,12 @@ struct Fp8Table {
   }
 };
 
-inline float fp8_value(uint8_t x) {
+inline const float* fp8_table() {
   static const Fp8Table table;
-  return table.v[x];
+  return table.v;
 }
+
+inline float fp8_value(uint8_t x) { return fp8_table()[x]; }
 
 // scale and zero of group `g` of a record (codes first, then all scales, then all zeros)
 inline void scale_zero(const uint8_t* rec, int width, int bits, int group, bool fp8, int g, float* s, float* z) {
@@ -190,15 +166,20 @@ inline void butterfly_pass(float* y, int p, int h) {
   constexpr int N = V::N, R = 1 << LOGR;
   for (int i0 = 0; i0 < p; i0 += R * h)
     for (int i = i0; i < i0 + h; ++i) {
+      // fully unrolled (compile-time trip counts) so that r[] lives in registers
       typename V::F r[R];
+#pragma GCC unroll 16
       for (int k = 0; k < R; ++k) r[k] = V::load(y + (i + k * h) * N);
+#pragma GCC unroll 4
       for (int st = 1; st < R; st *= 2)
-        for (int k0 = 0; k0 < R; k0 += 2 * st)
-          for (int k = k0; k < k0 + st; ++k) {
+#pragma GCC unroll 16
+        for (int k = 0; k < R; ++k)
+          if ((k & st) == 0) {
             const typename V::F a = r[k], b = r[k + st];
             r[k] = V::add(a, b);
             r[k + st] = V::sub(a, b);
           }
+#pragma GCC unroll 16
       for (int k = 0; k < R; ++k) V::store(y + (i + k * h) * N, r[k]);
     }
 }
@@ -421,6 +402,7 @@ void attend_item_t(const AttnParams& P, const WorkItem& w) {
 
   alignas(64) int32_t lane_off[N];
   alignas(64) float posf[N];
+  alignas(64) float okf[N];
   const float c_rot = static_cast<float>(1.0 / std::sqrt(static_cast<double>(rw)));
   const uint8_t* trow[N];
   const float* crow[N];
@@ -475,24 +457,33 @@ void attend_item_t(const AttnParams& P, const WorkItem& w) {
       }
       tbase = tb;
     }
-    for (int i = 0; i < N; ++i)
-      posf[i] = (i >= lane_lo && i < nv) ? static_cast<float>(p0 + i) : std::numeric_limits<float>::max();
-    // scales and zeros; lanes outside [lane_lo, nv) decode to exact zeros whatever their bytes hold
-    for (int gk = 0; gk < n_kg; ++gk)
-      for (int i = 0; i < N; ++i) {
-        float sc = 0.0f, z = 0.0f;
-        if (i >= lane_lo && i < nv) scale_zero(trow[i], W, P.key_bits, P.key_group, P.scale_fp8, kg0 + gk, &sc, &z);
-        ks[gk * N + i] = sc * c_rot;
-        kz[gk * N + i] = kMagic + z;
-      }
-    for (int gv = 0; gv < n_vg; ++gv)
-      for (int i = 0; i < N; ++i) {
-        float sc = 0.0f, z = 0.0f;
-        if (i >= lane_lo && i < nv)
-          scale_zero(trow[i] + P.key_bytes, W, P.value_bits, P.value_group, P.scale_fp8, vg0 + gv, &sc, &z);
-        vs[gv * N + i] = sc;
-        vz[gv * N + i] = kMagic + z;
-      }
+    for (int i = 0; i < N; ++i) {
+      const bool ok = i >= lane_lo && i < nv;
+      posf[i] = ok ? static_cast<float>(p0 + i) : std::numeric_limits<float>::max();
+      okf[i] = ok ? 1.0f : 0.0f;
+    }
+    // scales and zeros, gathered across the tile's slots; lanes outside [lane_lo, nv) decode to exact
+    // zeros whatever their bytes hold
+    {
+      const typename V::I offs = V::load_i(lane_off);
+      const typename V::F okv = V::load(okf);
+      auto decode = [&](const uint8_t* sbase, int ng, int g0, int count, float mult, float* so, float* zo) {
+        for (int gi = 0; gi < count; ++gi) {
+          typename V::F sc, z;
+          if (P.scale_fp8) {
+            sc = V::scale_fp8(sbase + g0 + gi, offs, fp8_table());
+            z = V::zero_u8(sbase + ng + g0 + gi, offs);
+          } else {
+            sc = V::scale_f16(sbase + 2 * (g0 + gi), offs);
+            z = V::scale_f16(sbase + 2 * (ng + g0 + gi), offs);
+          }
+          V::store(so + gi * N, V::select(okv, V::mul(sc, V::set1(mult))));
+          V::store(zo + gi * N, V::add(V::select(okv, z), V::set1(kMagic)));
+        }
+      };
+      decode(tbase + W * P.key_bits / 8, W / P.key_group, kg0, n_kg, c_rot, ks, kz);
+      decode(tbase + P.key_bytes + W * P.value_bits / 8, W / P.value_group, vg0, n_vg, 1.0f, vs, vz);
+    }
     // 2-3. keys of the rotation block, natural order, inverse Hadamard
     decode_keys<KB, CPG>(P, w.rot, tbase, lane_off, ks, kz, X);
     inverse_hadamard_tile(P, X);

@@ -13,6 +13,8 @@
 //   bytes(p)              N bytes zero-extended to int32 lanes
 //   code_float(x, s, m)   float(2^23 + ((x >> s) & m)): subtracting 2^23 + z gives q - z exactly (1-2 ops
 //                         instead of mask, convert and subtract)
+//   scale_fp8/scale_f16/zero_u8(base, off)  the stored scale or zero at base + off[lane], as fp32
+//   select(ok, x)         x where ok (1.0f) else 0 (ok is 1.0f / 0.0f per lane; a NaN in x never leaks)
 //   transpose(rows, c0, out)  out[j * N + i] = rows[i][c0 + j] for i, j < N (RoPE tables, lanes = positions)
 //
 // The header selects by the compiler's target macros, so each translation unit gets the type of the
@@ -35,6 +37,32 @@
 #endif
 
 namespace rotkv_cpu {
+
+inline float half_to_float(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const uint32_t exp = (h >> 10) & 0x1Fu, man = h & 0x3FFu;
+  uint32_t bits;
+  if (exp == 0) {
+    if (man == 0) {
+      bits = sign;
+    } else {  // subnormal: renormalize
+      int e = -1;
+      uint32_t m = man;
+      do {
+        ++e;
+        m <<= 1;
+      } while ((m & 0x400u) == 0);
+      bits = sign | ((127 - 15 - e) << 23) | ((m & 0x3FFu) << 13);
+    }
+  } else if (exp == 0x1F) {
+    bits = sign | 0x7F800000u | (man << 13);
+  } else {
+    bits = sign | ((exp + 127 - 15) << 23) | (man << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
 
 inline uint32_t load_u32(const uint8_t* p) {
   uint32_t w;
@@ -95,6 +123,19 @@ struct Vec {
     // (x >> s) & m | 0x4B000000 in one ternary-logic op: A & B | C = 0xEA
     return _mm512_castsi512_ps(_mm512_ternarylogic_epi32(_mm512_srl_epi32(x, _mm_cvtsi32_si128(s)),
                                                          _mm512_set1_epi32(m), _mm512_set1_epi32(0x4B000000), 0xEA));
+  }
+  static inline F scale_fp8(const uint8_t* base, I off, const float* table) {
+    const I b = _mm512_and_si512(_mm512_i32gather_epi32(off, base, 1), _mm512_set1_epi32(0xFF));
+    return _mm512_i32gather_ps(b, table, 4);
+  }
+  static inline F zero_u8(const uint8_t* base, I off) {
+    return _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_i32gather_epi32(off, base, 1), _mm512_set1_epi32(0xFF)));
+  }
+  static inline F scale_f16(const uint8_t* base, I off) {
+    return _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_i32gather_epi32(off, base, 1)));
+  }
+  static inline F select(F ok, F x) {
+    return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(ok, _mm512_setzero_ps(), _CMP_NEQ_UQ), x);
   }
   static inline void transpose(const float* const* rows, int c0, float* out) {
     __m512 r[16], t[16];
@@ -199,6 +240,19 @@ struct Vec {
     const I c = _mm256_and_si256(_mm256_srl_epi32(x, _mm_cvtsi32_si128(s)), _mm256_set1_epi32(m));
     return _mm256_castsi256_ps(_mm256_or_si256(c, _mm256_set1_epi32(0x4B000000)));
   }
+  static inline F scale_fp8(const uint8_t* base, I off, const float* table) {
+    const I b = _mm256_and_si256(gather32(base, off), _mm256_set1_epi32(0xFF));
+    return _mm256_i32gather_ps(table, b, 4);
+  }
+  static inline F zero_u8(const uint8_t* base, I off) {
+    return _mm256_cvtepi32_ps(_mm256_and_si256(gather32(base, off), _mm256_set1_epi32(0xFF)));
+  }
+  static inline F scale_f16(const uint8_t* base, I off) {
+    const I w = _mm256_and_si256(gather32(base, off), _mm256_set1_epi32(0xFFFF));
+    const I packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(w, _mm256_setzero_si256()), 0x08);
+    return _mm256_cvtph_ps(_mm256_castsi256_si128(packed));
+  }
+  static inline F select(F ok, F x) { return _mm256_and_ps(x, _mm256_cmp_ps(ok, _mm256_setzero_ps(), _CMP_NEQ_UQ)); }
   static inline void transpose(const float* const* rows, int c0, float* out) {
     __m256 r[8], t[8];
     for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(rows[i] + c0);
@@ -267,6 +321,14 @@ struct Vec {
   static inline F cvt(I a) { return static_cast<float>(a); }
   static inline I bytes(const uint8_t* p) { return p[0]; }
   static inline F code_float(I x, int s, int m) { return 8388608.0f + static_cast<float>((static_cast<uint32_t>(x) >> s) & m); }
+  static inline F scale_fp8(const uint8_t* base, I off, const float* table) { return table[base[off]]; }
+  static inline F zero_u8(const uint8_t* base, I off) { return static_cast<float>(base[off]); }
+  static inline F scale_f16(const uint8_t* base, I off) {
+    uint16_t h;
+    std::memcpy(&h, base + off, 2);
+    return half_to_float(h);
+  }
+  static inline F select(F ok, F x) { return ok != 0.0f ? x : 0.0f; }
   static inline void transpose(const float* const* rows, int c0, float* out) { out[0] = rows[0][c0]; }
   template <int BITS>
   static inline I unpack(const uint8_t* codes, int c0) {
