@@ -275,6 +275,27 @@ void paged_attention_cpu(const at::Tensor& query, const at::Tensor& records, con
   P.num_splits = static_cast<int>(ns);
   P.split_size = split;
 
+  // RoPE tables transposed once per call for the kernel's tiles when several items read the same positions
+  // (a batch of sequences, several rotation blocks, several query blocks): each item then loads them.
+  at::Tensor rope_t;
+  if (P.rope_cos) {
+    TORCH_CHECK(cos32.size(0) >= max_ctx, "rope_cos: ", cos32.size(0), " positions, the context needs ", max_ctx);
+    int64_t visits = 0;
+    for (const WorkItem& w : base_items) visits += seqp[w.req];
+    if (visits >= 2 * max_ctx) {
+      const int lanes = run_isa == kAvx512 ? avx512::lanes() : run_isa == kAvx2 ? avx2::lanes() : scalar::lanes();
+      const int64_t tiles = (max_ctx + lanes - 1) / lanes;
+      rope_t = at::empty({tiles, 2, D, lanes}, query.options().dtype(at::kFloat));
+      auto tr = run_isa == kAvx512 ? &avx512::transpose_rope : run_isa == kAvx2 ? &avx2::transpose_rope
+                                                                                : &scalar::transpose_rope;
+      float* rt = rope_t.data_ptr<float>();
+      const int64_t chunk = 64;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+      for (int64_t t0 = 0; t0 < tiles; t0 += chunk) tr(P, t0, std::min(tiles, t0 + chunk), cos32.size(0), rt);
+      P.rope_t = rt;
+    }
+  }
+
   void (*fn)(const AttnParams&, const WorkItem&) =
       run_isa == kAvx512 ? &avx512::attend_item : run_isa == kAvx2 ? &avx2::attend_item : &scalar::attend_item;
   const int64_t n_items = static_cast<int64_t>(base_items.size()) * ns;

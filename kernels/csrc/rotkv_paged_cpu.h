@@ -51,6 +51,9 @@ struct AttnParams {
   const float* rope_cos = nullptr;  // fp32 [max_pos, D] (HF convention) or null: keys stored post-RoPE
   const float* rope_sin = nullptr;
   int64_t rope_stride = 0;
+  // Optional: the RoPE tables pre-transposed for the kernel's tiles (transpose_rope), shared by every item
+  // that reads the same positions: tile t (positions t*N .. t*N + N - 1) is [cos: D][N] then [sin: D][N].
+  const float* rope_t = nullptr;
   const int64_t* key_perm = nullptr;  // stored channel i holds natural channel key_perm[i]; or null
   const float* key_mean = nullptr;    // fp32 [W] pre-RoPE key mean (natural order); or null
 
@@ -71,15 +74,21 @@ struct WorkItem {
   int split;
 };
 
-// Per-ISA kernels: process one work item (writes its rows of part_m / part_l / part_acc).
+// Per-ISA kernels. attend_item: process one work item (writes its rows of part_m / part_l / part_acc).
+// lanes: the ISA's N. transpose_rope: tiles [tile_lo, tile_hi) of AttnParams::rope_t (rows >= n_pos are 0).
+#define ROTKV_ISA_API                                                                             \
+  void attend_item(const AttnParams& p, const WorkItem& w);                                       \
+  int lanes();                                                                                    \
+  void transpose_rope(const AttnParams& p, int64_t tile_lo, int64_t tile_hi, int64_t n_pos, float* out);
 namespace scalar {
-void attend_item(const AttnParams& p, const WorkItem& w);
+ROTKV_ISA_API
 }
 namespace avx2 {
-void attend_item(const AttnParams& p, const WorkItem& w);
+ROTKV_ISA_API
 }
 namespace avx512 {
-void attend_item(const AttnParams& p, const WorkItem& w);
+ROTKV_ISA_API
 }
+#undef ROTKV_ISA_API
 
 }  // namespace rotkv_cpu

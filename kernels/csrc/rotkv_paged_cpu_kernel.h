@@ -467,18 +467,29 @@ void attend_item_t(const AttnParams& P, const WorkItem& w) {
     {
       const typename V::I offs = V::load_i(lane_off);
       const typename V::F okv = V::load(okf);
+      // One 32-bit gather brings 4 fp8 (or 2 fp16) consecutive groups of every lane. The word read for a
+      // chunk of nk groups is the one *ending* at its last group, so no read leaves the record (the codes
+      // precede the scales and the scales precede the zeros).
+      const int esz = P.scale_fp8 ? 1 : 2, per = 4 / esz;
       auto decode = [&](const uint8_t* sbase, int ng, int g0, int count, float mult, float* so, float* zo) {
-        for (int gi = 0; gi < count; ++gi) {
-          typename V::F sc, z;
-          if (P.scale_fp8) {
-            sc = V::scale_fp8(sbase + g0 + gi, offs, fp8_table());
-            z = V::zero_u8(sbase + ng + g0 + gi, offs);
-          } else {
-            sc = V::scale_f16(sbase + 2 * (g0 + gi), offs);
-            z = V::scale_f16(sbase + 2 * (ng + g0 + gi), offs);
+        for (int gi = 0; gi < count; gi += per) {
+          const int nk = std::min(per, count - gi);
+          const int at = (g0 + gi + nk - per) * esz;
+          const typename V::I ws = V::gather32(sbase + at, offs);
+          const typename V::I wz = V::gather32(sbase + ng * esz + at, offs);
+          for (int k = 0; k < nk; ++k) {
+            const int shift = 8 * esz * (per - nk + k);
+            typename V::F sc, z;
+            if (P.scale_fp8) {
+              sc = V::fp8_to_float(V::srli(ws, shift));
+              z = V::cvt(V::and_(V::srli(wz, shift), 0xFF));
+            } else {
+              sc = V::f16_to_float(V::srli(ws, shift));
+              z = V::f16_to_float(V::srli(wz, shift));
+            }
+            V::store(so + (gi + k) * N, V::select(okv, V::mul(sc, V::set1(mult))));
+            V::store(zo + (gi + k) * N, V::add(V::select(okv, z), V::set1(kMagic)));
           }
-          V::store(so + gi * N, V::select(okv, V::mul(sc, V::set1(mult))));
-          V::store(zo + gi * N, V::add(V::select(okv, z), V::set1(kMagic)));
         }
       };
       decode(tbase + W * P.key_bits / 8, W / P.key_group, kg0, n_kg, c_rot, ks, kz);
@@ -490,7 +501,10 @@ void attend_item_t(const AttnParams& P, const WorkItem& w) {
     // RoPE tables of the tile, transposed to [D][N]
     const float* CTp = nullptr;
     const float* STp = nullptr;
-    if (P.rope_cos) {
+    if (P.rope_t) {
+      CTp = P.rope_t + (p0 / N) * 2 * D * N;
+      STp = CTp + D * N;
+    } else if (P.rope_cos) {
       for (int i = 0; i < N; ++i) {
         const bool ok = i >= lane_lo && i < nv;
         crow[i] = ok ? P.rope_cos + (p0 + i) * P.rope_stride : zero_row;
@@ -602,6 +616,30 @@ void attend_item_t(const AttnParams& P, const WorkItem& w) {
 }
 
 }  // namespace
+
+int lanes() { return Vec::N; }
+
+void transpose_rope(const AttnParams& P, int64_t tile_lo, int64_t tile_hi, int64_t n_pos, float* out) {
+  constexpr int N = Vec::N;
+  const int D = P.head_dim;
+  Scratch zeros(size_t(D) * 4);
+  float* z = static_cast<float*>(zeros.mem);
+  std::memset(z, 0, size_t(D) * 4);
+  const float* crow[N];
+  const float* srow[N];
+  for (int64_t t = tile_lo; t < tile_hi; ++t) {
+    for (int i = 0; i < N; ++i) {
+      const int64_t pos = t * N + i;
+      crow[i] = pos < n_pos ? P.rope_cos + pos * P.rope_stride : z;
+      srow[i] = pos < n_pos ? P.rope_sin + pos * P.rope_stride : z;
+    }
+    float* ct = out + t * 2 * D * N;
+    for (int c0 = 0; c0 < D; c0 += N) {
+      Vec::transpose(crow, c0, ct + c0 * N);
+      Vec::transpose(srow, c0, ct + D * N + c0 * N);
+    }
+  }
+}
 
 void attend_item(const AttnParams& P, const WorkItem& w) {
   // Key codes are gathered 16 at a time from one 32-bit word at 2 bits (when groups allow), 8 otherwise.

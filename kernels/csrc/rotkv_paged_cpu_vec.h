@@ -13,7 +13,9 @@
 //   bytes(p)              N bytes zero-extended to int32 lanes
 //   code_float(x, s, m)   float(2^23 + ((x >> s) & m)): subtracting 2^23 + z gives q - z exactly (1-2 ops
 //                         instead of mask, convert and subtract)
-//   scale_fp8/scale_f16/zero_u8(base, off)  the stored scale or zero at base + off[lane], as fp32
+//   fp8_to_float / f16_to_float(x)  the e4m3 byte / IEEE half in the low bits of each lane, as fp32 (e4m3 by
+//                         arithmetic: exponent and mantissa moved into a float, times 2^120; 0x7F reads as 480,
+//                         not NaN: the writer never stores it, the scale is clamped to >= 2^-6)
 //   select(ok, x)         x where ok (1.0f) else 0 (ok is 1.0f / 0.0f per lane; a NaN in x never leaks)
 //   transpose(rows, c0, out)  out[j * N + i] = rows[i][c0 + j] for i, j < N (RoPE tables, lanes = positions)
 //
@@ -124,16 +126,13 @@ struct Vec {
     return _mm512_castsi512_ps(_mm512_ternarylogic_epi32(_mm512_srl_epi32(x, _mm_cvtsi32_si128(s)),
                                                          _mm512_set1_epi32(m), _mm512_set1_epi32(0x4B000000), 0xEA));
   }
-  static inline F scale_fp8(const uint8_t* base, I off, const float* table) {
-    const I b = _mm512_and_si512(_mm512_i32gather_epi32(off, base, 1), _mm512_set1_epi32(0xFF));
-    return _mm512_i32gather_ps(b, table, 4);
+  static inline F fp8_to_float(I x) {
+    const I mag = _mm512_slli_epi32(_mm512_and_si512(x, _mm512_set1_epi32(0x7F)), 20);
+    const F f = _mm512_mul_ps(_mm512_castsi512_ps(mag), _mm512_set1_ps(1.329227995784916e36f));  // 2^120
+    const I sign = _mm512_slli_epi32(_mm512_and_si512(x, _mm512_set1_epi32(0x80)), 24);
+    return _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(f), sign));
   }
-  static inline F zero_u8(const uint8_t* base, I off) {
-    return _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_i32gather_epi32(off, base, 1), _mm512_set1_epi32(0xFF)));
-  }
-  static inline F scale_f16(const uint8_t* base, I off) {
-    return _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_i32gather_epi32(off, base, 1)));
-  }
+  static inline F f16_to_float(I x) { return _mm512_cvtph_ps(_mm512_cvtepi32_epi16(x)); }
   static inline F select(F ok, F x) {
     return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(ok, _mm512_setzero_ps(), _CMP_NEQ_UQ), x);
   }
@@ -240,15 +239,14 @@ struct Vec {
     const I c = _mm256_and_si256(_mm256_srl_epi32(x, _mm_cvtsi32_si128(s)), _mm256_set1_epi32(m));
     return _mm256_castsi256_ps(_mm256_or_si256(c, _mm256_set1_epi32(0x4B000000)));
   }
-  static inline F scale_fp8(const uint8_t* base, I off, const float* table) {
-    const I b = _mm256_and_si256(gather32(base, off), _mm256_set1_epi32(0xFF));
-    return _mm256_i32gather_ps(table, b, 4);
+  static inline F fp8_to_float(I x) {
+    const I mag = _mm256_slli_epi32(_mm256_and_si256(x, _mm256_set1_epi32(0x7F)), 20);
+    const F f = _mm256_mul_ps(_mm256_castsi256_ps(mag), _mm256_set1_ps(1.329227995784916e36f));  // 2^120
+    const I sign = _mm256_slli_epi32(_mm256_and_si256(x, _mm256_set1_epi32(0x80)), 24);
+    return _mm256_castsi256_ps(_mm256_or_si256(_mm256_castps_si256(f), sign));
   }
-  static inline F zero_u8(const uint8_t* base, I off) {
-    return _mm256_cvtepi32_ps(_mm256_and_si256(gather32(base, off), _mm256_set1_epi32(0xFF)));
-  }
-  static inline F scale_f16(const uint8_t* base, I off) {
-    const I w = _mm256_and_si256(gather32(base, off), _mm256_set1_epi32(0xFFFF));
+  static inline F f16_to_float(I x) {
+    const I w = _mm256_and_si256(x, _mm256_set1_epi32(0xFFFF));
     const I packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(w, _mm256_setzero_si256()), 0x08);
     return _mm256_cvtph_ps(_mm256_castsi256_si128(packed));
   }
@@ -321,13 +319,18 @@ struct Vec {
   static inline F cvt(I a) { return static_cast<float>(a); }
   static inline I bytes(const uint8_t* p) { return p[0]; }
   static inline F code_float(I x, int s, int m) { return 8388608.0f + static_cast<float>((static_cast<uint32_t>(x) >> s) & m); }
-  static inline F scale_fp8(const uint8_t* base, I off, const float* table) { return table[base[off]]; }
-  static inline F zero_u8(const uint8_t* base, I off) { return static_cast<float>(base[off]); }
-  static inline F scale_f16(const uint8_t* base, I off) {
-    uint16_t h;
-    std::memcpy(&h, base + off, 2);
-    return half_to_float(h);
+  static inline F fp8_to_float(I x) {
+    const uint32_t mag = (static_cast<uint32_t>(x) & 0x7Fu) << 20, sign = (static_cast<uint32_t>(x) & 0x80u) << 24;
+    float f;
+    std::memcpy(&f, &mag, 4);
+    f *= 1.329227995784916e36f;  // 2^120
+    uint32_t bits;
+    std::memcpy(&bits, &f, 4);
+    bits |= sign;
+    std::memcpy(&f, &bits, 4);
+    return f;
   }
+  static inline F f16_to_float(I x) { return half_to_float(static_cast<uint16_t>(x & 0xFFFF)); }
   static inline F select(F ok, F x) { return ok != 0.0f ? x : 0.0f; }
   static inline void transpose(const float* const* rows, int c0, float* out) { out[0] = rows[0][c0]; }
   template <int BITS>
