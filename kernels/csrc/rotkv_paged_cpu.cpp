@@ -201,9 +201,11 @@ void paged_attention_cpu(const at::Tensor& query, const at::Tensor& records, con
   const int threads = at::get_num_threads();
   int64_t ns = num_splits;
   if (ns <= 0) {
-    // enough items for the threads to balance (dynamic schedule), with at least 256 positions per split
-    const int64_t want = (4 * threads + static_cast<int64_t>(base_items.size()) - 1) / std::max<int64_t>(1, base_items.size());
-    ns = std::max<int64_t>(1, std::min<int64_t>(want, (max_ctx + 255) / 256));
+    // enough items for the threads to balance under the dynamic schedule (16 per thread: other processes
+    // may slow one thread down), with at least 1024 positions per split
+    const int64_t n = std::max<int64_t>(1, base_items.size());
+    const int64_t want = (16 * threads + n - 1) / n;
+    ns = std::max<int64_t>(1, std::min<int64_t>(want, (max_ctx + 1023) / 1024));
   }
   int64_t split = (std::max<int64_t>(max_ctx, 1) + ns - 1) / ns;
   split = std::max<int64_t>(split, ly.sink_tokens);  // the sinks belong to split 0
@@ -285,7 +287,11 @@ void paged_attention_cpu(const at::Tensor& query, const at::Tensor& records, con
     if (visits >= 2 * max_ctx) {
       const int lanes = run_isa == kAvx512 ? avx512::lanes() : run_isa == kAvx2 ? avx2::lanes() : scalar::lanes();
       const int64_t tiles = (max_ctx + lanes - 1) / lanes;
-      rope_t = at::empty({tiles, 2, D, lanes}, query.options().dtype(at::kFloat));
+      // kept between calls (per calling thread): a fresh multi-megabyte buffer is page faults on every step
+      thread_local at::Tensor rope_buf;
+      const int64_t need = tiles * 2 * D * lanes;
+      if (!rope_buf.defined() || rope_buf.numel() < need) rope_buf = at::empty({need}, query.options().dtype(at::kFloat));
+      rope_t = rope_buf;
       auto tr = run_isa == kAvx512 ? &avx512::transpose_rope : run_isa == kAvx2 ? &avx2::transpose_rope
                                                                                 : &scalar::transpose_rope;
       float* rt = rope_t.data_ptr<float>();

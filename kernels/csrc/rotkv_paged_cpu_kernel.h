@@ -26,6 +26,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <new>
 #include <type_traits>
 
@@ -177,7 +178,9 @@ inline void butterfly_pass(float* y, int p, int h) {
           if ((k & st) == 0) {
             const typename V::F a = r[k], b = r[k + st];
             r[k] = V::add(a, b);
-            r[k + st] = V::sub(a, b);
+            // a - b as -(b * 1) + a rounds identically; on cores with separate add and FMA pipes this
+            // spreads the butterflies over both
+            r[k + st] = V::fnmadd1(b, a);
           }
 #pragma GCC unroll 16
       for (int k = 0; k < R; ++k) V::store(y + (i + k * h) * N, r[k]);
@@ -209,13 +212,26 @@ inline void inverse_hadamard_tile(const AttnParams& P, float* X) {
     }
   }
   if (m > 1) {
-    typename V::F in[64];
+    // The +-1 core, each output as two sums: even terms by FMAs with the sign, odd terms by additions of the
+    // input or its negation (both pipes of a core with separate add and FMA units are kept busy).
+    typename V::F buf[128];  // inputs, then their negations
+    int odd_sel[64 * 32];
+    const int half_m = m / 2;
+    for (int a = 0; a < m; ++a)
+      for (int jj = 0; jj < half_m; ++jj) {
+        const int j = 2 * jj + 1;
+        odd_sel[a * 32 + jj] = P.key_core[j * m + a] > 0 ? j : m + j;
+      }
     for (int b = 0; b < p; ++b) {
-      for (int a = 0; a < m; ++a) in[a] = V::load(X + (static_cast<size_t>(a) * p + b) * N);
       for (int a = 0; a < m; ++a) {
-        typename V::F acc = V::zero();
-        for (int j = 0; j < m; ++j) acc = V::fmadd(V::set1(P.key_core[j * m + a]), in[j], acc);
-        V::store(X + (static_cast<size_t>(a) * p + b) * N, acc);
+        buf[a] = V::load(X + (static_cast<size_t>(a) * p + b) * N);
+        buf[m + a] = V::sub(V::zero(), buf[a]);
+      }
+      for (int a = 0; a < m; ++a) {
+        typename V::F even = V::zero(), odd = V::zero();
+        for (int j = 0; j < m; j += 2) even = V::fmadd(V::set1(P.key_core[j * m + a]), buf[j], even);
+        for (int jj = 0; jj < half_m; ++jj) odd = V::add(odd, buf[odd_sel[a * 32 + jj]]);
+        V::store(X + (static_cast<size_t>(a) * p + b) * N, V::add(even, odd));
       }
     }
   }
@@ -334,8 +350,15 @@ void attend_item_t(const AttnParams& P, const WorkItem& w) {
                o_ct = take(size_t(D) * N * 4), o_st = take(size_t(D) * N * 4), o_s = take(size_t(R) * N * 4),
                o_ps = take(size_t(kRowBlock) * N * 4), o_tmp = take(size_t(2 * D + 64) * 4),
                o_zero = take(size_t(D) * 4);
-  Scratch scratch(off);
-  char* base = static_cast<char*>(scratch.mem);
+  // one scratch buffer per thread, kept between calls: a fresh large allocation is a fresh mmap, and its
+  // page faults cost more than a short item's work
+  thread_local std::unique_ptr<Scratch> scratch;
+  thread_local size_t scratch_bytes = 0;
+  if (scratch_bytes < off) {
+    scratch = std::make_unique<Scratch>(off);
+    scratch_bytes = off;
+  }
+  char* base = static_cast<char*>(scratch->mem);
   float* m = reinterpret_cast<float*>(base + o_m);
   float* l = reinterpret_cast<float*>(base + o_l);
   float* lim = reinterpret_cast<float*>(base + o_lim);
