@@ -20,6 +20,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
+#include <memory>
+#include <mutex>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -146,6 +149,47 @@ int sink_dtype_code(at::ScalarType t) {
     case at::kBFloat16: return 2;
     default: TORCH_CHECK(false, "sinks: unsupported dtype ", t);
   }
+}
+
+// ---- RoPE tables in the kernel's tile layout, cached ------------------------------------------------------
+
+struct RopeCache {
+  std::mutex mu;
+  at::Tensor cos_ref, sin_ref, tiles;
+  int64_t cos_version = -1, sin_version = -1, positions = 0;
+  int lanes = 0;
+};
+
+at::Tensor rope_tiles(const AttnParams& P, const at::Tensor& cos32, const at::Tensor& sin32, int64_t max_ctx,
+                      int lanes, int64_t isa, int threads) {
+  static RopeCache cache;
+  std::lock_guard<std::mutex> lock(cache.mu);
+  const bool same = cache.tiles.defined() && cache.cos_ref.unsafeGetTensorImpl() == cos32.unsafeGetTensorImpl() &&
+                    cache.sin_ref.unsafeGetTensorImpl() == sin32.unsafeGetTensorImpl() &&
+                    cache.cos_version == static_cast<int64_t>(cos32._version()) &&
+                    cache.sin_version == static_cast<int64_t>(sin32._version()) && cache.lanes == lanes &&
+                    cache.positions >= max_ctx;
+  if (same) return cache.tiles;
+  // grow geometrically (a longer context rebuilds), never past the table
+  int64_t positions = std::max<int64_t>(max_ctx, 2 * cache.positions);
+  positions = std::min<int64_t>(std::max<int64_t>(positions, 1024), cos32.size(0));
+  positions = std::max(positions, max_ctx);
+  const int64_t n_tiles = (positions + lanes - 1) / lanes;
+  const int64_t D = P.head_dim;
+  at::Tensor t = at::empty({n_tiles, 2, D, lanes}, cos32.options());
+  auto tr = isa == kAvx512 ? &avx512::transpose_rope : isa == kAvx2 ? &avx2::transpose_rope : &scalar::transpose_rope;
+  float* out = t.data_ptr<float>();
+  const int64_t chunk = 64;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+  for (int64_t t0 = 0; t0 < n_tiles; t0 += chunk) tr(P, t0, std::min(n_tiles, t0 + chunk), positions, out);
+  cache.cos_ref = cos32;
+  cache.sin_ref = sin32;
+  cache.cos_version = static_cast<int64_t>(cos32._version());
+  cache.sin_version = static_cast<int64_t>(sin32._version());
+  cache.tiles = t;
+  cache.positions = positions;
+  cache.lanes = lanes;
+  return t;
 }
 
 // ---- attention -------------------------------------------------------------------------------------------
@@ -277,72 +321,77 @@ void paged_attention_cpu(const at::Tensor& query, const at::Tensor& records, con
   P.num_splits = static_cast<int>(ns);
   P.split_size = split;
 
-  // RoPE tables transposed once per call for the kernel's tiles when several items read the same positions
-  // (a batch of sequences, several rotation blocks, several query blocks): each item then loads them.
+  // RoPE tables transposed for the kernel's tiles, shared by every item (all sequences read the same positions)
+  // and kept between calls: the serving tables never change, so the transposition is paid once per process
+  // (again only when a longer context arrives). The cache holds a reference to the tables it was built from
+  // and their version counters, so a freed-and-reused address or an in-place edit cannot match.
   at::Tensor rope_t;
   if (P.rope_cos) {
     TORCH_CHECK(cos32.size(0) >= max_ctx, "rope_cos: ", cos32.size(0), " positions, the context needs ", max_ctx);
-    int64_t visits = 0;
-    for (const WorkItem& w : base_items) visits += seqp[w.req];
-    if (visits >= 2 * max_ctx) {
-      const int lanes = run_isa == kAvx512 ? avx512::lanes() : run_isa == kAvx2 ? avx2::lanes() : scalar::lanes();
-      const int64_t tiles = (max_ctx + lanes - 1) / lanes;
-      // kept between calls (per calling thread): a fresh multi-megabyte buffer is page faults on every step
-      thread_local at::Tensor rope_buf;
-      const int64_t need = tiles * 2 * D * lanes;
-      if (!rope_buf.defined() || rope_buf.numel() < need) rope_buf = at::empty({need}, query.options().dtype(at::kFloat));
-      rope_t = rope_buf;
-      auto tr = run_isa == kAvx512 ? &avx512::transpose_rope : run_isa == kAvx2 ? &avx2::transpose_rope
-                                                                                : &scalar::transpose_rope;
-      float* rt = rope_t.data_ptr<float>();
-      const int64_t chunk = 64;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
-      for (int64_t t0 = 0; t0 < tiles; t0 += chunk) tr(P, t0, std::min(tiles, t0 + chunk), cos32.size(0), rt);
-      P.rope_t = rt;
-    }
+    const int lanes = run_isa == kAvx512 ? avx512::lanes() : run_isa == kAvx2 ? avx2::lanes() : scalar::lanes();
+    rope_t = rope_tiles(P, cos32, sin32, max_ctx, lanes, run_isa, threads);
+    P.rope_t = rope_t.data_ptr<float>();
   }
 
   void (*fn)(const AttnParams&, const WorkItem&) =
       run_isa == kAvx512 ? &avx512::attend_item : run_isa == kAvx2 ? &avx2::attend_item : &scalar::attend_item;
-  const int64_t n_items = static_cast<int64_t>(base_items.size()) * ns;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
-  for (int64_t i = 0; i < n_items; ++i) {
-    WorkItem w = base_items[i / ns];
-    w.split = static_cast<int>(i % ns);
-    fn(P, w);
-  }
 
-  // ---- merge the splits, one inverse value Hadamard per output row ------------------------------------------
+  // ---- merge of the splits, one inverse value Hadamard per output row ------------------------------------------
+  // Run by the item that finishes a (query block, rotation block) last (a ticket per base item), so the call
+  // has one parallel region and one barrier: under CPU contention every barrier can cost a whole time slice.
   const float* pmp = pm.data_ptr<float>();
   const float* plp = pl.data_ptr<float>();
   const float* pap = pacc.data_ptr<float>();
   const int vp = ly.D / value_m;
   const float* vcore = value_core.data_ptr<float>();
-  at::parallel_for(0, T * Hq, 16, [&](int64_t b, int64_t e) {
-    std::vector<float> o(D), tmp(64);
-    for (int64_t row = b; row < e; ++row) {
-      const int64_t t = row / Hq, hq = row % Hq;
-      const int64_t base = row * ns;
-      float mx = -std::numeric_limits<float>::infinity();
-      for (int64_t s = 0; s < ns; ++s) mx = std::max(mx, pmp[base + s]);
-      std::fill(o.begin(), o.end(), 0.0f);
-      float lsum = 0.0f;
-      if (mx != -std::numeric_limits<float>::infinity()) {
-        for (int64_t s = 0; s < ns; ++s) {
-          const float wgt = std::exp2(pmp[base + s] - mx);
-          if (wgt == 0.0f) continue;
-          lsum += wgt * plp[base + s];
-          const float* a = pap + (base + s) * D;
-          for (int64_t c = 0; c < D; ++c) o[c] += wgt * a[c];
+  const at::ScalarType odt = out.scalar_type();
+  char* outp = static_cast<char*>(out.data_ptr());
+  const int64_t osz = out.element_size(), os0 = out.stride(0), os1 = out.stride(1), os2 = out.stride(2);
+  auto merge_rows = [&](const WorkItem& w, float* o, float* tmp) {
+    for (int64_t t = w.tok_lo; t < w.tok_hi; ++t)
+      for (int64_t hq = static_cast<int64_t>(w.rot) * per_tok; hq < (w.rot + 1) * per_tok; ++hq) {
+        const int64_t base = (t * Hq + hq) * ns;
+        float mx = -std::numeric_limits<float>::infinity();
+        for (int64_t s = 0; s < ns; ++s) mx = std::max(mx, pmp[base + s]);
+        std::fill(o, o + D, 0.0f);
+        float lsum = 0.0f;
+        if (mx != -std::numeric_limits<float>::infinity()) {
+          for (int64_t s = 0; s < ns; ++s) {
+            const float wgt = std::exp2(pmp[base + s] - mx);
+            if (wgt == 0.0f) continue;
+            lsum += wgt * plp[base + s];
+            const float* a = pap + (base + s) * D;
+            for (int64_t c = 0; c < D; ++c) o[c] += wgt * a[c];
+          }
+        }
+        const float inv = lsum > 0.0f ? 1.0f / lsum : 0.0f;
+        for (int64_t c = 0; c < D; ++c) o[c] *= inv;
+        if (ly.value_rot) hadamard_vec(o, value_m, vp, vcore, false, tmp);
+        char* row = outp + (t * os0 + hq * os1) * osz;
+        for (int64_t c = 0; c < D; ++c) {
+          char* dst = row + c * os2 * osz;
+          if (odt == at::kFloat) *reinterpret_cast<float*>(dst) = o[c];
+          else if (odt == at::kHalf) *reinterpret_cast<at::Half*>(dst) = at::Half(o[c]);
+          else *reinterpret_cast<at::BFloat16*>(dst) = at::BFloat16(o[c]);
         }
       }
-      const float inv = lsum > 0.0f ? 1.0f / lsum : 0.0f;
-      for (int64_t c = 0; c < D; ++c) o[c] *= inv;
-      if (ly.value_rot) hadamard_vec(o.data(), value_m, vp, vcore, false, tmp.data());
-      const int64_t off = t * out.stride(0) + hq * out.stride(1);
-      for (int64_t c = 0; c < D; ++c) store_float(out, off + c * out.stride(2), o[c]);
+  };
+  TORCH_CHECK(odt == at::kFloat || odt == at::kHalf || odt == at::kBFloat16, "out: unsupported dtype ", odt);
+
+  const int64_t n_items = static_cast<int64_t>(base_items.size()) * ns;
+  std::unique_ptr<std::atomic<int64_t>[]> tickets(new std::atomic<int64_t>[base_items.size()]);
+  for (size_t i = 0; i < base_items.size(); ++i) tickets[i].store(0, std::memory_order_relaxed);
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<float> o(D), tmp(64);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t i = 0; i < n_items; ++i) {
+      WorkItem w = base_items[i / ns];
+      w.split = static_cast<int>(i % ns);
+      fn(P, w);
+      if (tickets[i / ns].fetch_add(1, std::memory_order_acq_rel) + 1 == ns) merge_rows(w, o.data(), tmp.data());
     }
-  });
+  }
 }
 
 // ---- write -----------------------------------------------------------------------------------------------
