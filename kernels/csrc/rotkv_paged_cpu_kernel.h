@@ -187,6 +187,40 @@ inline void butterfly_pass(float* y, int p, int h) {
     }
 }
 
+// out[a] = sum_j core[j][a] in[j] (the transposed core: the inverse) for every b of X[m][p][N]: all m outputs
+// accumulate at once (independent FMA chains, not one latency-bound chain per output).
+template <int M>
+inline void core_tile(const float* core, int p, float* X) {
+  using V = Vec;
+  constexpr int N = V::N;
+  for (int b = 0; b < p; ++b) {
+    typename V::F acc[M];
+#pragma GCC unroll 32
+    for (int a = 0; a < M; ++a) acc[a] = V::zero();
+    for (int j = 0; j < M; ++j) {
+      const typename V::F x = V::load(X + (static_cast<size_t>(j) * p + b) * N);
+#pragma GCC unroll 32
+      for (int a = 0; a < M; ++a) acc[a] = V::fmadd(V::set1(core[j * M + a]), x, acc[a]);
+    }
+#pragma GCC unroll 32
+    for (int a = 0; a < M; ++a) V::store(X + (static_cast<size_t>(a) * p + b) * N, acc[a]);
+  }
+}
+
+inline void core_tile_any(const float* core, int m, int p, float* X) {
+  using V = Vec;
+  constexpr int N = V::N;
+  typename V::F acc[64];
+  for (int b = 0; b < p; ++b) {
+    for (int a = 0; a < m; ++a) acc[a] = V::zero();
+    for (int j = 0; j < m; ++j) {
+      const typename V::F x = V::load(X + (static_cast<size_t>(j) * p + b) * N);
+      for (int a = 0; a < m; ++a) acc[a] = V::fmadd(V::set1(core[j * m + a]), x, acc[a]);
+    }
+    for (int a = 0; a < m; ++a) V::store(X + (static_cast<size_t>(a) * p + b) * N, acc[a]);
+  }
+}
+
 // inverse kron(H_m, H_p) over X[rw][N] (unnormalized: 1/sqrt(rw) is folded into the key scales)
 inline void inverse_hadamard_tile(const AttnParams& P, float* X) {
   using V = Vec;
@@ -212,27 +246,12 @@ inline void inverse_hadamard_tile(const AttnParams& P, float* X) {
     }
   }
   if (m > 1) {
-    // The +-1 core, each output as two sums: even terms by FMAs with the sign, odd terms by additions of the
-    // input or its negation (both pipes of a core with separate add and FMA units are kept busy).
-    typename V::F buf[128];  // inputs, then their negations
-    int odd_sel[64 * 32];
-    const int half_m = m / 2;
-    for (int a = 0; a < m; ++a)
-      for (int jj = 0; jj < half_m; ++jj) {
-        const int j = 2 * jj + 1;
-        odd_sel[a * 32 + jj] = P.key_core[j * m + a] > 0 ? j : m + j;
-      }
-    for (int b = 0; b < p; ++b) {
-      for (int a = 0; a < m; ++a) {
-        buf[a] = V::load(X + (static_cast<size_t>(a) * p + b) * N);
-        buf[m + a] = V::sub(V::zero(), buf[a]);
-      }
-      for (int a = 0; a < m; ++a) {
-        typename V::F even = V::zero(), odd = V::zero();
-        for (int j = 0; j < m; j += 2) even = V::fmadd(V::set1(P.key_core[j * m + a]), buf[j], even);
-        for (int jj = 0; jj < half_m; ++jj) odd = V::add(odd, buf[odd_sel[a * 32 + jj]]);
-        V::store(X + (static_cast<size_t>(a) * p + b) * N, V::add(even, odd));
-      }
+    switch (m) {  // the orders rotkv_kernels.hadamard generates below 64 get their accumulators in registers
+      case 2: core_tile<2>(P.key_core, p, X); break;
+      case 12: core_tile<12>(P.key_core, p, X); break;
+      case 20: core_tile<20>(P.key_core, p, X); break;
+      case 28: core_tile<28>(P.key_core, p, X); break;
+      default: core_tile_any(P.key_core, m, p, X); break;
     }
   }
 }
@@ -245,8 +264,9 @@ void score_rows(const AttnParams& P, int h, const float* Xh, const float* CT, co
   constexpr int N = V::N;
   const int D = P.head_dim, half = D / 2;
   const float* mean = P.key_mean ? P.key_mean + static_cast<int64_t>(h) * D : nullptr;
-  typename V::F acc[NB];
-  for (int k = 0; k < NB; ++k) acc[k] = V::zero();
+  // two accumulators per row (channel halves): twice the independent FMA chains
+  typename V::F acc[NB], acc2[NB];
+  for (int k = 0; k < NB; ++k) acc[k] = acc2[k] = V::zero();
   for (int c = 0; c < half; ++c) {
     typename V::F x1 = V::load(Xh + c * N), x2 = V::load(Xh + (c + half) * N);
     if (mean) {
@@ -262,11 +282,11 @@ void score_rows(const AttnParams& P, int h, const float* Xh, const float* CT, co
     }
     for (int k = 0; k < NB; ++k) {
       acc[k] = V::fmadd(V::set1(q[k][c]), r1, acc[k]);
-      acc[k] = V::fmadd(V::set1(q[k][c + half]), r2, acc[k]);
+      acc2[k] = V::fmadd(V::set1(q[k][c + half]), r2, acc2[k]);
     }
   }
   const typename V::F pv = V::load(posf);
-  for (int k = 0; k < NB; ++k) V::store(S + k * N, V::mask_gt(pv, V::set1(lim[k]), acc[k]));
+  for (int k = 0; k < NB; ++k) V::store(S + k * N, V::mask_gt(pv, V::set1(lim[k]), V::add(acc[k], acc2[k])));
 }
 
 // acc[k][c0 .. c0 + N) += sum_t ps[k][t] * (codes_t - z_t) for NB rows (one value group for the chunk);
