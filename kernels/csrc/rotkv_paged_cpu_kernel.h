@@ -140,23 +140,34 @@ inline size_t align64(size_t n) { return (n + 63) / 64 * 64; }
 
 // ---- keys: decode a tile into X[rw][N] (natural channel order of the rotation block) --------------------------
 template <int BITS, int CPG>
-void decode_keys(const AttnParams& P, int rot, const uint8_t* tb, const int32_t* lane_off, const float* ks,
-                 const float* kz, float* X) {
+void decode_keys(const AttnParams& P, int rot, const uint8_t* tb, const uint8_t* const* rows, const int32_t* lane_off,
+                 const float* ks, const float* kz, float* X) {
   using V = Vec;
   constexpr int N = V::N;
-  const int rw = P.key_rot, i_base = rot * rw, g0 = i_base / P.key_group;
-  const typename V::I off = V::load_i(lane_off);
-  for (int u = 0; u < rw / CPG; ++u) {
+  const int rw = P.key_rot, i_base = rot * rw, units = rw / CPG, per_group = P.key_group / CPG;
+  auto unit = [&](int u, typename V::I word) {
     const int i0 = i_base + u * CPG;
-    const int gk = i0 / P.key_group - g0;
+    const int gk = u / per_group;
     const typename V::F sv = V::load(ks + gk * N), zv = V::load(kz + gk * N);
-    const typename V::I word = V::gather32(tb + i0 * BITS / 8, off);
 #pragma GCC unroll 16
     for (int j = 0; j < CPG; ++j) {
       const typename V::F c = V::code_float(word, j * BITS, (1 << BITS) - 1);
       const int dst = (P.key_perm ? static_cast<int>(P.key_perm[i0 + j]) : i0 + j) - i_base;
       V::store(X + dst * N, V::mul(V::sub(c, zv), sv));
     }
+  };
+  if constexpr (CPG * BITS == 32) {
+    // whole 32-bit words per unit: N units of N tokens come in with one register transpose (a gather per unit
+    // is several times slower)
+    alignas(64) int32_t words[N * N];
+    for (int u0 = 0; u0 < units; u0 += N) {
+      const int nw = std::min(N, units - u0);
+      V::transpose_words(rows, (i_base + u0 * CPG) * BITS / 8, nw, words);
+      for (int uu = 0; uu < nw; ++uu) unit(u0 + uu, V::load_i(words + uu * N));
+    }
+  } else {
+    const typename V::I off = V::load_i(lane_off);
+    for (int u = 0; u < units; ++u) unit(u, V::gather32(tb + (i_base + u * CPG) * BITS / 8, off));
   }
 }
 
@@ -539,7 +550,7 @@ void attend_item_t(const AttnParams& P, const WorkItem& w) {
       decode(tbase + P.key_bytes + W * P.value_bits / 8, W / P.value_group, vg0, n_vg, 1.0f, vs, vz);
     }
     // 2-3. keys of the rotation block, natural order, inverse Hadamard
-    decode_keys<KB, CPG>(P, w.rot, tbase, lane_off, ks, kz, X);
+    decode_keys<KB, CPG>(P, w.rot, tbase, trow, lane_off, ks, kz, X);
     inverse_hadamard_tile(P, X);
     // RoPE tables of the tile, transposed to [D][N]
     const float* CTp = nullptr;

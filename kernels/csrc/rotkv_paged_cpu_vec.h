@@ -18,6 +18,7 @@
 //                         not NaN: the writer never stores it, the scale is clamped to >= 2^-6)
 //   select(ok, x)         x where ok (1.0f) else 0 (ok is 1.0f / 0.0f per lane; a NaN in x never leaks)
 //   transpose(rows, c0, out)  out[j * N + i] = rows[i][c0 + j] for i, j < N (RoPE tables, lanes = positions)
+//   transpose_words(rows, off, n, out)  the same for the first n 32-bit words at rows[i] + off (key codes)
 //
 // The header selects by the compiler's target macros, so each translation unit gets the type of the
 // flags it is compiled with (rotkv_paged_cpu_{scalar,avx2,avx512}.cpp).
@@ -137,14 +138,13 @@ struct Vec {
   static inline F select(F ok, F x) {
     return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(ok, _mm512_setzero_ps(), _CMP_NEQ_UQ), x);
   }
-  static inline void transpose(const float* const* rows, int c0, float* out) {
-    __m512 r[16], t[16];
-    for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(rows[i] + c0);
+  static inline void transpose_regs(__m512* r, float* out) {
+    __m512 t[16];
     for (int i = 0; i < 8; ++i) {
       t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
       t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
     }
-    // u[4i + j], 128-bit lane k: column 4k + j of rows 4i .. 4i + 3
+    // r[4i + j], 128-bit lane k: column 4k + j of rows 4i .. 4i + 3
     for (int i = 0; i < 4; ++i) {
       r[4 * i + 0] = _mm512_shuffle_ps(t[4 * i + 0], t[4 * i + 2], 0x44);
       r[4 * i + 1] = _mm512_shuffle_ps(t[4 * i + 0], t[4 * i + 2], 0xEE);
@@ -160,6 +160,18 @@ struct Vec {
       _mm512_storeu_ps(out + (4 + j) * 16, _mm512_shuffle_f32x4(v1, v3, 0x88));
       _mm512_storeu_ps(out + (12 + j) * 16, _mm512_shuffle_f32x4(v1, v3, 0xDD));
     }
+  }
+  static inline void transpose(const float* const* rows, int c0, float* out) {
+    __m512 r[16];
+    for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(rows[i] + c0);
+    transpose_regs(r, out);
+  }
+  // out[w * 16 + i] = 32-bit word w at rows[i] + byte_off, w < nwords (masked loads: nothing past them is read)
+  static inline void transpose_words(const uint8_t* const* rows, int byte_off, int nwords, int32_t* out) {
+    const __mmask16 m = static_cast<__mmask16>(nwords >= 16 ? 0xFFFF : (1u << nwords) - 1);
+    __m512 r[16];
+    for (int i = 0; i < 16; ++i) r[i] = _mm512_castsi512_ps(_mm512_maskz_loadu_epi32(m, rows[i] + byte_off));
+    transpose_regs(r, reinterpret_cast<float*>(out));
   }
   template <int BITS>
   static inline I unpack(const uint8_t* codes, int c0) {
@@ -253,9 +265,8 @@ struct Vec {
     return _mm256_cvtph_ps(_mm256_castsi256_si128(packed));
   }
   static inline F select(F ok, F x) { return _mm256_and_ps(x, _mm256_cmp_ps(ok, _mm256_setzero_ps(), _CMP_NEQ_UQ)); }
-  static inline void transpose(const float* const* rows, int c0, float* out) {
-    __m256 r[8], t[8];
-    for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(rows[i] + c0);
+  static inline void transpose_regs(__m256* r, float* out) {
+    __m256 t[8];
     for (int i = 0; i < 4; ++i) {
       t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
       t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
@@ -270,6 +281,18 @@ struct Vec {
       _mm256_storeu_ps(out + j * 8, _mm256_permute2f128_ps(r[j], r[4 + j], 0x20));
       _mm256_storeu_ps(out + (4 + j) * 8, _mm256_permute2f128_ps(r[j], r[4 + j], 0x31));
     }
+  }
+  static inline void transpose(const float* const* rows, int c0, float* out) {
+    __m256 r[8];
+    for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(rows[i] + c0);
+    transpose_regs(r, out);
+  }
+  static inline void transpose_words(const uint8_t* const* rows, int byte_off, int nwords, int32_t* out) {
+    const I m = _mm256_cmpgt_epi32(_mm256_set1_epi32(nwords), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    __m256 r[8];
+    for (int i = 0; i < 8; ++i)
+      r[i] = _mm256_castsi256_ps(_mm256_maskload_epi32(reinterpret_cast<const int*>(rows[i] + byte_off), m));
+    transpose_regs(r, reinterpret_cast<float*>(out));
   }
   template <int BITS>
   static inline I unpack(const uint8_t* codes, int c0) {
@@ -336,6 +359,9 @@ struct Vec {
   static inline F f16_to_float(I x) { return half_to_float(static_cast<uint16_t>(x & 0xFFFF)); }
   static inline F select(F ok, F x) { return ok != 0.0f ? x : 0.0f; }
   static inline void transpose(const float* const* rows, int c0, float* out) { out[0] = rows[0][c0]; }
+  static inline void transpose_words(const uint8_t* const* rows, int byte_off, int nwords, int32_t* out) {
+    if (nwords > 0) out[0] = static_cast<int32_t>(load_u32(rows[0] + byte_off));
+  }
   template <int BITS>
   static inline I unpack(const uint8_t* codes, int c0) {
     const int bit = c0 * BITS;
