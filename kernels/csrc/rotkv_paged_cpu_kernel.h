@@ -495,6 +495,16 @@ void attend_item_t(const AttnParams& P, const WorkItem& w) {
       const int64_t blk = P.block_table[static_cast<int64_t>(r) * P.bt_stride + p0 / P.block_size];
       tbase = P.records + blk * P.page_stride + (p0 % P.block_size) * P.slot_bytes;
       for (int i = 0; i < N; ++i) trow[i] = tbase + i * stride;
+      // Prefetch the next tile's slots (one contiguous run): its first reads are gathers, which would
+      // otherwise wait on memory one cache line at a time. Pages follow each other in block-table order,
+      // not in memory, so the hardware's stream prefetch stops at every page boundary.
+      const int64_t pn = p0 + N;
+      if (pn < hi) {
+        const int64_t bn = P.block_table[static_cast<int64_t>(r) * P.bt_stride + pn / P.block_size];
+        const uint8_t* nb = P.records + bn * P.page_stride + (pn % P.block_size) * P.slot_bytes;
+        const int64_t span = static_cast<int64_t>(N) * P.slot_bytes;
+        for (int64_t o = 0; o < span; o += 64) __builtin_prefetch(nb + o);
+      }
     } else {
       for (int i = 0; i < N; ++i) {
         uint8_t* dst = tb + i * row_bytes;
