@@ -158,9 +158,10 @@ struct RopeCache {
   at::Tensor cos_ref, sin_ref, tiles;
   int64_t cos_version = -1, sin_version = -1, positions = 0;
   int lanes = 0;
+  int width = 0;
 };
 
-at::Tensor rope_tiles(const AttnParams& P, const at::Tensor& cos32, const at::Tensor& sin32, int64_t max_ctx,
+at::Tensor rope_tiles(AttnParams& P, const at::Tensor& cos32, const at::Tensor& sin32, int64_t max_ctx,
                       int lanes, int64_t isa, int threads) {
   static RopeCache cache;
   std::lock_guard<std::mutex> lock(cache.mu);
@@ -169,14 +170,21 @@ at::Tensor rope_tiles(const AttnParams& P, const at::Tensor& cos32, const at::Te
                     cache.cos_version == static_cast<int64_t>(cos32._version()) &&
                     cache.sin_version == static_cast<int64_t>(sin32._version()) && cache.lanes == lanes &&
                     cache.positions >= max_ctx;
-  if (same) return cache.tiles;
+  if (same) {
+    P.rope_width = cache.width;
+    return cache.tiles;
+  }
   // grow geometrically (a longer context rebuilds), never past the table
   int64_t positions = std::max<int64_t>(max_ctx, 2 * cache.positions);
   positions = std::min<int64_t>(std::max<int64_t>(positions, 1024), cos32.size(0));
   positions = std::max(positions, max_ctx);
   const int64_t n_tiles = (positions + lanes - 1) / lanes;
-  const int64_t D = P.head_dim;
-  at::Tensor t = at::empty({n_tiles, 2, D, lanes}, cos32.options());
+  const int64_t D = P.head_dim, half = D / 2;
+  const at::Tensor c = cos32.narrow(0, 0, positions), s = sin32.narrow(0, 0, positions);
+  const bool halves = half % lanes == 0 && at::equal(c.narrow(1, 0, half), c.narrow(1, half, half)) &&
+                      at::equal(s.narrow(1, 0, half), s.narrow(1, half, half));
+  P.rope_width = static_cast<int>(halves ? half : D);
+  at::Tensor t = at::empty({n_tiles, 2, P.rope_width, lanes}, cos32.options());
   auto tr = isa == kAvx512 ? &avx512::transpose_rope : isa == kAvx2 ? &avx2::transpose_rope : &scalar::transpose_rope;
   float* out = t.data_ptr<float>();
   const int64_t chunk = 64;
@@ -189,6 +197,7 @@ at::Tensor rope_tiles(const AttnParams& P, const at::Tensor& cos32, const at::Te
   cache.tiles = t;
   cache.positions = positions;
   cache.lanes = lanes;
+  cache.width = P.rope_width;
   return t;
 }
 

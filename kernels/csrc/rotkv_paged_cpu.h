@@ -54,6 +54,9 @@ struct AttnParams {
   // Optional: the RoPE tables pre-transposed for the kernel's tiles (transpose_rope), shared by every item
   // that reads the same positions: tile t (positions t*N .. t*N + N - 1) is [cos: D][N] then [sin: D][N].
   const float* rope_t = nullptr;
+  // Channels per tile in rope_t: D, or D / 2 when every table row is [c | c] (Hugging Face's layout: the two
+  // halves of a RoPE pair share cos and sin), which halves the bytes the scores read.
+  int rope_width = 0;
   const int64_t* key_perm = nullptr;  // stored channel i holds natural channel key_perm[i]; or null
   const float* key_mean = nullptr;    // fp32 [W] pre-RoPE key mean (natural order); or null
 
@@ -75,7 +78,8 @@ struct WorkItem {
 };
 
 // Per-ISA kernels. attend_item: process one work item (writes its rows of part_m / part_l / part_acc).
-// lanes: the ISA's N. transpose_rope: tiles [tile_lo, tile_hi) of AttnParams::rope_t (rows >= n_pos are 0).
+// lanes: the ISA's N. transpose_rope: tiles [tile_lo, tile_hi) of AttnParams::rope_t, p.rope_width channels
+// (rows >= n_pos are 0).
 #define ROTKV_ISA_API                                                                             \
   void attend_item(const AttnParams& p, const WorkItem& w);                                       \
   int lanes();                                                                                    \

@@ -287,7 +287,8 @@ void score_rows(const AttnParams& P, int h, const float* Xh, const float* CT, co
     typename V::F r1 = x1, r2 = x2;
     if (CT) {
       const typename V::F c1 = V::load(CT + c * N), s1 = V::load(ST + c * N);
-      const typename V::F c2 = V::load(CT + (c + half) * N), s2 = V::load(ST + (c + half) * N);
+      const int c_hi = (P.rope_t && P.rope_width != D) ? c : c + half;  // [c | c] tables keep one half
+      const typename V::F c2 = V::load(CT + c_hi * N), s2 = V::load(ST + c_hi * N);
       r1 = V::sub(V::mul(x1, c1), V::mul(x2, s1));
       r2 = V::fmadd(x1, s2, V::mul(x2, c2));
     }
@@ -566,8 +567,8 @@ void attend_item_t(const AttnParams& P, const WorkItem& w) {
     const float* CTp = nullptr;
     const float* STp = nullptr;
     if (P.rope_t) {
-      CTp = P.rope_t + (p0 / N) * 2 * D * N;
-      STp = CTp + D * N;
+      CTp = P.rope_t + (p0 / N) * 2 * P.rope_width * N;
+      STp = CTp + P.rope_width * N;
     } else if (P.rope_cos) {
       for (int i = 0; i < N; ++i) {
         const bool ok = i >= lane_lo && i < nv;
@@ -697,10 +698,11 @@ void transpose_rope(const AttnParams& P, int64_t tile_lo, int64_t tile_hi, int64
       crow[i] = pos < n_pos ? P.rope_cos + pos * P.rope_stride : z;
       srow[i] = pos < n_pos ? P.rope_sin + pos * P.rope_stride : z;
     }
-    float* ct = out + t * 2 * D * N;
-    for (int c0 = 0; c0 < D; c0 += N) {
+    const int width = P.rope_width;
+    float* ct = out + t * 2 * width * N;
+    for (int c0 = 0; c0 < width; c0 += N) {
       Vec::transpose(crow, c0, ct + c0 * N);
-      Vec::transpose(srow, c0, ct + D * N + c0 * N);
+      Vec::transpose(srow, c0, ct + width * N + c0 * N);
     }
   }
 }

@@ -146,6 +146,25 @@ def test_attention_matches_reference(name, isa, num_splits):
     assert (err <= bound).all(), f"max err {err.max():.3g}, at bound {bound[err > bound].min():.3g}"
 
 
+@pytest.mark.parametrize("isa", ISAS)
+def test_rope_tables_with_different_halves(isa):
+    """Tables whose two halves differ (not Hugging Face's [c | c]) take the kernel's full-width RoPE path."""
+    case = ATTN_CASES["gqa3-d128-3bit-two-rotation-blocks"].build("cpu")
+    d = case.spec.head_dim
+    gen = torch.Generator().manual_seed(11)
+    for name in ("cos", "sin"):
+        t = case.t[name].clone()
+        t[:, d // 2:] *= 1.0 + 0.25 * torch.rand(t.shape[0], d // 2, generator=gen)
+        case.t[name] = t
+    cache = case.new_cache()
+    paged_write_ref(*case.write_args(cache), **case.write_kwargs(cache))
+    ref = paged_attention_ref(*case.attn_args(cache), **case.attn_kwargs(cache))
+    bound = attention_bound(case, cache, ref, lowp=False, num_splits=64, block_n=1,
+                            kernel_hadamard_terms=cpu_hadamard_terms)
+    got = cpu.paged_attention_cpu(*case.attn_args(cache), **case.attn_kwargs(cache), isa=isa)
+    assert ((got.double() - ref.double()).abs() <= bound).all()
+
+
 def test_bf16_out_buffer_and_padding_rows_untouched():
     case, cache, ref, bound = _prepared("llama3-gqa4-d128-2bit-fp8-sinks")
     out = torch.full(case.t["query"].shape, float("nan"), dtype=torch.bfloat16)
