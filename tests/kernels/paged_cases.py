@@ -137,7 +137,7 @@ class PagedCase:
 
 
 def attention_bound(case: PagedCase, cache, ref: torch.Tensor, *, lowp: bool, num_splits: int,
-                    block_n: int) -> torch.Tensor:
+                    block_n: int, kernel_hadamard_terms=None) -> torch.Tensor:
     """Per-element bound on ``|paged_attention_triton - paged_attention_ref|`` (``[T, Hq, D]``, fp64, CPU).
 
     Both sides dequantize the same bytes identically (``(q - z) * s`` in fp32). They differ by:
@@ -160,12 +160,19 @@ def attention_bound(case: PagedCase, cache, ref: torch.Tensor, *, lowp: bool, nu
       moves the output by ``gamma max |v|``; the reference's own inverse value rotation (butterflies) adds its
       Hadamard bound; sink values are rotated forward in fp32 by the kernel (same form);
     - **output**: one rounding to fp32 on each side.
+
+    ``kernel_hadamard_terms(n)`` gives the rounding steps of the kernel's order-``n`` Hadamard (default: the
+    Triton kernels' two padded dots, ``triton_hadamard_terms``); the C++ CPU kernels pass their own count.
     """
     sp = case.spec
     h, d, w = sp.num_kv_heads, sp.head_dim, sp.width
     from rotkv_kernels.hadamard_triton import hadamard_plan
 
-    kp, vp = hadamard_plan(sp.key_rot_width), hadamard_plan(d)
+    kp = hadamard_plan(sp.key_rot_width)
+    if kernel_hadamard_terms is None:
+        def kernel_hadamard_terms(n: int) -> int:
+            plan = hadamard_plan(n)
+            return plan.a_pad + plan.b_pad + 1
     u16 = UNIT_ROUNDOFF[torch.float16] if lowp else 0.0
     sub16 = 2.0**-25 if lowp else 0.0
     t = {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in case.t.items()}
@@ -194,7 +201,8 @@ def attention_bound(case: PagedCase, cache, ref: torch.Tensor, *, lowp: bool, nu
         yb = yk.double().reshape(length, w // rw, rw)
         y1 = yb.abs().sum(-1).repeat_interleave(rw // d, dim=1)  # [L, H]: L1 of the head's rotation block
         y2 = yb.norm(dim=-1).repeat_interleave(rw // d, dim=1)
-        e_had = math.sqrt(d) * (gamma(ref_hadamard_terms(rw)) + gamma(kp.a_pad + kp.b_pad + 1)) * y1 / math.sqrt(rw)
+        e_had = (math.sqrt(d) * (gamma(ref_hadamard_terms(rw)) + gamma(kernel_hadamard_terms(rw))) * y1
+                 / math.sqrt(rw))
         e_had = e_had + 2.01 * u16 * y2 + 2 * sub16 * (kp.a_pad * kp.b_pad) * math.sqrt(d)
         mu = torch.zeros(h) if t["mean"] is None else t["mean"].double().reshape(h, d).norm(dim=-1)
         k_norm = k_ref.norm(dim=-1)  # [L, H] post-RoPE
@@ -211,7 +219,7 @@ def attention_bound(case: PagedCase, cache, ref: torch.Tensor, *, lowp: bool, nu
         vrinf = vr.abs().amax(-1)
         tiles = -(-length // block_n) + 1
         g_acc = gamma(length + 2 * tiles + 2 * num_splits + 8)
-        g_v = gamma(ref_hadamard_terms(rwv)) + (gamma(vp.a_pad + vp.b_pad + 1) if rwv > 1 else 0.0)
+        g_v = gamma(ref_hadamard_terms(rwv)) + (gamma(kernel_hadamard_terms(rwv)) if rwv > 1 else 0.0)
         for i in range(q_lo, q_hi):
             q = q_all[i]  # [Hq, D]
             qn = q.norm(dim=-1)

@@ -1,0 +1,569 @@
+// torch.library ops of the RotateKV paged cache on the CPU (namespace `rotkv`):
+//
+//   paged_attention_cpu(...) -> ()   fused attention over the packed pages, writes `out` [T, Hq, D]
+//   paged_write_cpu(...) -> ()       inverse RoPE, key mean, Hadamard, channel order, quantize, pack, scatter
+//   paged_cpu_isa(int isa) -> int    the kernel that runs for a request (0 auto, 1 scalar, 2 avx2, 3 avx512)
+//
+// The Python face is rotkv_kernels.rotkv_paged_cpu (argument checks, fake implementations, docs); the
+// maths are those of rotkv_kernels.rotkv_paged.paged_write_ref / paged_attention_ref.
+//
+// `layout` packs the PagedCacheSpec as ints: [H, D, key_bits, value_bits, key_group, value_group, key_rot,
+// value_rot (0/1), scale_fp8 (0/1), sink_tokens, key_bytes, value_bytes]. `key_core` / `value_core` are the
+// +-1 core matrices H_m (fp32 [m, m]) of the Hadamard orders m * 2^k (rotkv_kernels.hadamard), generated in
+// Python; the power-of-two factor runs as butterflies here.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Float8_e4m3fn.h>
+#include <c10/util/Half.h>
+#include <omp.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <memory>
+#include <mutex>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "rotkv_paged_cpu.h"
+
+namespace rotkv_cpu {
+namespace {
+
+enum Isa : int64_t { kAuto = 0, kScalar = 1, kAvx2 = 2, kAvx512 = 3 };
+
+int64_t best_isa() {
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
+    return kAvx512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return kAvx2;
+  return kScalar;
+}
+
+int64_t resolve_isa(int64_t isa) {
+  static const int64_t best = best_isa();
+  if (isa == kAuto) return best;
+  TORCH_CHECK(isa >= kScalar && isa <= kAvx512, "isa=", isa, ": expected 0 (auto), 1 (scalar), 2 (avx2), 3 (avx512)");
+  TORCH_CHECK(isa <= best, "isa=", isa, ": this CPU supports up to ", best, " (1 scalar, 2 avx2, 3 avx512)");
+  return isa;
+}
+
+int64_t paged_cpu_isa(int64_t isa) { return resolve_isa(isa); }
+
+struct Layout {
+  int H, D, key_bits, value_bits, key_group, value_group, key_rot;
+  bool value_rot, fp8;
+  int sink_tokens, key_bytes, value_bytes;
+};
+
+Layout parse_layout(at::IntArrayRef v) {
+  TORCH_CHECK(v.size() == 12, "layout: expected 12 ints, got ", v.size());
+  Layout l{};
+  l.H = static_cast<int>(v[0]);
+  l.D = static_cast<int>(v[1]);
+  l.key_bits = static_cast<int>(v[2]);
+  l.value_bits = static_cast<int>(v[3]);
+  l.key_group = static_cast<int>(v[4]);
+  l.value_group = static_cast<int>(v[5]);
+  l.key_rot = static_cast<int>(v[6]);
+  l.value_rot = v[7] != 0;
+  l.fp8 = v[8] != 0;
+  l.sink_tokens = static_cast<int>(v[9]);
+  l.key_bytes = static_cast<int>(v[10]);
+  l.value_bytes = static_cast<int>(v[11]);
+  const int W = l.H * l.D;
+  TORCH_CHECK(l.H > 0 && l.D > 0 && l.D % 16 == 0, "layout: head_dim=", l.D, " must be a positive multiple of 16");
+  TORCH_CHECK(l.key_rot > 0 && l.key_rot % l.D == 0 && W % l.key_rot == 0, "layout: bad key_rot=", l.key_rot);
+  TORCH_CHECK(l.key_group > 0 && l.key_group % 8 == 0 && l.key_rot % l.key_group == 0,
+              "layout: key_group=", l.key_group, " must be a multiple of 8 dividing key_rot=", l.key_rot);
+  TORCH_CHECK(l.value_group > 0 && l.value_group % 8 == 0 && W % l.value_group == 0,
+              "layout: value_group=", l.value_group, " must be a multiple of 8 dividing the width ", W);
+  for (int b : {l.key_bits, l.value_bits}) TORCH_CHECK(b >= 2 && b <= 4, "layout: bits=", b, " (2, 3 or 4)");
+  return l;
+}
+
+int core_order(const at::Tensor& core, int width, const char* name) {
+  TORCH_CHECK(core.dtype() == at::kFloat && core.dim() == 2 && core.size(0) == core.size(1) && core.is_contiguous(),
+              name, ": expected a contiguous fp32 [m, m] Hadamard core");
+  const int m = static_cast<int>(core.size(0));
+  TORCH_CHECK(m >= 1 && m <= 64 && width % m == 0, name, ": order ", m, " does not divide width ", width,
+              " (or is above the kernel's limit of 64)");
+  const int p = width / m;
+  TORCH_CHECK((p & (p - 1)) == 0, name, ": width ", width, " / core order ", m, " = ", p, " is not a power of two");
+  return m;
+}
+
+// Normalized Hadamard kron(H_m, H_p) (forward) or its transpose of one vector (scalar, fp32, the reference's
+// order of operations: butterflies, then the core, then one multiply by 1 / sqrt(n)).
+void hadamard_vec(float* x, int m, int p, const float* core, bool forward, float* tmp) {
+  for (int a = 0; a < m; ++a) {
+    float* y = x + a * p;
+    for (int h = 1; h < p; h *= 2)
+      for (int i0 = 0; i0 < p; i0 += 2 * h)
+        for (int i = i0; i < i0 + h; ++i) {
+          const float u = y[i], v = y[i + h];
+          y[i] = u + v;
+          y[i + h] = u - v;
+        }
+  }
+  if (m > 1) {
+    for (int b = 0; b < p; ++b) {
+      for (int a = 0; a < m; ++a) {
+        float acc = 0.0f;
+        for (int j = 0; j < m; ++j) acc += (forward ? core[a * m + j] : core[j * m + a]) * x[j * p + b];
+        tmp[a] = acc;
+      }
+      for (int a = 0; a < m; ++a) x[a * p + b] = tmp[a];
+    }
+  }
+  const float c = static_cast<float>(1.0 / std::sqrt(static_cast<double>(m * p)));
+  for (int i = 0; i < m * p; ++i) x[i] = x[i] * c;
+}
+
+float to_float(const at::Tensor& t, int64_t off) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return t.data_ptr<float>()[off];
+    case at::kHalf: return static_cast<float>(t.data_ptr<at::Half>()[off]);
+    case at::kBFloat16: return static_cast<float>(t.data_ptr<at::BFloat16>()[off]);
+    default: TORCH_CHECK(false, "unsupported dtype ", t.scalar_type());
+  }
+}
+
+void store_float(const at::Tensor& t, int64_t off, float v) {
+  switch (t.scalar_type()) {
+    case at::kFloat: t.data_ptr<float>()[off] = v; break;
+    case at::kHalf: t.data_ptr<at::Half>()[off] = at::Half(v); break;
+    case at::kBFloat16: t.data_ptr<at::BFloat16>()[off] = at::BFloat16(v); break;
+    default: TORCH_CHECK(false, "unsupported dtype ", t.scalar_type());
+  }
+}
+
+int sink_dtype_code(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return 0;
+    case at::kHalf: return 1;
+    case at::kBFloat16: return 2;
+    default: TORCH_CHECK(false, "sinks: unsupported dtype ", t);
+  }
+}
+
+// ---- RoPE tables in the kernel's tile layout, cached ------------------------------------------------------
+
+struct RopeCache {
+  std::mutex mu;
+  at::Tensor cos_ref, sin_ref, tiles;
+  int64_t cos_version = -1, sin_version = -1, positions = 0;
+  int lanes = 0;
+  int width = 0;
+};
+
+at::Tensor rope_tiles(AttnParams& P, const at::Tensor& cos32, const at::Tensor& sin32, int64_t max_ctx,
+                      int lanes, int64_t isa, int threads) {
+  static RopeCache cache;
+  std::lock_guard<std::mutex> lock(cache.mu);
+  const bool same = cache.tiles.defined() && cache.cos_ref.unsafeGetTensorImpl() == cos32.unsafeGetTensorImpl() &&
+                    cache.sin_ref.unsafeGetTensorImpl() == sin32.unsafeGetTensorImpl() &&
+                    cache.cos_version == static_cast<int64_t>(cos32._version()) &&
+                    cache.sin_version == static_cast<int64_t>(sin32._version()) && cache.lanes == lanes &&
+                    cache.positions >= max_ctx;
+  if (same) {
+    P.rope_width = cache.width;
+    return cache.tiles;
+  }
+  // grow geometrically (a longer context rebuilds), never past the table
+  int64_t positions = std::max<int64_t>(max_ctx, 2 * cache.positions);
+  positions = std::min<int64_t>(std::max<int64_t>(positions, 1024), cos32.size(0));
+  positions = std::max(positions, max_ctx);
+  const int64_t n_tiles = (positions + lanes - 1) / lanes;
+  const int64_t D = P.head_dim, half = D / 2;
+  const at::Tensor c = cos32.narrow(0, 0, positions), s = sin32.narrow(0, 0, positions);
+  const bool halves = half % lanes == 0 && at::equal(c.narrow(1, 0, half), c.narrow(1, half, half)) &&
+                      at::equal(s.narrow(1, 0, half), s.narrow(1, half, half));
+  P.rope_width = static_cast<int>(halves ? half : D);
+  at::Tensor t = at::empty({n_tiles, 2, P.rope_width, lanes}, cos32.options());
+  auto tr = isa == kAvx512 ? &avx512::transpose_rope : isa == kAvx2 ? &avx2::transpose_rope : &scalar::transpose_rope;
+  float* out = t.data_ptr<float>();
+  const int64_t chunk = 64;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+  for (int64_t t0 = 0; t0 < n_tiles; t0 += chunk) tr(P, t0, std::min(n_tiles, t0 + chunk), positions, out);
+  cache.cos_ref = cos32;
+  cache.sin_ref = sin32;
+  cache.cos_version = static_cast<int64_t>(cos32._version());
+  cache.sin_version = static_cast<int64_t>(sin32._version());
+  cache.tiles = t;
+  cache.positions = positions;
+  cache.lanes = lanes;
+  cache.width = P.rope_width;
+  return t;
+}
+
+// ---- attention -------------------------------------------------------------------------------------------
+
+void paged_attention_cpu(const at::Tensor& query, const at::Tensor& records, const at::Tensor& block_tables,
+                         const at::Tensor& seq_lens, const at::Tensor& query_start_loc,
+                         const std::optional<at::Tensor>& sinks, const std::optional<at::Tensor>& rope_cos,
+                         const std::optional<at::Tensor>& rope_sin, const std::optional<at::Tensor>& key_perm,
+                         const std::optional<at::Tensor>& key_mean, const at::Tensor& key_core,
+                         const at::Tensor& value_core, at::IntArrayRef layout, double scale, int64_t num_splits,
+                         int64_t isa, at::Tensor& out) {
+  const Layout ly = parse_layout(layout);
+  const int64_t run_isa = resolve_isa(isa);
+  TORCH_CHECK(records.scalar_type() == at::kByte && records.dim() == 3 && records.stride(2) == 1,
+              "records: expected uint8 [num_blocks, block_size, C] with contiguous slots");
+  TORCH_CHECK(query.dim() == 3 && query.size(2) == ly.D && query.size(1) % ly.H == 0, "query: expected [T, Hq, D]");
+  const int64_t Hq = query.size(1), D = ly.D;
+  const int g = ly.key_rot / ly.D, qpk = static_cast<int>(Hq / ly.H), per_tok = g * qpk, n_rot = ly.H / g;
+  const int key_m = core_order(key_core, ly.key_rot, "key_core");
+  const int value_m = ly.value_rot ? core_order(value_core, ly.D, "value_core") : 1;
+
+  const at::Tensor qsl = query_start_loc.to(at::kLong).contiguous();
+  const at::Tensor seq = seq_lens.to(at::kLong).contiguous();
+  const at::Tensor bt = block_tables.to(at::kLong).contiguous();
+  const int R = static_cast<int>(seq.size(0));
+  const int64_t* qslp = qsl.data_ptr<int64_t>();
+  const int64_t* seqp = seq.data_ptr<int64_t>();
+  const int64_t T = R ? qslp[R] : 0;
+  TORCH_CHECK(out.dim() == 3 && out.size(0) == query.size(0) && out.size(1) == Hq && out.size(2) == D,
+              "out: expected [T, Hq, D]");
+  if (T == 0) return;
+  // base-2 logits: 2^(s log2 e) = e^s
+  const at::Tensor q32 = (query.narrow(0, 0, T).to(at::kFloat) * (scale * M_LOG2E)).contiguous();
+
+  // ---- plan: query blocks x rotation blocks x context splits -------------------------------------------------
+  int64_t max_q = 0, max_ctx = 0;
+  for (int r = 0; r < R; ++r) {
+    const int64_t ql = qslp[r + 1] - qslp[r];
+    TORCH_CHECK(ql >= 0 && ql <= seqp[r], "request ", r, ": ", ql, " queries but seq_lens=", seqp[r]);
+    max_q = std::max(max_q, ql);
+    if (ql > 0) max_ctx = std::max(max_ctx, seqp[r]);
+  }
+  // Prefill rows share the decoded keys of a tile: up to ~256 rows (query tokens x query heads) per item.
+  const int64_t mq = max_q <= 1 ? 1 : std::max<int64_t>(1, 256 / per_tok);
+  std::vector<WorkItem> base_items;
+  for (int r = 0; r < R; ++r) {
+    const int64_t ql = qslp[r + 1] - qslp[r];
+    for (int64_t t = 0; t < ql; t += mq)
+      for (int rot = 0; rot < n_rot; ++rot)
+        base_items.push_back(WorkItem{r, static_cast<int>(qslp[r] + t), static_cast<int>(qslp[r] + std::min(t + mq, ql)),
+                                      rot, 0});
+  }
+  const int threads = at::get_num_threads();
+  int64_t ns = num_splits;
+  if (ns <= 0) {
+    // enough items for the threads to balance under the dynamic schedule (16 per thread: other processes
+    // may slow one thread down), with at least 1024 positions per split
+    const int64_t n = std::max<int64_t>(1, base_items.size());
+    const int64_t want = (16 * threads + n - 1) / n;
+    ns = std::max<int64_t>(1, std::min<int64_t>(want, (max_ctx + 1023) / 1024));
+  }
+  int64_t split = (std::max<int64_t>(max_ctx, 1) + ns - 1) / ns;
+  split = std::max<int64_t>(split, ly.sink_tokens);  // the sinks belong to split 0
+  split = (split + 15) / 16 * 16;
+  ns = std::max<int64_t>(1, (max_ctx + split - 1) / split);
+
+  at::Tensor pm = at::empty({T, Hq, ns}, query.options().dtype(at::kFloat));
+  at::Tensor pl = at::empty({T, Hq, ns}, query.options().dtype(at::kFloat));
+  at::Tensor pacc = at::empty({T, Hq, ns, D}, query.options().dtype(at::kFloat));
+
+  AttnParams P;
+  P.num_kv_heads = ly.H;
+  P.head_dim = ly.D;
+  P.num_q_heads = static_cast<int>(Hq);
+  P.key_bits = ly.key_bits;
+  P.value_bits = ly.value_bits;
+  P.key_group = ly.key_group;
+  P.value_group = ly.value_group;
+  P.key_rot = ly.key_rot;
+  P.value_rot = ly.value_rot;
+  P.scale_fp8 = ly.fp8;
+  P.key_bytes = ly.key_bytes;
+  P.value_bytes = ly.value_bytes;
+  P.sink_tokens = ly.sink_tokens;
+  P.key_m = key_m;
+  P.key_p = ly.key_rot / key_m;
+  P.key_core = key_core.data_ptr<float>();
+  P.value_m = value_m;
+  P.value_p = ly.D / value_m;
+  P.value_core = value_core.data_ptr<float>();
+  P.query = q32.data_ptr<float>();
+  P.records = records.data_ptr<uint8_t>();
+  P.page_stride = records.stride(0);
+  P.slot_bytes = records.stride(1);
+  P.block_size = static_cast<int>(records.size(1));
+  if (sinks.has_value() && ly.sink_tokens > 0) {
+    const at::Tensor& s = *sinks;
+    TORCH_CHECK(s.dim() == 5, "sinks: expected [num_blocks, S, 2, H, D]");
+    P.sinks = s.data_ptr();
+    P.sink_dtype = sink_dtype_code(s.scalar_type());
+    for (int i = 0; i < 5; ++i) P.sink_stride[i] = s.stride(i);
+  }
+  P.block_table = bt.data_ptr<int64_t>();
+  P.bt_stride = bt.size(1);
+  P.seq_lens = seqp;
+  P.query_start_loc = qslp;
+  P.num_reqs = R;
+  at::Tensor cos32, sin32, perm64, mean32;
+  if (rope_cos.has_value()) {
+    cos32 = rope_cos->to(at::kFloat).contiguous();
+    sin32 = rope_sin->to(at::kFloat).contiguous();
+    TORCH_CHECK(cos32.sizes() == sin32.sizes() && cos32.dim() == 2 && cos32.size(1) == D,
+                "rope_cos/rope_sin: expected fp32 [max_position, D]");
+    P.rope_cos = cos32.data_ptr<float>();
+    P.rope_sin = sin32.data_ptr<float>();
+    P.rope_stride = cos32.stride(0);
+  }
+  if (key_perm.has_value()) {
+    perm64 = key_perm->to(at::kLong).contiguous();
+    P.key_perm = perm64.data_ptr<int64_t>();
+  }
+  if (key_mean.has_value()) {
+    mean32 = key_mean->to(at::kFloat).contiguous();
+    P.key_mean = mean32.data_ptr<float>();
+  }
+  P.part_m = pm.data_ptr<float>();
+  P.part_l = pl.data_ptr<float>();
+  P.part_acc = pacc.data_ptr<float>();
+  P.num_splits = static_cast<int>(ns);
+  P.split_size = split;
+
+  // RoPE tables transposed for the kernel's tiles, shared by every item (all sequences read the same positions)
+  // and kept between calls: the serving tables never change, so the transposition is paid once per process
+  // (again only when a longer context arrives). The cache holds a reference to the tables it was built from
+  // and their version counters, so a freed-and-reused address or an in-place edit cannot match.
+  at::Tensor rope_t;
+  if (P.rope_cos) {
+    TORCH_CHECK(cos32.size(0) >= max_ctx, "rope_cos: ", cos32.size(0), " positions, the context needs ", max_ctx);
+    const int lanes = run_isa == kAvx512 ? avx512::lanes() : run_isa == kAvx2 ? avx2::lanes() : scalar::lanes();
+    rope_t = rope_tiles(P, cos32, sin32, max_ctx, lanes, run_isa, threads);
+    P.rope_t = rope_t.data_ptr<float>();
+  }
+
+  void (*fn)(const AttnParams&, const WorkItem&) =
+      run_isa == kAvx512 ? &avx512::attend_item : run_isa == kAvx2 ? &avx2::attend_item : &scalar::attend_item;
+
+  // ---- merge of the splits, one inverse value Hadamard per output row ------------------------------------------
+  // Run by the item that finishes a (query block, rotation block) last (a ticket per base item), so the call
+  // has one parallel region and one barrier: under CPU contention every barrier can cost a whole time slice.
+  const float* pmp = pm.data_ptr<float>();
+  const float* plp = pl.data_ptr<float>();
+  const float* pap = pacc.data_ptr<float>();
+  const int vp = ly.D / value_m;
+  const float* vcore = value_core.data_ptr<float>();
+  const at::ScalarType odt = out.scalar_type();
+  char* outp = static_cast<char*>(out.data_ptr());
+  const int64_t osz = out.element_size(), os0 = out.stride(0), os1 = out.stride(1), os2 = out.stride(2);
+  auto merge_rows = [&](const WorkItem& w, float* o, float* tmp) {
+    for (int64_t t = w.tok_lo; t < w.tok_hi; ++t)
+      for (int64_t hq = static_cast<int64_t>(w.rot) * per_tok; hq < (w.rot + 1) * per_tok; ++hq) {
+        const int64_t base = (t * Hq + hq) * ns;
+        float mx = -std::numeric_limits<float>::infinity();
+        for (int64_t s = 0; s < ns; ++s) mx = std::max(mx, pmp[base + s]);
+        std::fill(o, o + D, 0.0f);
+        float lsum = 0.0f;
+        if (mx != -std::numeric_limits<float>::infinity()) {
+          for (int64_t s = 0; s < ns; ++s) {
+            const float wgt = std::exp2(pmp[base + s] - mx);
+            if (wgt == 0.0f) continue;
+            lsum += wgt * plp[base + s];
+            const float* a = pap + (base + s) * D;
+            for (int64_t c = 0; c < D; ++c) o[c] += wgt * a[c];
+          }
+        }
+        const float inv = lsum > 0.0f ? 1.0f / lsum : 0.0f;
+        for (int64_t c = 0; c < D; ++c) o[c] *= inv;
+        if (ly.value_rot) hadamard_vec(o, value_m, vp, vcore, false, tmp);
+        char* row = outp + (t * os0 + hq * os1) * osz;
+        for (int64_t c = 0; c < D; ++c) {
+          char* dst = row + c * os2 * osz;
+          if (odt == at::kFloat) *reinterpret_cast<float*>(dst) = o[c];
+          else if (odt == at::kHalf) *reinterpret_cast<at::Half*>(dst) = at::Half(o[c]);
+          else *reinterpret_cast<at::BFloat16*>(dst) = at::BFloat16(o[c]);
+        }
+      }
+  };
+  TORCH_CHECK(odt == at::kFloat || odt == at::kHalf || odt == at::kBFloat16, "out: unsupported dtype ", odt);
+
+  const int64_t n_items = static_cast<int64_t>(base_items.size()) * ns;
+  std::unique_ptr<std::atomic<int64_t>[]> tickets(new std::atomic<int64_t>[base_items.size()]);
+  for (size_t i = 0; i < base_items.size(); ++i) tickets[i].store(0, std::memory_order_relaxed);
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<float> o(D), tmp(64);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t i = 0; i < n_items; ++i) {
+      WorkItem w = base_items[i / ns];
+      w.split = static_cast<int>(i % ns);
+      fn(P, w);
+      if (tickets[i / ns].fetch_add(1, std::memory_order_acq_rel) + 1 == ns) merge_rows(w, o.data(), tmp.data());
+    }
+  }
+}
+
+// ---- write -----------------------------------------------------------------------------------------------
+
+// rotkv_write_ref for one token: rotate (block Hadamard), order, quantize group-wise, pack.
+void encode_record(float* x, int width, int rot, int m, const float* core, const int64_t* perm, int bits, int group,
+                   float clip, bool fp8, uint8_t* out, float* tmp, float* y) {
+  const int p = rot / m;
+  for (int b0 = 0; b0 < width; b0 += rot) hadamard_vec(x + b0, m, p, core, true, tmp);
+  for (int i = 0; i < width; ++i) y[i] = perm ? x[perm[i]] : x[i];
+  const int maxq = (1 << bits) - 1, ng = width / group;
+  const float eps = fp8 ? 0.015625f : 6.103515625e-05f;  // finfo(scale dtype).tiny
+  uint8_t* codes_out = out;
+  uint8_t* scales_out = out + width * bits / 8;
+  uint8_t* zeros_out = scales_out + ng * (fp8 ? 1 : 2);
+  std::vector<uint8_t> q(width);
+  for (int gi = 0; gi < ng; ++gi) {
+    const float* yg = y + gi * group;
+    float mx = yg[0], mn = yg[0];
+    for (int i = 1; i < group; ++i) {
+      mx = std::max(mx, yg[i]);
+      mn = std::min(mn, yg[i]);
+    }
+    const float hi = mx * clip, lo = mn * clip;
+    float sc = (hi - lo) / static_cast<float>(maxq);
+    sc = std::max(sc, eps);
+    float scs;
+    if (fp8) {
+      const c10::Float8_e4m3fn s8(sc);
+      scs = static_cast<float>(s8);
+      scales_out[gi] = s8.x;
+    } else {
+      const c10::Half s16(sc);
+      scs = static_cast<float>(s16);
+      std::memcpy(scales_out + 2 * gi, &s16.x, 2);
+    }
+    float z = std::nearbyint(-lo / scs);
+    z = std::min(std::max(z, 0.0f), static_cast<float>(maxq));
+    if (fp8) {
+      zeros_out[gi] = static_cast<uint8_t>(z);
+    } else {
+      const c10::Half z16(z);
+      std::memcpy(zeros_out + 2 * gi, &z16.x, 2);
+    }
+    for (int i = 0; i < group; ++i) {
+      float v = std::nearbyint(yg[i] / scs) + z;
+      v = std::min(std::max(v, 0.0f), static_cast<float>(maxq));
+      q[gi * group + i] = static_cast<uint8_t>(v);
+    }
+  }
+  for (int u = 0; u < width / 8; ++u) {
+    uint32_t word = 0;
+    for (int j = 0; j < 8; ++j) word |= static_cast<uint32_t>(q[u * 8 + j]) << (j * bits);
+    for (int bb = 0; bb < bits; ++bb) codes_out[u * bits + bb] = static_cast<uint8_t>(word >> (8 * bb));
+  }
+}
+
+void paged_write_cpu(const at::Tensor& key, const at::Tensor& value, const at::Tensor& slot_mapping,
+                     at::Tensor& records, const std::optional<at::Tensor>& positions,
+                     const std::optional<at::Tensor>& sinks, const std::optional<at::Tensor>& rope_cos,
+                     const std::optional<at::Tensor>& rope_sin, const std::optional<at::Tensor>& key_perm,
+                     const std::optional<at::Tensor>& key_mean, const at::Tensor& key_core,
+                     const at::Tensor& value_core, at::IntArrayRef layout, double key_clip, double value_clip) {
+  const Layout ly = parse_layout(layout);
+  TORCH_CHECK(records.scalar_type() == at::kByte && records.dim() == 3 && records.stride(2) == 1,
+              "records: expected uint8 [num_blocks, block_size, C] with contiguous slots");
+  const int64_t T = key.size(0);
+  if (T == 0) return;
+  const int H = ly.H, D = ly.D, W = H * D, half = D / 2;
+  const int key_m = core_order(key_core, ly.key_rot, "key_core");
+  const int value_m = ly.value_rot ? core_order(value_core, ly.D, "value_core") : 1;
+  const at::Tensor k32 = key.to(at::kFloat).contiguous().view({T, W});
+  const at::Tensor v32 = value.to(at::kFloat).contiguous().view({T, W});
+  const at::Tensor slots = slot_mapping.to(at::kLong).contiguous();
+  at::Tensor pos;
+  if (positions.has_value()) pos = positions->to(at::kLong).contiguous();
+  at::Tensor cos32, sin32, perm64, mean32;
+  const bool rope = rope_cos.has_value();
+  if (rope) {
+    cos32 = rope_cos->to(at::kFloat).contiguous();
+    sin32 = rope_sin->to(at::kFloat).contiguous();
+  }
+  if (key_perm.has_value()) perm64 = key_perm->to(at::kLong).contiguous();
+  if (key_mean.has_value()) mean32 = key_mean->to(at::kFloat).contiguous();
+  const bool has_sinks = sinks.has_value() && ly.sink_tokens > 0;
+  TORCH_CHECK(!(rope || has_sinks) || pos.defined(), "positions: needed for RoPE and sinks");
+
+  const float* kp = k32.data_ptr<float>();
+  const float* vp = v32.data_ptr<float>();
+  const int64_t* sp = slots.data_ptr<int64_t>();
+  const int64_t* pp = pos.defined() ? pos.data_ptr<int64_t>() : nullptr;
+  const float* cp = rope ? cos32.data_ptr<float>() : nullptr;
+  const float* snp = rope ? sin32.data_ptr<float>() : nullptr;
+  const int64_t rs = rope ? cos32.stride(0) : 0;
+  const int64_t* perm = perm64.defined() ? perm64.data_ptr<int64_t>() : nullptr;
+  const float* mean = mean32.defined() ? mean32.data_ptr<float>() : nullptr;
+  uint8_t* rec = records.data_ptr<uint8_t>();
+  const int64_t bs = records.size(1), s0 = records.stride(0), s1 = records.stride(1);
+  const float kclip = static_cast<float>(key_clip), vclip = static_cast<float>(value_clip);
+  const float* kcore = key_core.data_ptr<float>();
+  const float* vcore = value_core.data_ptr<float>();
+
+  at::parallel_for(0, T, 8, [&](int64_t b, int64_t e) {
+    std::vector<float> x(W), y(W), tmp(64);
+    for (int64_t t = b; t < e; ++t) {
+      const int64_t slot = sp[t];
+      if (slot < 0) continue;
+      const int64_t blk = slot / bs, off = slot % bs;
+      uint8_t* dst = rec + blk * s0 + off * s1;
+      const float* k = kp + t * W;
+      if (rope) {
+        // (k cos - rotate_half(k) sin) / (cos^2 + sin^2), each operation rounded to fp32 like the reference
+        const float* c = cp + pp[t] * rs;
+        const float* s = snp + pp[t] * rs;
+        for (int h = 0; h < H; ++h)
+          for (int i = 0; i < D; ++i) {
+            const float kv = k[h * D + i];
+            const float rh = i < half ? -k[h * D + i + half] : k[h * D + i - half];
+            const float num = kv * c[i] - rh * s[i];
+            const float den = c[i] * c[i] + s[i] * s[i];
+            x[h * D + i] = num / den;
+          }
+      } else {
+        std::copy(k, k + W, x.begin());
+      }
+      if (mean)
+        for (int i = 0; i < W; ++i) x[i] = x[i] - mean[i];
+      encode_record(x.data(), W, ly.key_rot, key_m, kcore, perm, ly.key_bits, ly.key_group, kclip, ly.fp8, dst,
+                    tmp.data(), y.data());
+      std::copy(vp + t * W, vp + (t + 1) * W, x.begin());
+      encode_record(x.data(), W, ly.value_rot ? D : 1, ly.value_rot ? value_m : 1, vcore, nullptr, ly.value_bits,
+                    ly.value_group, vclip, ly.fp8, dst + ly.key_bytes, tmp.data(), y.data());
+      if (has_sinks && pp[t] >= 0 && pp[t] < ly.sink_tokens) {
+        const at::Tensor& sk = *sinks;
+        const int64_t base = blk * sk.stride(0) + pp[t] * sk.stride(1);
+        for (int h = 0; h < H; ++h)
+          for (int i = 0; i < D; ++i) {
+            const int64_t o = base + h * sk.stride(3) + i * sk.stride(4);
+            store_float(sk, o, k[h * D + i]);
+            store_float(sk, o + sk.stride(2), vp[t * W + h * D + i]);
+          }
+      }
+    }
+  });
+}
+
+}  // namespace
+}  // namespace rotkv_cpu
+
+TORCH_LIBRARY_FRAGMENT(rotkv, m) {
+  m.def(
+      "paged_attention_cpu(Tensor query, Tensor records, Tensor block_tables, Tensor seq_lens, "
+      "Tensor query_start_loc, Tensor? sinks, Tensor? rope_cos, Tensor? rope_sin, Tensor? key_perm, "
+      "Tensor? key_mean, Tensor key_core, Tensor value_core, int[] layout, float scale, int num_splits, "
+      "int isa, Tensor(a!) out) -> ()");
+  m.def(
+      "paged_write_cpu(Tensor key, Tensor value, Tensor slot_mapping, Tensor(a!) records, Tensor? positions, "
+      "Tensor(b!)? sinks, Tensor? rope_cos, Tensor? rope_sin, Tensor? key_perm, Tensor? key_mean, "
+      "Tensor key_core, Tensor value_core, int[] layout, float key_clip, float value_clip) -> ()");
+  m.def("paged_cpu_isa(int isa) -> int", &rotkv_cpu::paged_cpu_isa);
+}
+
+TORCH_LIBRARY_IMPL(rotkv, CPU, m) {
+  m.impl("paged_attention_cpu", &rotkv_cpu::paged_attention_cpu);
+  m.impl("paged_write_cpu", &rotkv_cpu::paged_write_cpu);
+}

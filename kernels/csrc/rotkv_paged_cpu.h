@@ -1,0 +1,98 @@
+// RotateKV paged cache on the CPU: the plain-C++ interface between the torch bindings
+// (rotkv_paged_cpu.cpp) and the per-ISA attention kernels (rotkv_paged_cpu_{scalar,avx2,avx512}.cpp).
+//
+// This header includes no torch header on purpose: the ISA translation units are compiled with
+// -mavx2 / -mavx512f, and any inline function they shared with torch could be emitted with those
+// instructions and picked by the linker for the generic code (a crash on an older CPU).
+#pragma once
+
+#include <cstdint>
+
+namespace rotkv_cpu {
+
+// Everything one attention call needs, as raw pointers into the caller's tensors.
+//
+// Cache layout (rotkv_paged.py): the record of position p of request r is at
+//   records + block_table[r * bt_stride + p / block_size] * page_stride + (p % block_size) * slot_bytes,
+// bytes [0, key_bytes) hold the key record and [key_bytes, key_bytes + value_bytes) the value record;
+// each record is [packed codes (W * bits / 8) | scales of all groups | zeros of all groups].
+struct AttnParams {
+  // ---- layout -------------------------------------------------------------------------------------------
+  int num_kv_heads = 0;     // H
+  int head_dim = 0;         // D
+  int num_q_heads = 0;      // Hq (a multiple of H)
+  int key_bits = 2, value_bits = 2;
+  int key_group = 0, value_group = 0;  // quantization group sizes along the stored channels
+  int key_rot = 0;          // key Hadamard width g * D
+  bool value_rot = true;    // per-head Hadamard on values (else width 1: no rotation)
+  bool scale_fp8 = false;   // fp8 e4m3 scale + uint8 zero (else fp16 scale + fp16 zero)
+  int key_bytes = 0, value_bytes = 0;
+  int sink_tokens = 0;      // S (0: none)
+  // Hadamard factors: width = m * p, matrix kron(H_m, H_p); cores are +-1 row-major [m, m].
+  int key_m = 1, key_p = 1;
+  const float* key_core = nullptr;
+  int value_m = 1, value_p = 1;
+  const float* value_core = nullptr;
+
+  // ---- step inputs --------------------------------------------------------------------------------------
+  const float* query = nullptr;  // fp32 [T, Hq, D] contiguous, pre-multiplied by scale * log2(e)
+  const uint8_t* records = nullptr;
+  int64_t page_stride = 0;       // bytes between pages
+  int64_t slot_bytes = 0;        // C, bytes between slots of a page
+  int block_size = 0;
+  const void* sinks = nullptr;   // [num_blocks, S, 2, H, D] strided, dtype sink_dtype; or null
+  int sink_dtype = 0;            // 0 fp32, 1 fp16, 2 bf16
+  int64_t sink_stride[5] = {0, 0, 0, 0, 0};  // in elements
+  const int64_t* block_table = nullptr;
+  int64_t bt_stride = 0;
+  const int64_t* seq_lens = nullptr;         // [R]
+  const int64_t* query_start_loc = nullptr;  // [R + 1]
+  int num_reqs = 0;
+  const float* rope_cos = nullptr;  // fp32 [max_pos, D] (HF convention) or null: keys stored post-RoPE
+  const float* rope_sin = nullptr;
+  int64_t rope_stride = 0;
+  // Optional: the RoPE tables pre-transposed for the kernel's tiles (transpose_rope), shared by every item
+  // that reads the same positions: tile t (positions t*N .. t*N + N - 1) is [cos: D][N] then [sin: D][N].
+  const float* rope_t = nullptr;
+  // Channels per tile in rope_t: D, or D / 2 when every table row is [c | c] (Hugging Face's layout: the two
+  // halves of a RoPE pair share cos and sin), which halves the bytes the scores read.
+  int rope_width = 0;
+  const int64_t* key_perm = nullptr;  // stored channel i holds natural channel key_perm[i]; or null
+  const float* key_mean = nullptr;    // fp32 [W] pre-RoPE key mean (natural order); or null
+
+  // ---- partial results, one per (token, query head, split) ------------------------------------------------
+  float* part_m = nullptr;    // [T, Hq, ns] running max (base-2 logits)
+  float* part_l = nullptr;    // [T, Hq, ns] sum of 2^(s - m)
+  float* part_acc = nullptr;  // [T, Hq, ns, D] sum of 2^(s - m) v, in the values' rotated basis
+  int num_splits = 1;
+  int64_t split_size = 0;     // context positions per split
+};
+
+// One unit of parallel work: query tokens [tok_lo, tok_hi) of request `req`, the KV heads of rotation block
+// `rot`, context positions of split `split`.
+struct WorkItem {
+  int req;
+  int tok_lo, tok_hi;
+  int rot;
+  int split;
+};
+
+// Per-ISA kernels. attend_item: process one work item (writes its rows of part_m / part_l / part_acc).
+// lanes: the ISA's N. transpose_rope: tiles [tile_lo, tile_hi) of AttnParams::rope_t, p.rope_width channels
+// (rows >= n_pos are 0).
+#define ROTKV_ISA_API                                                                             \
+  void attend_item(const AttnParams& p, const WorkItem& w);                                       \
+  int lanes();                                                                                    \
+  void transpose_rope(const AttnParams& p, int64_t tile_lo, int64_t tile_hi, int64_t n_pos, float* out);
+namespace scalar {
+ROTKV_ISA_API
+}
+namespace avx2 {
+ROTKV_ISA_API
+}
+namespace avx512 {
+ROTKV_ISA_API
+}
+#undef ROTKV_ISA_API
+
+}  // namespace rotkv_cpu

@@ -1,0 +1,733 @@
+// The fused CPU attention over the RotateKV packed paged cache, written once over the vector type `Vec`
+// (rotkv_paged_cpu_vec.h) and compiled once per ISA. Include after defining ROTKV_ISA_NAMESPACE.
+//
+// One work item = (request, query tokens [tok_lo, tok_hi), rotation block of g KV heads, context split).
+// Rows are the (query token, query head) pairs of the item. Per tile of N cached positions (N = lanes):
+//
+//   1. copy the N slots' K and V records into a small contiguous buffer (each page byte is read once);
+//   2. keys, *lanes over positions*: gather each token's code word, unpack, dequantize (q - z) * s / sqrt(gD)
+//      and store channel i at its natural index perm[i] (the inverse channel order costs nothing here);
+//   3. inverse grouped-head Hadamard kron(H_m, H_p)^T on the N keys at once: log2(p) butterfly stages over
+//      whole vectors (no shuffles), then the small +-1 core H_m^T (m = 1 for powers of two);
+//   4. per KV head: add the key mean, RoPE at each lane's own position (cos/sin transposed per tile),
+//      and the scores of all the head's rows in one pass (a register block of up to 8 rows);
+//   5. online softmax per row (base 2: the query is pre-multiplied by scale * log2 e);
+//   6. values, *lanes over channels*: unpack N codes, subtract the zero, and add p_t * s_t times them into
+//      each row's accumulator, which stays in the values' rotated basis (the caller applies one inverse
+//      per-head Hadamard per output row after merging the splits).
+//
+// Sinks (positions < S, split 0) come from the full-precision area: keys as stored (post-RoPE), values
+// rotated forward into the accumulator's basis.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <new>
+#include <type_traits>
+
+#include "rotkv_paged_cpu.h"
+#include "rotkv_paged_cpu_vec.h"
+
+namespace rotkv_cpu {
+namespace ROTKV_ISA_NAMESPACE {
+
+namespace {
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr int kRowBlock = 8;             // rows whose scores / accumulators are kept in registers together
+constexpr float kMagic = 8388608.0f;  // 2^23: float(2^23 + q) - (2^23 + z) == q - z exactly (Vec::code_float)
+
+inline float bf16_to_float(uint16_t h) {
+  const uint32_t bits = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+inline float fp8e4m3_to_float(uint8_t x) {
+  const int sign = x >> 7, exp = (x >> 3) & 0xF, man = x & 0x7;
+  float v;
+  if (exp == 0xF && man == 0x7) {
+    v = std::numeric_limits<float>::quiet_NaN();
+  } else if (exp == 0) {
+    v = std::ldexp(static_cast<float>(man), -9);  // man / 8 * 2^-6
+  } else {
+    v = std::ldexp(1.0f + static_cast<float>(man) / 8.0f, exp - 7);
+  }
+  return sign ? -v : v;
+}
+
+struct Fp8Table {
+  float v[256];
+  Fp8Table() {
+    for (int i = 0; i < 256; ++i) v[i] = fp8e4m3_to_float(static_cast<uint8_t>(i));
+  }
+};
+
+inline const float* fp8_table() {
+  static const Fp8Table table;
+  return table.v;
+}
+
+inline float fp8_value(uint8_t x) { return fp8_table()[x]; }
+
+// scale and zero of group `g` of a record (codes first, then all scales, then all zeros)
+inline void scale_zero(const uint8_t* rec, int width, int bits, int group, bool fp8, int g, float* s, float* z) {
+  const uint8_t* sp = rec + width * bits / 8;
+  const int ng = width / group;
+  if (fp8) {
+    *s = fp8_value(sp[g]);
+    *z = static_cast<float>(sp[ng + g]);
+  } else {
+    uint16_t sh, zh;
+    std::memcpy(&sh, sp + 2 * g, 2);
+    std::memcpy(&zh, sp + 2 * ng + 2 * g, 2);
+    *s = half_to_float(sh);
+    *z = half_to_float(zh);
+  }
+}
+
+inline float load_sink(const AttnParams& P, const void* base, int64_t off) {
+  switch (P.sink_dtype) {
+    case 0: return static_cast<const float*>(base)[off];
+    case 1: return half_to_float(static_cast<const uint16_t*>(base)[off]);
+    default: return bf16_to_float(static_cast<const uint16_t*>(base)[off]);
+  }
+}
+
+// Normalized Hadamard of one vector of n = m * p floats (scalar; sinks and nothing hot).
+// forward: x <- kron(H_m, H_p) x / sqrt(n); else the transpose.
+inline void hadamard_scalar(float* x, int m, int p, const float* core, bool forward, float* tmp) {
+  for (int a = 0; a < m; ++a) {
+    float* y = x + a * p;
+    for (int h = 1; h < p; h *= 2)
+      for (int i0 = 0; i0 < p; i0 += 2 * h)
+        for (int i = i0; i < i0 + h; ++i) {
+          const float u = y[i], v = y[i + h];
+          y[i] = u + v;
+          y[i + h] = u - v;
+        }
+  }
+  if (m > 1) {
+    for (int b = 0; b < p; ++b) {
+      for (int a = 0; a < m; ++a) {
+        float acc = 0.0f;
+        for (int j = 0; j < m; ++j) acc += (forward ? core[a * m + j] : core[j * m + a]) * x[j * p + b];
+        tmp[a] = acc;
+      }
+      for (int a = 0; a < m; ++a) x[a * p + b] = tmp[a];
+    }
+  }
+  const float c = static_cast<float>(1.0 / std::sqrt(static_cast<double>(m * p)));
+  for (int i = 0; i < m * p; ++i) x[i] *= c;
+}
+
+struct Scratch {
+  void* mem = nullptr;
+  explicit Scratch(size_t bytes) {
+    mem = std::aligned_alloc(64, (bytes + 63) / 64 * 64);
+    if (mem == nullptr) throw std::bad_alloc();
+  }
+  ~Scratch() { std::free(mem); }
+};
+
+inline size_t align64(size_t n) { return (n + 63) / 64 * 64; }
+
+// ---- keys: decode a tile into X[rw][N] (natural channel order of the rotation block) --------------------------
+template <int BITS, int CPG>
+void decode_keys(const AttnParams& P, int rot, const uint8_t* tb, const uint8_t* const* rows, const int32_t* lane_off,
+                 const float* ks, const float* kz, float* X) {
+  using V = Vec;
+  constexpr int N = V::N;
+  const int rw = P.key_rot, i_base = rot * rw, units = rw / CPG, per_group = P.key_group / CPG;
+  auto unit = [&](int u, typename V::I word) {
+    const int i0 = i_base + u * CPG;
+    const int gk = u / per_group;
+    const typename V::F sv = V::load(ks + gk * N), zv = V::load(kz + gk * N);
+#pragma GCC unroll 16
+    for (int j = 0; j < CPG; ++j) {
+      const typename V::F c = V::code_float(word, j * BITS, (1 << BITS) - 1);
+      const int dst = (P.key_perm ? static_cast<int>(P.key_perm[i0 + j]) : i0 + j) - i_base;
+      V::store(X + dst * N, V::mul(V::sub(c, zv), sv));
+    }
+  };
+  if constexpr (CPG * BITS == 32) {
+    // whole 32-bit words per unit: N units of N tokens come in with one register transpose (a gather per unit
+    // is several times slower)
+    alignas(64) int32_t words[N * N];
+    for (int u0 = 0; u0 < units; u0 += N) {
+      const int nw = std::min(N, units - u0);
+      V::transpose_words(rows, (i_base + u0 * CPG) * BITS / 8, nw, words);
+      for (int uu = 0; uu < nw; ++uu) unit(u0 + uu, V::load_i(words + uu * N));
+    }
+  } else {
+    const typename V::I off = V::load_i(lane_off);
+    for (int u = 0; u < units; ++u) unit(u, V::gather32(tb + (i_base + u * CPG) * BITS / 8, off));
+  }
+}
+
+// LOGR butterfly stages (strides h, 2h, ..., 2^(LOGR-1) h) on 2^LOGR vectors held in registers
+template <int LOGR>
+inline void butterfly_pass(float* y, int p, int h) {
+  using V = Vec;
+  constexpr int N = V::N, R = 1 << LOGR;
+  for (int i0 = 0; i0 < p; i0 += R * h)
+    for (int i = i0; i < i0 + h; ++i) {
+      // fully unrolled (compile-time trip counts) so that r[] lives in registers
+      typename V::F r[R];
+#pragma GCC unroll 16
+      for (int k = 0; k < R; ++k) r[k] = V::load(y + (i + k * h) * N);
+#pragma GCC unroll 4
+      for (int st = 1; st < R; st *= 2)
+#pragma GCC unroll 16
+        for (int k = 0; k < R; ++k)
+          if ((k & st) == 0) {
+            const typename V::F a = r[k], b = r[k + st];
+            r[k] = V::add(a, b);
+            // a - b as -(b * 1) + a rounds identically; on cores with separate add and FMA pipes this
+            // spreads the butterflies over both
+            r[k + st] = V::fnmadd1(b, a);
+          }
+#pragma GCC unroll 16
+      for (int k = 0; k < R; ++k) V::store(y + (i + k * h) * N, r[k]);
+    }
+}
+
+// out[a] = sum_j core[j][a] in[j] (the transposed core: the inverse) for every b of X[m][p][N]: all m outputs
+// accumulate at once (independent FMA chains, not one latency-bound chain per output).
+template <int M>
+inline void core_tile(const float* core, int p, float* X) {
+  using V = Vec;
+  constexpr int N = V::N;
+  for (int b = 0; b < p; ++b) {
+    typename V::F acc[M];
+#pragma GCC unroll 32
+    for (int a = 0; a < M; ++a) acc[a] = V::zero();
+    for (int j = 0; j < M; ++j) {
+      const typename V::F x = V::load(X + (static_cast<size_t>(j) * p + b) * N);
+#pragma GCC unroll 32
+      for (int a = 0; a < M; ++a) acc[a] = V::fmadd(V::set1(core[j * M + a]), x, acc[a]);
+    }
+#pragma GCC unroll 32
+    for (int a = 0; a < M; ++a) V::store(X + (static_cast<size_t>(a) * p + b) * N, acc[a]);
+  }
+}
+
+inline void core_tile_any(const float* core, int m, int p, float* X) {
+  using V = Vec;
+  constexpr int N = V::N;
+  typename V::F acc[64];
+  for (int b = 0; b < p; ++b) {
+    for (int a = 0; a < m; ++a) acc[a] = V::zero();
+    for (int j = 0; j < m; ++j) {
+      const typename V::F x = V::load(X + (static_cast<size_t>(j) * p + b) * N);
+      for (int a = 0; a < m; ++a) acc[a] = V::fmadd(V::set1(core[j * m + a]), x, acc[a]);
+    }
+    for (int a = 0; a < m; ++a) V::store(X + (static_cast<size_t>(a) * p + b) * N, acc[a]);
+  }
+}
+
+// inverse kron(H_m, H_p) over X[rw][N] (unnormalized: 1/sqrt(rw) is folded into the key scales)
+inline void inverse_hadamard_tile(const AttnParams& P, float* X) {
+  using V = Vec;
+  constexpr int N = V::N;
+  // stages per pass over memory: 4 with 32 vector registers (AVX-512), 3 otherwise
+  constexpr int kMaxLog = N == 16 ? 4 : 3;
+  const int m = P.key_m, p = P.key_p;
+  int logp = 0;
+  while ((1 << logp) < p) ++logp;
+  for (int a = 0; a < m; ++a) {
+    float* y = X + static_cast<size_t>(a) * p * N;
+    int h = 1, left = logp;
+    while (left > 0) {
+      const int st = std::min(left, kMaxLog);
+      switch (st) {
+        case 4: butterfly_pass<(kMaxLog >= 4 ? 4 : 1)>(y, p, h); break;
+        case 3: butterfly_pass<3>(y, p, h); break;
+        case 2: butterfly_pass<2>(y, p, h); break;
+        default: butterfly_pass<1>(y, p, h); break;
+      }
+      h <<= st;
+      left -= st;
+    }
+  }
+  if (m > 1) {
+    switch (m) {  // the orders rotkv_kernels.hadamard generates below 64 get their accumulators in registers
+      case 2: core_tile<2>(P.key_core, p, X); break;
+      case 12: core_tile<12>(P.key_core, p, X); break;
+      case 20: core_tile<20>(P.key_core, p, X); break;
+      case 28: core_tile<28>(P.key_core, p, X); break;
+      default: core_tile_any(P.key_core, m, p, X); break;
+    }
+  }
+}
+
+// Scores of NB rows of one KV head against the tile: mean, RoPE, dot, mask.
+template <int NB>
+void score_rows(const AttnParams& P, int h, const float* Xh, const float* CT, const float* ST,
+                const float* const* q, const float* lim, const float* posf, float* S) {
+  using V = Vec;
+  constexpr int N = V::N;
+  const int D = P.head_dim, half = D / 2;
+  const float* mean = P.key_mean ? P.key_mean + static_cast<int64_t>(h) * D : nullptr;
+  // two accumulators per row (channel halves): twice the independent FMA chains
+  typename V::F acc[NB], acc2[NB];
+  for (int k = 0; k < NB; ++k) acc[k] = acc2[k] = V::zero();
+  for (int c = 0; c < half; ++c) {
+    typename V::F x1 = V::load(Xh + c * N), x2 = V::load(Xh + (c + half) * N);
+    if (mean) {
+      x1 = V::add(x1, V::set1(mean[c]));
+      x2 = V::add(x2, V::set1(mean[c + half]));
+    }
+    typename V::F r1 = x1, r2 = x2;
+    if (CT) {
+      const typename V::F c1 = V::load(CT + c * N), s1 = V::load(ST + c * N);
+      const int c_hi = (P.rope_t && P.rope_width != D) ? c : c + half;  // [c | c] tables keep one half
+      const typename V::F c2 = V::load(CT + c_hi * N), s2 = V::load(ST + c_hi * N);
+      r1 = V::sub(V::mul(x1, c1), V::mul(x2, s1));
+      r2 = V::fmadd(x1, s2, V::mul(x2, c2));
+    }
+    for (int k = 0; k < NB; ++k) {
+      acc[k] = V::fmadd(V::set1(q[k][c]), r1, acc[k]);
+      acc2[k] = V::fmadd(V::set1(q[k][c + half]), r2, acc2[k]);
+    }
+  }
+  const typename V::F pv = V::load(posf);
+  for (int k = 0; k < NB; ++k) V::store(S + k * N, V::mask_gt(pv, V::set1(lim[k]), V::add(acc[k], acc2[k])));
+}
+
+// acc[k][c0 .. c0 + N) += sum_t ps[k][t] * (codes_t - z_t) for NB rows (one value group for the chunk);
+// zt holds 2^23 + z (kMagic)
+template <int BITS, int NB>
+void accumulate_values(const uint8_t* vbase, int stride, int chan, int t0, int t1, const float* zt, const float* ps,
+                       float* const* acc) {
+  using V = Vec;
+  constexpr int N = V::N;
+  typename V::F a[NB];
+  for (int k = 0; k < NB; ++k) a[k] = V::load(acc[k]);
+  for (int t = t0; t < t1; ++t) {
+    const typename V::F f =
+        V::sub(V::cvt(Vec::template unpack<BITS>(vbase + t * stride, chan)), V::set1(zt[t] - kMagic));
+    for (int k = 0; k < NB; ++k) a[k] = V::fmadd(V::set1(ps[k * N + t]), f, a[k]);
+  }
+  for (int k = 0; k < NB; ++k) V::store(acc[k], a[k]);
+}
+
+// Interleaved block of N * 8 / BITS channels (BITS 2 or 4) starting at channel `chan`: N code bytes are
+// zero-extended once; vector kk holds code kk of each byte.
+template <int BITS, int NB>
+void accumulate_values_il(const uint8_t* vbase, int stride, int chan, int t0, int t1, const float* zt,
+                          const float* ps, float* const* acc) {
+  using V = Vec;
+  constexpr int N = V::N, PER = 8 / BITS;
+  typename V::F a[NB][PER];
+  for (int k = 0; k < NB; ++k)
+    for (int kk = 0; kk < PER; ++kk) a[k][kk] = V::load(acc[k] + kk * N);
+  for (int t = t0; t < t1; ++t) {
+    const typename V::I x = V::bytes(vbase + t * stride + chan * BITS / 8);
+    const typename V::F zv = V::set1(zt[t]);
+#pragma GCC unroll 4
+    for (int kk = 0; kk < PER; ++kk) {
+      const typename V::F f = V::sub(V::code_float(x, kk * BITS, (1 << BITS) - 1), zv);
+      for (int k = 0; k < NB; ++k) a[k][kk] = V::fmadd(V::set1(ps[k * N + t]), f, a[k][kk]);
+    }
+  }
+  for (int k = 0; k < NB; ++k)
+    for (int kk = 0; kk < PER; ++kk) V::store(acc[k] + kk * N, a[k][kk]);
+}
+
+template <int NB, class Fn>
+void dispatch_rows(int n, Fn&& fn) {
+  static_assert(NB == kRowBlock, "row blocks of 8");
+  switch (n) {
+    case 1: fn(std::integral_constant<int, 1>()); break;
+    case 2: fn(std::integral_constant<int, 2>()); break;
+    case 3: fn(std::integral_constant<int, 3>()); break;
+    case 4: fn(std::integral_constant<int, 4>()); break;
+    case 5: fn(std::integral_constant<int, 5>()); break;
+    case 6: fn(std::integral_constant<int, 6>()); break;
+    case 7: fn(std::integral_constant<int, 7>()); break;
+    default: fn(std::integral_constant<int, 8>()); break;
+  }
+}
+
+template <int KB, int CPG, int VB>
+void attend_item_t(const AttnParams& P, const WorkItem& w) {
+  using V = Vec;
+  constexpr int N = V::N;
+  const int H = P.num_kv_heads, D = P.head_dim, Hq = P.num_q_heads, qpk = Hq / H;
+  const int rw = P.key_rot, g = rw / D, W = H * D, S = P.sinks ? P.sink_tokens : 0;
+  const int r = w.req, nt = w.tok_hi - w.tok_lo, per_tok = g * qpk, R = nt * per_tok;
+  const int64_t L = P.seq_lens[r], q0 = P.query_start_loc[r];
+  const int64_t first_pos = L - (P.query_start_loc[r + 1] - q0);
+  const int64_t ctx_end = first_pos + (w.tok_hi - q0);
+  const int64_t lo = static_cast<int64_t>(w.split) * P.split_size;
+  const int64_t hi = std::min(lo + P.split_size, ctx_end);
+  const int row_bytes = (P.key_bytes + P.value_bytes + 8 + 7) / 8 * 8;
+  const int kg0 = (w.rot * rw) / P.key_group, n_kg = rw / P.key_group;
+  const int vg0 = (w.rot * rw) / P.value_group, vg1 = (w.rot * rw + rw - 1) / P.value_group, n_vg = vg1 - vg0 + 1;
+
+  // scratch: rows (m, l, lim, acc, q pointers), tile (records, key scales, X, cos/sin, scores, p)
+  size_t off = 0;
+  auto take = [&](size_t bytes) { const size_t o = off; off += align64(bytes); return o; };
+  const size_t o_m = take(R * 4), o_l = take(R * 4), o_lim = take(R * 4), o_acc = take(size_t(R) * D * 4);
+  const size_t o_tb = take(size_t(N) * row_bytes), o_ks = take(size_t(n_kg) * N * 4),
+               o_kz = take(size_t(n_kg) * N * 4), o_vs = take(size_t(n_vg) * N * 4),
+               o_vz = take(size_t(n_vg) * N * 4), o_x = take(size_t(rw) * N * 4),
+               o_ct = take(size_t(D) * N * 4), o_st = take(size_t(D) * N * 4), o_s = take(size_t(R) * N * 4),
+               o_ps = take(size_t(kRowBlock) * N * 4), o_tmp = take(size_t(2 * D + 64) * 4),
+               o_zero = take(size_t(D) * 4);
+  // one scratch buffer per thread, kept between calls: a fresh large allocation is a fresh mmap, and its
+  // page faults cost more than a short item's work
+  thread_local std::unique_ptr<Scratch> scratch;
+  thread_local size_t scratch_bytes = 0;
+  if (scratch_bytes < off) {
+    scratch = std::make_unique<Scratch>(off);
+    scratch_bytes = off;
+  }
+  char* base = static_cast<char*>(scratch->mem);
+  float* m = reinterpret_cast<float*>(base + o_m);
+  float* l = reinterpret_cast<float*>(base + o_l);
+  float* lim = reinterpret_cast<float*>(base + o_lim);
+  float* acc = reinterpret_cast<float*>(base + o_acc);
+  uint8_t* tb = reinterpret_cast<uint8_t*>(base + o_tb);
+  float* ks = reinterpret_cast<float*>(base + o_ks);
+  float* kz = reinterpret_cast<float*>(base + o_kz);
+  float* vs = reinterpret_cast<float*>(base + o_vs);
+  float* vz = reinterpret_cast<float*>(base + o_vz);
+  float* X = reinterpret_cast<float*>(base + o_x);
+  float* CT = reinterpret_cast<float*>(base + o_ct);
+  float* ST = reinterpret_cast<float*>(base + o_st);
+  float* Sc = reinterpret_cast<float*>(base + o_s);
+  float* ps = reinterpret_cast<float*>(base + o_ps);
+  float* tmp = reinterpret_cast<float*>(base + o_tmp);
+  float* zero_row = reinterpret_cast<float*>(base + o_zero);  // RoPE row of invalid lanes
+  std::memset(zero_row, 0, size_t(D) * 4);
+
+  // row k = ti * per_tok + hl * qpk + j: query token tok_lo + ti, query head (rot * g + hl) * qpk + j
+  auto q_row = [&](int k) {
+    const int ti = k / per_tok, rem = k % per_tok;
+    return P.query + (static_cast<int64_t>(w.tok_lo + ti) * Hq + w.rot * per_tok + rem) * D;
+  };
+  for (int k = 0; k < R; ++k) {
+    m[k] = kNegInf;
+    l[k] = 0.0f;
+    const int64_t qpos = first_pos + (w.tok_lo + k / per_tok - q0);
+    lim[k] = static_cast<float>(std::min(qpos, hi - 1));
+  }
+  std::memset(acc, 0, size_t(R) * D * 4);
+
+  if (lo < hi && w.split == 0 && S > 0) {
+    // sinks: full-precision K (post-RoPE) and V (rotated forward into the accumulators' basis)
+    const int64_t blk = P.block_table[static_cast<int64_t>(r) * P.bt_stride];
+    const int64_t ns = std::min<int64_t>(S, hi);
+    for (int64_t j = 0; j < ns; ++j) {
+      for (int hl = 0; hl < g; ++hl) {
+        const int h = w.rot * g + hl;
+        float* kk = tmp;
+        float* vv = tmp + D;
+        const int64_t b0 = blk * P.sink_stride[0] + j * P.sink_stride[1] + h * P.sink_stride[3];
+        for (int c = 0; c < D; ++c) {
+          kk[c] = load_sink(P, P.sinks, b0 + c * P.sink_stride[4]);
+          vv[c] = load_sink(P, P.sinks, b0 + P.sink_stride[2] + c * P.sink_stride[4]);
+        }
+        if (P.value_rot) hadamard_scalar(vv, P.value_m, P.value_p, P.value_core, true, tmp + 2 * D);
+        for (int ti = 0; ti < nt; ++ti)
+          for (int jj = 0; jj < qpk; ++jj) {
+            const int k = ti * per_tok + hl * qpk + jj;
+            if (static_cast<float>(j) > lim[k]) continue;
+            const float* q = q_row(k);
+            float s = 0.0f;
+            for (int c = 0; c < D; ++c) s += q[c] * kk[c];
+            const float mn = std::max(m[k], s);
+            const float alpha = std::exp2(m[k] - mn), pj = std::exp2(s - mn);
+            l[k] = l[k] * alpha + pj;
+            float* a = acc + static_cast<size_t>(k) * D;
+            for (int c = 0; c < D; ++c) a[c] = a[c] * alpha + pj * vv[c];
+            m[k] = mn;
+          }
+      }
+    }
+  }
+
+  alignas(64) int32_t lane_off[N];
+  alignas(64) float posf[N];
+  alignas(64) float okf[N];
+  const float c_rot = static_cast<float>(1.0 / std::sqrt(static_cast<double>(rw)));
+  const uint8_t* trow[N];
+  const float* crow[N];
+  const float* srow[N];
+  // Pages hold whole tiles when the block size is a multiple of N (tiles start at multiples of N): the
+  // kernel then reads the slots where they are; otherwise it copies each tile's records first.
+  const bool direct = P.block_size % N == 0;
+  const int stride = direct ? static_cast<int>(P.slot_bytes) : row_bytes;
+  for (int i = 0; i < N; ++i) lane_off[i] = i * stride;
+  // Values with lanes over channels: for 2 and 4 bits, N whole bytes are zero-extended at once and each of
+  // the 8 / bits codes per byte gives one vector, so a block of N * 8 / bits channels is held interleaved
+  // (vector k, lane j = channel j * 8 / bits + k) until the item ends.
+  constexpr int v_per = VB == 3 ? 1 : 8 / VB;
+  constexpr int v_block = N * v_per;
+  const bool interleaved = VB != 3 && D % v_block == 0 && P.value_group % v_block == 0;
+  auto permute_rows = [&](bool to_interleaved) {
+    for (int k = 0; k < R; ++k) {
+      float* a = acc + static_cast<size_t>(k) * D;
+      std::memcpy(tmp, a, size_t(D) * 4);
+      for (int b0 = 0; b0 < D; b0 += v_block)
+        for (int kk = 0; kk < v_per; ++kk)
+          for (int j = 0; j < N; ++j) {
+            const int nat = b0 + j * v_per + kk, il = b0 + kk * N + j;
+            if (to_interleaved) a[il] = tmp[nat]; else a[nat] = tmp[il];
+          }
+    }
+  };
+  if (interleaved) permute_rows(true);
+
+  const int64_t p_start = std::max<int64_t>(lo, S);
+  for (int64_t p0 = p_start / N * N; p0 < hi; p0 += N) {
+    const int lane_lo = static_cast<int>(std::max<int64_t>(0, p_start - p0));
+    const int nv = static_cast<int>(std::min<int64_t>(N, hi - p0));
+    const uint8_t* tbase;
+    if (direct) {
+      const int64_t blk = P.block_table[static_cast<int64_t>(r) * P.bt_stride + p0 / P.block_size];
+      tbase = P.records + blk * P.page_stride + (p0 % P.block_size) * P.slot_bytes;
+      for (int i = 0; i < N; ++i) trow[i] = tbase + i * stride;
+      // Prefetch the next tile's slots (one contiguous run): its first reads are gathers, which would
+      // otherwise wait on memory one cache line at a time. Pages follow each other in block-table order,
+      // not in memory, so the hardware's stream prefetch stops at every page boundary.
+      const int64_t pn = p0 + N;
+      if (pn < hi) {
+        const int64_t bn = P.block_table[static_cast<int64_t>(r) * P.bt_stride + pn / P.block_size];
+        const uint8_t* nb = P.records + bn * P.page_stride + (pn % P.block_size) * P.slot_bytes;
+        const int64_t span = static_cast<int64_t>(N) * P.slot_bytes;
+        for (int64_t o = 0; o < span; o += 64) __builtin_prefetch(nb + o);
+      }
+    } else {
+      for (int i = 0; i < N; ++i) {
+        uint8_t* dst = tb + i * row_bytes;
+        if (i >= lane_lo && i < nv) {
+          const int64_t pos = p0 + i;
+          const int64_t blk = P.block_table[static_cast<int64_t>(r) * P.bt_stride + pos / P.block_size];
+          const uint8_t* src = P.records + blk * P.page_stride + (pos % P.block_size) * P.slot_bytes;
+          std::memcpy(dst, src, P.key_bytes + P.value_bytes);
+          std::memset(dst + P.key_bytes + P.value_bytes, 0, row_bytes - P.key_bytes - P.value_bytes);
+        } else {
+          std::memset(dst, 0, row_bytes);
+        }
+        trow[i] = dst;
+      }
+      tbase = tb;
+    }
+    for (int i = 0; i < N; ++i) {
+      const bool ok = i >= lane_lo && i < nv;
+      posf[i] = ok ? static_cast<float>(p0 + i) : std::numeric_limits<float>::max();
+      okf[i] = ok ? 1.0f : 0.0f;
+    }
+    // scales and zeros, gathered across the tile's slots; lanes outside [lane_lo, nv) decode to exact
+    // zeros whatever their bytes hold
+    {
+      const typename V::I offs = V::load_i(lane_off);
+      const typename V::F okv = V::load(okf);
+      // One 32-bit gather brings 4 fp8 (or 2 fp16) consecutive groups of every lane. The word read for a
+      // chunk of nk groups is the one *ending* at its last group, so no read leaves the record (the codes
+      // precede the scales and the scales precede the zeros).
+      const int esz = P.scale_fp8 ? 1 : 2, per = 4 / esz;
+      auto decode = [&](const uint8_t* sbase, int ng, int g0, int count, float mult, float* so, float* zo) {
+        for (int gi = 0; gi < count; gi += per) {
+          const int nk = std::min(per, count - gi);
+          const int at = (g0 + gi + nk - per) * esz;
+          const typename V::I ws = V::gather32(sbase + at, offs);
+          const typename V::I wz = V::gather32(sbase + ng * esz + at, offs);
+          for (int k = 0; k < nk; ++k) {
+            const int shift = 8 * esz * (per - nk + k);
+            typename V::F sc, z;
+            if (P.scale_fp8) {
+              sc = V::fp8_to_float(V::srli(ws, shift));
+              z = V::cvt(V::and_(V::srli(wz, shift), 0xFF));
+            } else {
+              sc = V::f16_to_float(V::srli(ws, shift));
+              z = V::f16_to_float(V::srli(wz, shift));
+            }
+            V::store(so + (gi + k) * N, V::select(okv, V::mul(sc, V::set1(mult))));
+            V::store(zo + (gi + k) * N, V::add(V::select(okv, z), V::set1(kMagic)));
+          }
+        }
+      };
+      decode(tbase + W * P.key_bits / 8, W / P.key_group, kg0, n_kg, c_rot, ks, kz);
+      decode(tbase + P.key_bytes + W * P.value_bits / 8, W / P.value_group, vg0, n_vg, 1.0f, vs, vz);
+    }
+    // 2-3. keys of the rotation block, natural order, inverse Hadamard
+    decode_keys<KB, CPG>(P, w.rot, tbase, trow, lane_off, ks, kz, X);
+    inverse_hadamard_tile(P, X);
+    // RoPE tables of the tile, transposed to [D][N]
+    const float* CTp = nullptr;
+    const float* STp = nullptr;
+    if (P.rope_t) {
+      CTp = P.rope_t + (p0 / N) * 2 * P.rope_width * N;
+      STp = CTp + P.rope_width * N;
+    } else if (P.rope_cos) {
+      for (int i = 0; i < N; ++i) {
+        const bool ok = i >= lane_lo && i < nv;
+        crow[i] = ok ? P.rope_cos + (p0 + i) * P.rope_stride : zero_row;
+        srow[i] = ok ? P.rope_sin + (p0 + i) * P.rope_stride : zero_row;
+      }
+      for (int c0 = 0; c0 < D; c0 += N) {
+        V::transpose(crow, c0, CT + c0 * N);
+        V::transpose(srow, c0, ST + c0 * N);
+      }
+      CTp = CT;
+      STp = ST;
+    }
+    // 4. scores
+    for (int hl = 0; hl < g; ++hl) {
+      const int h = w.rot * g + hl;
+      const float* Xh = X + static_cast<size_t>(hl) * D * N;
+      for (int ti = 0; ti < nt; ++ti)
+        for (int j0 = 0; j0 < qpk; j0 += kRowBlock) {
+          const int nb = std::min(kRowBlock, qpk - j0);
+          const int k0 = ti * per_tok + hl * qpk + j0;
+          const float* qs[kRowBlock];
+          for (int k = 0; k < nb; ++k) qs[k] = q_row(k0 + k);
+          dispatch_rows<kRowBlock>(nb, [&](auto nbc) {
+            score_rows<decltype(nbc)::value>(P, h, Xh, CTp, STp, qs, lim + k0, posf, Sc + static_cast<size_t>(k0) * N);
+          });
+        }
+    }
+    // 5. online softmax per row; Sc becomes p
+    for (int k = 0; k < R; ++k) {
+      float* sk = Sc + static_cast<size_t>(k) * N;
+      const typename V::F sv = V::load(sk);
+      const float tmax = V::hmax(sv);
+      if (tmax == kNegInf) {
+        V::store(sk, V::zero());
+        continue;
+      }
+      const float mn = std::max(m[k], tmax);
+      const float alpha = std::exp2(m[k] - mn);
+      const typename V::F pv = V::exp2(V::sub(sv, V::set1(mn)));
+      V::store(sk, pv);
+      l[k] = l[k] * alpha + V::hsum(pv);
+      if (alpha != 1.0f) {
+        float* a = acc + static_cast<size_t>(k) * D;
+        const typename V::F av = V::set1(alpha);
+        for (int c = 0; c < D; c += N) V::store(a + c, V::mul(V::load(a + c), av));
+      }
+      m[k] = mn;
+    }
+    // 6. values, in their rotated basis
+    const uint8_t* vbase = tbase + P.key_bytes;
+    for (int hl = 0; hl < g; ++hl) {
+      const int h = w.rot * g + hl;
+      for (int ti = 0; ti < nt; ++ti)
+        for (int j0 = 0; j0 < qpk; j0 += kRowBlock) {
+          const int nb = std::min(kRowBlock, qpk - j0);
+          const int k0 = ti * per_tok + hl * qpk + j0;
+          int cur_g = -1;
+          const int step = interleaved ? v_block : N;
+          for (int c0 = 0; c0 < D; c0 += step) {
+            const int chan = h * D + c0;
+            const int ga = chan / P.value_group, gb = (chan + step - 1) / P.value_group;
+            float* accp[kRowBlock];
+            for (int k = 0; k < nb; ++k) accp[k] = acc + static_cast<size_t>(k0 + k) * D + c0;
+            if (ga == gb) {
+              if (ga != cur_g) {
+                const typename V::F sv = V::load(vs + (ga - vg0) * N);
+                for (int k = 0; k < nb; ++k)
+                  V::store(ps + k * N, V::mul(V::load(Sc + static_cast<size_t>(k0 + k) * N), sv));
+                cur_g = ga;
+              }
+              const float* zt = vz + (ga - vg0) * N;
+              dispatch_rows<kRowBlock>(nb, [&](auto nbc) {
+                if (interleaved)
+                  accumulate_values_il<VB, decltype(nbc)::value>(vbase, stride, chan, lane_lo, nv, zt, ps, accp);
+                else
+                  accumulate_values<VB, decltype(nbc)::value>(vbase, stride, chan, lane_lo, nv, zt, ps, accp);
+              });
+            } else {
+              // a chunk straddling two value groups (group sizes not a multiple of N): per-lane scale and zero
+              cur_g = -1;
+              for (int t = lane_lo; t < nv; ++t) {
+                alignas(64) float sl[N], zl[N];
+                for (int i = 0; i < N; ++i) {
+                  const int gi = (chan + i) / P.value_group - vg0;
+                  sl[i] = vs[gi * N + t];
+                  zl[i] = vz[gi * N + t] - kMagic;
+                }
+                const typename V::F f = V::sub(
+                    V::cvt(Vec::template unpack<VB>(vbase + t * stride, chan)), V::load(zl));
+                const typename V::F sf = V::mul(f, V::load(sl));
+                for (int k = 0; k < nb; ++k)
+                  V::store(accp[k], V::fmadd(V::set1(Sc[static_cast<size_t>(k0 + k) * N + t]), sf, V::load(accp[k])));
+              }
+            }
+          }
+        }
+    }
+  }
+  if (interleaved) permute_rows(false);
+
+  // partial results of this split
+  for (int k = 0; k < R; ++k) {
+    const int ti = k / per_tok, hq = w.rot * per_tok + k % per_tok;
+    const int64_t idx = (static_cast<int64_t>(w.tok_lo + ti) * Hq + hq) * P.num_splits + w.split;
+    P.part_m[idx] = m[k];
+    P.part_l[idx] = l[k];
+    std::memcpy(P.part_acc + idx * D, acc + static_cast<size_t>(k) * D, size_t(D) * 4);
+  }
+}
+
+}  // namespace
+
+int lanes() { return Vec::N; }
+
+void transpose_rope(const AttnParams& P, int64_t tile_lo, int64_t tile_hi, int64_t n_pos, float* out) {
+  constexpr int N = Vec::N;
+  const int D = P.head_dim;
+  Scratch zeros(size_t(D) * 4);
+  float* z = static_cast<float*>(zeros.mem);
+  std::memset(z, 0, size_t(D) * 4);
+  const float* crow[N];
+  const float* srow[N];
+  for (int64_t t = tile_lo; t < tile_hi; ++t) {
+    for (int i = 0; i < N; ++i) {
+      const int64_t pos = t * N + i;
+      crow[i] = pos < n_pos ? P.rope_cos + pos * P.rope_stride : z;
+      srow[i] = pos < n_pos ? P.rope_sin + pos * P.rope_stride : z;
+    }
+    const int width = P.rope_width;
+    float* ct = out + t * 2 * width * N;
+    for (int c0 = 0; c0 < width; c0 += N) {
+      Vec::transpose(crow, c0, ct + c0 * N);
+      Vec::transpose(srow, c0, ct + width * N + c0 * N);
+    }
+  }
+}
+
+void attend_item(const AttnParams& P, const WorkItem& w) {
+  // Key codes are gathered 16 at a time from one 32-bit word at 2 bits (when groups allow), 8 otherwise.
+  const bool wide2 = P.key_group % 16 == 0 && P.key_rot % 16 == 0;
+#define ROTKV_VB(KB_, CPG_)                                                 \
+  switch (P.value_bits) {                                                   \
+    case 2: return attend_item_t<KB_, CPG_, 2>(P, w);                       \
+    case 3: return attend_item_t<KB_, CPG_, 3>(P, w);                       \
+    default: return attend_item_t<KB_, CPG_, 4>(P, w);                      \
+  }
+  switch (P.key_bits) {
+    case 2:
+      if (wide2) {
+        ROTKV_VB(2, 16)
+      } else {
+        ROTKV_VB(2, 8)
+      }
+    case 3: ROTKV_VB(3, 8)
+    default: ROTKV_VB(4, 8)
+  }
+#undef ROTKV_VB
+}
+
+}  // namespace ROTKV_ISA_NAMESPACE
+}  // namespace rotkv_cpu

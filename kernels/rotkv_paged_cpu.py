@@ -1,0 +1,269 @@
+"""Fused C++ CPU kernels of the RotateKV paged cache: attention over the packed pages and the write.
+
+Entry points (same contracts as the references in ``rotkv_paged``, same signature style as
+``rotkv_paged_triton``): :func:`paged_attention_cpu`, :func:`paged_decode_cpu`, :func:`paged_write_cpu`.
+They call the ``torch.library`` ops ``rotkv::paged_attention_cpu`` and ``rotkv::paged_write_cpu``
+(C++ in ``kernels/csrc``, built into ``rotkv_kernels._paged_cpu`` by :data:`BUILD_COMMAND`); fake
+implementations are registered here, so ``torch.compile`` and vLLM's graphs see each as one op.
+
+**Attention** (``kernels/csrc/rotkv_paged_cpu_kernel.h``). OpenMP over work items (request, query block,
+rotation block of ``g`` KV heads, context split); per tile of ``N`` cached positions (16 with AVX-512, 8 with
+AVX2, 1 for the scalar reference) an item copies the ``N`` slots' records once, then
+
+- keys with lanes over positions: gathers each token's code word, unpacks and dequantizes
+  ``(q - z) * s / sqrt(g D)``, stores stored channel ``i`` at its natural index ``key_perm[i]`` (free),
+  runs the inverse ``kron(H_m, H_p)`` on all ``N`` keys at once (butterflies on whole vectors, then the
+  small core ``H_m^T`` for orders like 192 = 12 * 16), adds the key mean and applies RoPE at each
+  position. RoPE sits between the Hadamard and the dot product, so the query cannot absorb the rotation:
+  one fast transform per cached key is the kernel's main cost;
+- scores of all query heads of the block (a register block of up to 8 rows per KV head), online softmax in
+  base 2 (the query is pre-multiplied by ``scale * log2 e``);
+- values with lanes over channels: unpack, subtract the zero, accumulate ``p_t s_t (q - z)`` per row *in
+  the values' rotated basis*; after the split merge, one inverse per-head Hadamard per output row.
+
+Sinks (``spec.sink_tokens``) come from the page's full-precision area in split 0. Bytes read per cached
+token and layer: the K and V records (``spec.key_bytes + spec.value_bytes``), e.g. 208 for Llama-3-8B at
+2 bits with fp8 scales, against 4096 for bf16 K/V.
+
+**Write**: per token (parallel), the reference's fp32 operations in the same order (inverse RoPE, key
+mean, butterflies then core then ``1/sqrt(n)``, channel order, min/max quantization with the stored scale,
+packing), so records are byte-identical to ``paged_write_ref`` wherever the rotation's sums are exact.
+
+ISA: AVX-512 (F/BW/VL/DQ), AVX2 + FMA, or the scalar reference, chosen once from the CPU's features;
+``isa=`` or ``ROTKV_CPU_ISA=avx512|avx2|scalar`` forces one (tests; asking for more than the CPU has is a
+``ValueError``). A future full-precision recent window would be one more per-item source of keys and
+values, like the sinks.
+
+Limits (``ValueError`` otherwise): ``head_dim`` a multiple of 16, quantization groups multiples of 8,
+Hadamard cores of order <= 64 (all orders ``m * 2^k`` that ``rotkv_kernels.hadamard`` generates up to 64).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import logging
+import math
+import os
+
+import torch
+
+from rotkv_kernels.hadamard import _core_matrix, hadamard_factors
+from rotkv_kernels.rotkv_paged import PagedCacheSpec, _check_attention, _check_write
+
+__all__ = [
+    "BUILD_COMMAND",
+    "ISAS",
+    "cpu_kernels_available",
+    "cpu_kernels_status",
+    "cpu_isa",
+    "paged_attention_cpu",
+    "paged_decode_cpu",
+    "paged_write_cpu",
+]
+
+logger = logging.getLogger(__name__)
+
+BUILD_COMMAND = "MAX_JOBS=1 python setup.py build_ext --inplace   (from the rotkv checkout; scripts/setup.sh runs it)"
+ISAS = {"auto": 0, "scalar": 1, "avx2": 2, "avx512": 3}
+_ISA_NAMES = {v: k for k, v in ISAS.items()}
+ISA_ENV = "ROTKV_CPU_ISA"
+MAX_CORE_ORDER = 64
+
+
+@functools.lru_cache(maxsize=None)
+def _load() -> str | None:
+    """Load the extension (registers the ops); None when loaded, else why not."""
+    spec = importlib.util.find_spec("rotkv_kernels._paged_cpu")
+    if spec is None or spec.origin is None:
+        return f"the rotkv CPU kernels are not built: run {BUILD_COMMAND}"
+    try:
+        torch.ops.load_library(spec.origin)
+    except Exception as e:  # a stale build (another torch) is reported, not hidden
+        return f"the rotkv CPU kernels failed to load ({e}): rebuild with {BUILD_COMMAND}"
+    return None
+
+
+def cpu_kernels_status() -> str | None:
+    """None when the C++ ops are loaded; otherwise one line saying why not and naming the build command."""
+    return _load()
+
+
+def cpu_kernels_available() -> bool:
+    return _load() is None
+
+
+def _require() -> None:
+    why = _load()
+    if why is not None:
+        raise NotImplementedError(why)
+
+
+def cpu_isa(isa: str | None = None) -> str:
+    """The kernel that runs for ``isa`` (``None``: ``$ROTKV_CPU_ISA`` or ``"auto"``): ``"avx512"``, ``"avx2"`` or
+    ``"scalar"``. Raises ``ValueError`` for an unknown name or one this CPU cannot run."""
+    _require()
+    code = _isa_code(isa)
+    try:
+        return _ISA_NAMES[int(torch.ops.rotkv.paged_cpu_isa(code))]
+    except RuntimeError as e:
+        raise ValueError(f"isa={isa!r}: {e}") from None
+
+
+def _isa_code(isa: str | None) -> int:
+    name = isa if isa is not None else os.environ.get(ISA_ENV, "auto").strip().lower() or "auto"
+    if name not in ISAS:
+        raise ValueError(f"isa={name!r} (argument or ${ISA_ENV}): expected one of {sorted(ISAS)}")
+    return ISAS[name]
+
+
+@functools.lru_cache(maxsize=None)
+def _core(n: int) -> torch.Tensor:
+    """fp32 ``[m, m]`` +-1 core of the order-``n`` Hadamard (``n = m * 2^k``)."""
+    f = hadamard_factors(n)
+    if f is None:
+        raise ValueError(f"no Hadamard matrix of order {n}")
+    m, _ = f
+    if m > MAX_CORE_ORDER:
+        raise ValueError(f"Hadamard order {n} = {m} * {n // m}: the CPU kernel's cores are limited to order "
+                         f"{MAX_CORE_ORDER}; use rotkv_kernels.rotkv_paged.paged_attention_ref")
+    return _core_matrix(m).to(torch.float32).contiguous()
+
+
+def check_cpu_limits(spec: PagedCacheSpec) -> None:
+    """Raise ``ValueError`` unless the CPU kernels serve ``spec`` (module docstring: Limits)."""
+    if spec.head_dim % 16:
+        raise ValueError(f"head_dim={spec.head_dim}: the CPU kernels need a multiple of 16")
+    for name in ("key_group_size", "value_group_size"):
+        if getattr(spec, name) % 8:
+            raise ValueError(f"{name}={getattr(spec, name)}: the CPU kernels need a multiple of 8")
+    _core(spec.key_rot_width)
+    if spec.value_rot_width != 1:
+        _core(spec.value_rot_width)
+
+
+def _layout(spec: PagedCacheSpec) -> list[int]:
+    return [spec.num_kv_heads, spec.head_dim, spec.key_bits, spec.value_bits, spec.key_group_size,
+            spec.value_group_size, spec.key_rot_width, int(spec.value_rot_width != 1),
+            int(spec.scale_format == "fp8"), spec.sink_tokens, spec.key_bytes, spec.value_bytes]
+
+
+def _value_core(spec: PagedCacheSpec) -> torch.Tensor:
+    return _core(spec.value_rot_width) if spec.value_rot_width != 1 else _core(1)
+
+
+def _on_cpu(records: torch.Tensor) -> None:
+    if records.device.type != "cpu":
+        raise ValueError(f"records is on {records.device}: the CPU kernels take CPU tensors")
+
+
+def paged_write_cpu(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    records: torch.Tensor,
+    *,
+    spec: PagedCacheSpec,
+    positions: torch.Tensor | None = None,
+    sinks: torch.Tensor | None = None,
+    rope_cos: torch.Tensor | None = None,
+    rope_sin: torch.Tensor | None = None,
+    key_perm: torch.Tensor | None = None,
+    key_mean: torch.Tensor | None = None,
+) -> None:
+    """C++ :func:`rotkv_paged.paged_write_ref` (same arguments; writes ``records``/``sinks`` in place).
+    Op ``rotkv::paged_write_cpu``.
+
+    Raises:
+        ValueError: like the reference, plus the kernels' limits (module docstring).
+        NotImplementedError: the extension is not built (the message names the build command).
+    """
+    _check_write(spec, key, value, slot_mapping, positions, records, sinks, rope_cos, rope_sin, key_perm, key_mean)
+    _on_cpu(records)
+    check_cpu_limits(spec)
+    _require()
+    torch.ops.rotkv.paged_write_cpu(key, value, slot_mapping, records, positions, sinks if spec.sink_tokens else None,
+                                    rope_cos, rope_sin, key_perm, key_mean, _core(spec.key_rot_width),
+                                    _value_core(spec), _layout(spec), float(spec.key_clip), float(spec.value_clip))
+
+
+def paged_attention_cpu(
+    query: torch.Tensor,
+    records: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    *,
+    spec: PagedCacheSpec,
+    scale: float,
+    sinks: torch.Tensor | None = None,
+    rope_cos: torch.Tensor | None = None,
+    rope_sin: torch.Tensor | None = None,
+    key_perm: torch.Tensor | None = None,
+    key_mean: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+    out: torch.Tensor | None = None,
+    num_splits: int | None = None,
+    isa: str | None = None,
+) -> torch.Tensor:
+    """C++ :func:`rotkv_paged.paged_attention_ref`: causal attention of every query over its request's packed
+    cache (decode, chunked prefill, mixed batches). Op ``rotkv::paged_attention_cpu``.
+
+    Extra arguments:
+        out: ``[T, Hq, D]`` buffer to write (rows of padding tokens, ``>= query_start_loc[-1]``, are left
+            untouched); default a new zero-filled tensor of ``out_dtype``.
+        num_splits: context splits per work item (default: enough items for the threads, >= 256 positions
+            per split); the splits are merged exactly like split-K on a GPU.
+        isa: ``"auto"``, ``"avx512"``, ``"avx2"`` or ``"scalar"`` (default ``$ROTKV_CPU_ISA`` or auto).
+    Returns:
+        ``[T, Hq, D]`` of ``out_dtype`` (default ``query.dtype``); fp32 arithmetic throughout, one rounding at
+        the end.
+    Raises:
+        ValueError: like the reference, plus the kernels' limits, a bad ``out``/``num_splits``/``isa``.
+        NotImplementedError: the extension is not built (the message names the build command).
+    """
+    _check_attention(spec, query, records, block_tables, seq_lens, query_start_loc, sinks, scale, rope_cos, rope_sin,
+                     key_perm, key_mean, out_dtype)
+    _on_cpu(records)
+    check_cpu_limits(spec)
+    _require()
+    code = _isa_code(isa)
+    out_dtype = out_dtype or query.dtype
+    if out is None:
+        out = torch.zeros(query.shape, dtype=out_dtype)
+    elif out.shape != query.shape or out.dtype != out_dtype or out.device.type != "cpu":
+        raise ValueError(f"out: expected {out_dtype} {tuple(query.shape)} on cpu, got {out.dtype} "
+                         f"{tuple(out.shape)} on {out.device}")
+    if num_splits is not None and (not isinstance(num_splits, int) or num_splits < 1):
+        raise ValueError(f"num_splits={num_splits!r}: must be a positive int or None")
+    if seq_lens.shape[0] == 0:
+        return out
+    torch.ops.rotkv.paged_attention_cpu(query, records, block_tables, seq_lens, query_start_loc,
+                                        sinks if spec.sink_tokens else None, rope_cos, rope_sin, key_perm, key_mean,
+                                        _core(spec.key_rot_width), _value_core(spec), _layout(spec), float(scale),
+                                        int(num_splits or 0), code, out)
+    return out
+
+
+def paged_decode_cpu(query: torch.Tensor, records: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
+                     *, spec: PagedCacheSpec, scale: float, **kw) -> torch.Tensor:
+    """Decode (one query per sequence, ``query [B, Hq, D]``): :func:`paged_attention_cpu` with ``q_len = 1``."""
+    qsl = torch.arange(seq_lens.shape[0] + 1, dtype=torch.int32)
+    return paged_attention_cpu(query, records, block_tables, seq_lens, qsl, spec=spec, scale=scale, **kw)
+
+
+# ---- fake implementations (torch.compile / vLLM graphs: the ops only write their outputs in place) ----------
+
+if _load() is None:
+
+    @torch.library.register_fake("rotkv::paged_attention_cpu")
+    def _(query, records, block_tables, seq_lens, query_start_loc, sinks, rope_cos, rope_sin, key_perm, key_mean,
+          key_core, value_core, layout, scale, num_splits, isa, out):
+        return None
+
+    @torch.library.register_fake("rotkv::paged_write_cpu")
+    def _(key, value, slot_mapping, records, positions, sinks, rope_cos, rope_sin, key_perm, key_mean, key_core,
+          value_core, layout, key_clip, value_clip):
+        return None
+else:
+    logger.debug("%s", _load())
