@@ -49,7 +49,7 @@ import os
 import torch
 
 from rotkv_kernels.hadamard import _core_matrix, hadamard_factors
-from rotkv_kernels.rotkv_paged import PagedCacheSpec, _check_attention, _check_write
+from rotkv_kernels.rotkv_layout import PagedCacheSpec, check_paged_attention_args, check_paged_write_args
 
 __all__ = [
     "BUILD_COMMAND",
@@ -178,7 +178,7 @@ def paged_write_cpu(
         ValueError: like the reference, plus the kernels' limits (module docstring).
         NotImplementedError: the extension is not built (the message names the build command).
     """
-    _check_write(spec, key, value, slot_mapping, positions, records, sinks, rope_cos, rope_sin, key_perm, key_mean)
+    check_paged_write_args(spec, key, value, slot_mapping, positions, records, sinks, rope_cos, rope_sin, key_perm, key_mean)
     _on_cpu(records)
     check_cpu_limits(spec)
     _require()
@@ -222,8 +222,8 @@ def paged_attention_cpu(
         ValueError: like the reference, plus the kernels' limits, a bad ``out``/``num_splits``/``isa``.
         NotImplementedError: the extension is not built (the message names the build command).
     """
-    _check_attention(spec, query, records, block_tables, seq_lens, query_start_loc, sinks, scale, rope_cos, rope_sin,
-                     key_perm, key_mean, out_dtype)
+    check_paged_attention_args(spec, query, records, block_tables, seq_lens, query_start_loc, sinks, scale, rope_cos,
+                               rope_sin, key_perm, key_mean, out_dtype)
     _on_cpu(records)
     check_cpu_limits(spec)
     _require()
