@@ -58,7 +58,7 @@ def _ext_modules():
         depends=[f"{src}/rotkv_paged_cpu.h", f"{src}/rotkv_paged_cpu_kernel.h", f"{src}/rotkv_paged_cpu_vec.h"],
         # -ffp-contract=off: the write must round like the PyTorch reference (no fused multiply-adds
         # the compiler invents); the kernels' FMAs are explicit intrinsics.
-        extra_compile_args=["-O3", "-fopenmp", "-ffp-contract=off", "-std=c++17"],
+        extra_compile_args=["-O3", "-fopenmp", "-ffp-contract=off"],
         extra_link_args=["-fopenmp"],
     )
     return [ext], {"build_ext": _PerFileFlags.with_options(use_ninja=False)}

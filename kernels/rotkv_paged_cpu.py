@@ -6,24 +6,30 @@ They call the ``torch.library`` ops ``rotkv::paged_attention_cpu`` and ``rotkv::
 (C++ in ``kernels/csrc``, built into ``rotkv_kernels._paged_cpu`` by :data:`BUILD_COMMAND`); fake
 implementations are registered here, so ``torch.compile`` and vLLM's graphs see each as one op.
 
-**Attention** (``kernels/csrc/rotkv_paged_cpu_kernel.h``). OpenMP over work items (request, query block,
-rotation block of ``g`` KV heads, context split); per tile of ``N`` cached positions (16 with AVX-512, 8 with
-AVX2, 1 for the scalar reference) an item copies the ``N`` slots' records once, then
+**Attention** (``kernels/csrc/rotkv_paged_cpu_kernel.h``). One OpenMP region over work items (request, query
+block, rotation block of ``g`` KV heads, context split); per tile of ``N`` cached positions (16 with AVX-512,
+8 with AVX2, 1 for the scalar reference) an item reads the ``N`` slots in place (copied first when the block
+size is not a multiple of ``N``) while prefetching the next tile's, then
 
-- keys with lanes over positions: gathers each token's code word, unpacks and dequantizes
-  ``(q - z) * s / sqrt(g D)``, stores stored channel ``i`` at its natural index ``key_perm[i]`` (free),
-  runs the inverse ``kron(H_m, H_p)`` on all ``N`` keys at once (butterflies on whole vectors, then the
-  small core ``H_m^T`` for orders like 192 = 12 * 16), adds the key mean and applies RoPE at each
+- keys with lanes over positions: the tile's code words come in by register transposes (gathers at 3 bits),
+  are unpacked and dequantized ``(q - z) * s / sqrt(g D)`` (scales and zeros of 4 fp8 or 2 fp16 groups per
+  gather), stored channel ``i`` goes to its natural index ``key_perm[i]`` (free), and the inverse
+  ``kron(H_m, H_p)`` runs on all ``N`` keys at once (butterflies on whole vectors, 3-4 stages per pass over
+  memory, then the small core ``H_m^T`` for orders like 192 = 12 * 16); then the key mean and RoPE at each
   position. RoPE sits between the Hadamard and the dot product, so the query cannot absorb the rotation:
   one fast transform per cached key is the kernel's main cost;
 - scores of all query heads of the block (a register block of up to 8 rows per KV head), online softmax in
-  base 2 (the query is pre-multiplied by ``scale * log2 e``);
+  base 2 (the query is pre-multiplied by ``scale * log2 e``); cos/sin come from tile-shaped tables built once
+  and cached across calls (keyed on the table tensors and their version counters; one half for ``[c | c]``
+  tables);
 - values with lanes over channels: unpack, subtract the zero, accumulate ``p_t s_t (q - z)`` per row *in
-  the values' rotated basis*; after the split merge, one inverse per-head Hadamard per output row.
+  the values' rotated basis*; the item that completes a row's splits merges them (a ticket per item, so a
+  call has one barrier) and applies one inverse per-head Hadamard per output row.
 
 Sinks (``spec.sink_tokens``) come from the page's full-precision area in split 0. Bytes read per cached
-token and layer: the K and V records (``spec.key_bytes + spec.value_bytes``), e.g. 208 for Llama-3-8B at
-2 bits with fp8 scales, against 4096 for bf16 K/V.
+token and layer: the K and V records (``spec.key_bytes + spec.value_bytes``), e.g. 560 for Llama-3-8B at
+2 bits (fp8 scales, key groups of 64, value groups of 128) and 104 for SmolLM2-135M, against 4096 and 768
+for bf16 K/V.
 
 **Write**: per token (parallel), the reference's fp32 operations in the same order (inverse RoPE, key
 mean, butterflies then core then ``1/sqrt(n)``, channel order, min/max quantization with the stored scale,

@@ -124,15 +124,6 @@ void hadamard_vec(float* x, int m, int p, const float* core, bool forward, float
   for (int i = 0; i < m * p; ++i) x[i] = x[i] * c;
 }
 
-float to_float(const at::Tensor& t, int64_t off) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return t.data_ptr<float>()[off];
-    case at::kHalf: return static_cast<float>(t.data_ptr<at::Half>()[off]);
-    case at::kBFloat16: return static_cast<float>(t.data_ptr<at::BFloat16>()[off]);
-    default: TORCH_CHECK(false, "unsupported dtype ", t.scalar_type());
-  }
-}
-
 void store_float(const at::Tensor& t, int64_t off, float v) {
   switch (t.scalar_type()) {
     case at::kFloat: t.data_ptr<float>()[off] = v; break;

@@ -4,17 +4,21 @@
 // One work item = (request, query tokens [tok_lo, tok_hi), rotation block of g KV heads, context split).
 // Rows are the (query token, query head) pairs of the item. Per tile of N cached positions (N = lanes):
 //
-//   1. copy the N slots' K and V records into a small contiguous buffer (each page byte is read once);
-//   2. keys, *lanes over positions*: gather each token's code word, unpack, dequantize (q - z) * s / sqrt(gD)
+//   1. read the N slots where they are when the block size is a multiple of N (else copy them into a small
+//      buffer), prefetching the next tile's slots; scales and zeros of 4 (fp8) or 2 (fp16) groups per gather;
+//   2. keys, *lanes over positions*: bring each token's code words in (register transposes of N words of N
+//      slots; gathers for 3 bits), unpack, dequantize (q - z) * s / sqrt(gD)
 //      and store channel i at its natural index perm[i] (the inverse channel order costs nothing here);
 //   3. inverse grouped-head Hadamard kron(H_m, H_p)^T on the N keys at once: log2(p) butterfly stages over
 //      whole vectors (no shuffles), then the small +-1 core H_m^T (m = 1 for powers of two);
-//   4. per KV head: add the key mean, RoPE at each lane's own position (cos/sin transposed per tile),
-//      and the scores of all the head's rows in one pass (a register block of up to 8 rows);
+//   4. per KV head: add the key mean, RoPE at each lane's own position (cos/sin from tile tables cached
+//      across calls, one half for [c | c] tables) and the scores of all the head's rows in one pass (a
+//      register block of up to 8 rows);
 //   5. online softmax per row (base 2: the query is pre-multiplied by scale * log2 e);
-//   6. values, *lanes over channels*: unpack N codes, subtract the zero, and add p_t * s_t times them into
-//      each row's accumulator, which stays in the values' rotated basis (the caller applies one inverse
-//      per-head Hadamard per output row after merging the splits).
+//   6. values, *lanes over channels*: unpack N codes (2 and 4 bits: N bytes zero-extended, 8 / bits vectors,
+//      accumulators interleaved until the item ends), subtract the zero, and add p_t * s_t times them into
+//      each row's accumulator, which stays in the values' rotated basis (the item that completes a row's
+//      splits merges them and applies one inverse per-head Hadamard per output row).
 //
 // Sinks (positions < S, split 0) come from the full-precision area: keys as stored (post-RoPE), values
 // rotated forward into the accumulator's basis.
@@ -47,49 +51,6 @@ inline float bf16_to_float(uint16_t h) {
   float f;
   std::memcpy(&f, &bits, 4);
   return f;
-}
-
-inline float fp8e4m3_to_float(uint8_t x) {
-  const int sign = x >> 7, exp = (x >> 3) & 0xF, man = x & 0x7;
-  float v;
-  if (exp == 0xF && man == 0x7) {
-    v = std::numeric_limits<float>::quiet_NaN();
-  } else if (exp == 0) {
-    v = std::ldexp(static_cast<float>(man), -9);  // man / 8 * 2^-6
-  } else {
-    v = std::ldexp(1.0f + static_cast<float>(man) / 8.0f, exp - 7);
-  }
-  return sign ? -v : v;
-}
-
-struct Fp8Table {
-  float v[256];
-  Fp8Table() {
-    for (int i = 0; i < 256; ++i) v[i] = fp8e4m3_to_float(static_cast<uint8_t>(i));
-  }
-};
-
-inline const float* fp8_table() {
-  static const Fp8Table table;
-  return table.v;
-}
-
-inline float fp8_value(uint8_t x) { return fp8_table()[x]; }
-
-// scale and zero of group `g` of a record (codes first, then all scales, then all zeros)
-inline void scale_zero(const uint8_t* rec, int width, int bits, int group, bool fp8, int g, float* s, float* z) {
-  const uint8_t* sp = rec + width * bits / 8;
-  const int ng = width / group;
-  if (fp8) {
-    *s = fp8_value(sp[g]);
-    *z = static_cast<float>(sp[ng + g]);
-  } else {
-    uint16_t sh, zh;
-    std::memcpy(&sh, sp + 2 * g, 2);
-    std::memcpy(&zh, sp + 2 * ng + 2 * g, 2);
-    *s = half_to_float(sh);
-    *z = half_to_float(zh);
-  }
 }
 
 inline float load_sink(const AttnParams& P, const void* base, int64_t off) {
