@@ -49,7 +49,6 @@ from __future__ import annotations
 import functools
 import importlib.util
 import logging
-import math
 import os
 
 import torch
