@@ -31,6 +31,34 @@
 #include "rotkv_paged_cpu.h"
 
 namespace rotkv_cpu {
+
+// Normalized Hadamard kron(H_m, H_p) (forward) or its transpose of one vector (scalar, fp32, the reference's
+// order of operations: butterflies, then the core, then one multiply by 1 / sqrt(n)).
+void hadamard_scalar(float* x, int m, int p, const float* core, bool forward, float* tmp) {
+  for (int a = 0; a < m; ++a) {
+    float* y = x + a * p;
+    for (int h = 1; h < p; h *= 2)
+      for (int i0 = 0; i0 < p; i0 += 2 * h)
+        for (int i = i0; i < i0 + h; ++i) {
+          const float u = y[i], v = y[i + h];
+          y[i] = u + v;
+          y[i + h] = u - v;
+        }
+  }
+  if (m > 1) {
+    for (int b = 0; b < p; ++b) {
+      for (int a = 0; a < m; ++a) {
+        float acc = 0.0f;
+        for (int j = 0; j < m; ++j) acc += (forward ? core[a * m + j] : core[j * m + a]) * x[j * p + b];
+        tmp[a] = acc;
+      }
+      for (int a = 0; a < m; ++a) x[a * p + b] = tmp[a];
+    }
+  }
+  const float c = static_cast<float>(1.0 / std::sqrt(static_cast<double>(m * p)));
+  for (int i = 0; i < m * p; ++i) x[i] = x[i] * c;
+}
+
 namespace {
 
 enum Isa : int64_t { kAuto = 0, kScalar = 1, kAvx2 = 2, kAvx512 = 3 };
@@ -97,32 +125,6 @@ int core_order(const at::Tensor& core, int width, const char* name) {
   return m;
 }
 
-// Normalized Hadamard kron(H_m, H_p) (forward) or its transpose of one vector (scalar, fp32, the reference's
-// order of operations: butterflies, then the core, then one multiply by 1 / sqrt(n)).
-void hadamard_vec(float* x, int m, int p, const float* core, bool forward, float* tmp) {
-  for (int a = 0; a < m; ++a) {
-    float* y = x + a * p;
-    for (int h = 1; h < p; h *= 2)
-      for (int i0 = 0; i0 < p; i0 += 2 * h)
-        for (int i = i0; i < i0 + h; ++i) {
-          const float u = y[i], v = y[i + h];
-          y[i] = u + v;
-          y[i + h] = u - v;
-        }
-  }
-  if (m > 1) {
-    for (int b = 0; b < p; ++b) {
-      for (int a = 0; a < m; ++a) {
-        float acc = 0.0f;
-        for (int j = 0; j < m; ++j) acc += (forward ? core[a * m + j] : core[j * m + a]) * x[j * p + b];
-        tmp[a] = acc;
-      }
-      for (int a = 0; a < m; ++a) x[a * p + b] = tmp[a];
-    }
-  }
-  const float c = static_cast<float>(1.0 / std::sqrt(static_cast<double>(m * p)));
-  for (int i = 0; i < m * p; ++i) x[i] = x[i] * c;
-}
 
 void store_float(const at::Tensor& t, int64_t off, float v) {
   switch (t.scalar_type()) {
@@ -366,7 +368,7 @@ void paged_attention_cpu(const at::Tensor& query, const at::Tensor& records, con
         }
         const float inv = lsum > 0.0f ? 1.0f / lsum : 0.0f;
         for (int64_t c = 0; c < D; ++c) o[c] *= inv;
-        if (ly.value_rot) hadamard_vec(o, value_m, vp, vcore, false, tmp);
+        if (ly.value_rot) hadamard_scalar(o, value_m, vp, vcore, false, tmp);
         char* row = outp + (t * os0 + hq * os1) * osz;
         for (int64_t c = 0; c < D; ++c) {
           char* dst = row + c * os2 * osz;
@@ -400,7 +402,7 @@ void paged_attention_cpu(const at::Tensor& query, const at::Tensor& records, con
 void encode_record(float* x, int width, int rot, int m, const float* core, const int64_t* perm, int bits, int group,
                    float clip, bool fp8, uint8_t* out, float* tmp, float* y) {
   const int p = rot / m;
-  for (int b0 = 0; b0 < width; b0 += rot) hadamard_vec(x + b0, m, p, core, true, tmp);
+  for (int b0 = 0; b0 < width; b0 += rot) hadamard_scalar(x + b0, m, p, core, true, tmp);
   for (int i = 0; i < width; ++i) y[i] = perm ? x[perm[i]] : x[i];
   const int maxq = (1 << bits) - 1, ng = width / group;
   const float eps = fp8 ? 0.015625f : 6.103515625e-05f;  // finfo(scale dtype).tiny

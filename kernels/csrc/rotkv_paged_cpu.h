@@ -77,6 +77,11 @@ struct WorkItem {
   int split;
 };
 
+// Normalized Hadamard kron(H_m, H_p) (forward) or its transpose of one vector of m * p floats, scalar fp32
+// in the reference's order of operations (butterflies, core, one multiply by 1 / sqrt(n)). Defined once in
+// rotkv_paged_cpu.cpp; the write and the ISA kernels' sink values use it (nothing hot).
+void hadamard_scalar(float* x, int m, int p, const float* core, bool forward, float* tmp);
+
 // Per-ISA kernels. attend_item: process one work item (writes its rows of part_m / part_l / part_acc).
 // lanes: the ISA's N. transpose_rope: tiles [tile_lo, tile_hi) of AttnParams::rope_t, p.rope_width channels
 // (rows >= n_pos are 0).

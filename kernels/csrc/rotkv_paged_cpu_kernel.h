@@ -61,33 +61,6 @@ inline float load_sink(const AttnParams& P, const void* base, int64_t off) {
   }
 }
 
-// Normalized Hadamard of one vector of n = m * p floats (scalar; sinks and nothing hot).
-// forward: x <- kron(H_m, H_p) x / sqrt(n); else the transpose.
-inline void hadamard_scalar(float* x, int m, int p, const float* core, bool forward, float* tmp) {
-  for (int a = 0; a < m; ++a) {
-    float* y = x + a * p;
-    for (int h = 1; h < p; h *= 2)
-      for (int i0 = 0; i0 < p; i0 += 2 * h)
-        for (int i = i0; i < i0 + h; ++i) {
-          const float u = y[i], v = y[i + h];
-          y[i] = u + v;
-          y[i + h] = u - v;
-        }
-  }
-  if (m > 1) {
-    for (int b = 0; b < p; ++b) {
-      for (int a = 0; a < m; ++a) {
-        float acc = 0.0f;
-        for (int j = 0; j < m; ++j) acc += (forward ? core[a * m + j] : core[j * m + a]) * x[j * p + b];
-        tmp[a] = acc;
-      }
-      for (int a = 0; a < m; ++a) x[a * p + b] = tmp[a];
-    }
-  }
-  const float c = static_cast<float>(1.0 / std::sqrt(static_cast<double>(m * p)));
-  for (int i = 0; i < m * p; ++i) x[i] *= c;
-}
-
 struct Scratch {
   void* mem = nullptr;
   explicit Scratch(size_t bytes) {
