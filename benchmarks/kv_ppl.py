@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import time
 
 import torch
@@ -72,6 +73,15 @@ def key_value_presets(base: RotateKVConfig, key_bits=(2, 3, 4), windows=(0, 4, 1
             if (kb, r) not in ((2, 0), (2, 4)):
                 out[name] = dataclasses.replace(base, key_bits=kb, recent_window=r)
     return out
+
+
+def windowed_variant(name: str) -> RotateKVConfig | None:
+    """``rotkv{B}+recent{R}`` for any ``B`` in 2, 3, 4 and window ``R`` (e.g. to sweep the window the vLLM
+    default keeps), or None for any other name."""
+    m = re.fullmatch(r"rotkv([234])\+recent(\d+)", name)
+    if m is None:
+        return None
+    return dataclasses.replace(config_for_cache_dtype(f"rotkv{m.group(1)}"), recent_window=int(m.group(2)))
 
 
 DEFAULT_METHODS = ["fp", "int4", "int2", "kivi2", "kivi2-r128", "quarot2", *rotkv_variants()]
@@ -152,6 +162,7 @@ def _run(args, methods: list[str]) -> list[dict]:
     ids = ids[: args.tokens]
     calib_text = data_path("calib_wikitext2_valid.txt").read_text(encoding="utf-8")
     variants = rotkv_variants()
+    variants.update({n: windowed_variant(n) for n in methods if n not in variants and windowed_variant(n)})
     calibs: dict[tuple, object] = {}
 
     def calibration_for(cfg: RotateKVConfig):

@@ -7,8 +7,15 @@ Record (``record_bytes(width, bits, group_size, scale_format)`` bytes, ``width =
 
 Paged cache (one layer; a page per block of ``block_size`` tokens, pages ``page_bytes`` apart)::
 
-    page  = [ block_size slots of C bytes | sink area: S tokens x (K, V) x H x D in the model dtype ]
+    page  = [ block_size slots of C bytes | full-precision area: S sink tokens, then R - 1 ring slots,
+              each (K, V) x H x D in the model dtype ]
     slot  = K record (key_bytes) | V record (value_bytes) | padding up to C (= spec.record_bytes)
+
+Recent window (``R = spec.recent_window``): a query at position ``t`` reads keys ``t - R + 1 .. t`` in full
+precision. Its own step's tokens come from the step's K/V as given; older ones from the rings: the token at
+in-block offset ``o`` also stores its K/V in its page's ring slot ``o % (R - 1)``, so the last ``R - 1`` positions
+of every block (and hence the last ``R - 1`` positions before any step) are in the rings of the sequence's last
+one or two blocks. Every token is stored packed as well: a token that leaves the window reads its record.
 
 The maths that fills them is in ``rotkv_cache`` (records: ``rotkv_write_ref`` / ``rotkv_read_ref``) and
 ``rotkv_paged`` (pages: ``paged_write_ref`` / ``paged_attention_ref``), with the Triton kernels beside them
@@ -42,6 +49,8 @@ __all__ = [
     "alloc_paged_cache",
     "check_paged_write_args",
     "check_paged_attention_args",
+    "check_block_size",
+    "check_recent_args",
 ]
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -169,6 +178,8 @@ class PagedCacheSpec:
         record_bytes: ``C``, the slot size (at least ``key_bytes + value_bytes``); 0 means exactly that
             sum rounded up to an even count (what the vLLM backend uses for a model with one bit width).
         sink_tokens: ``S``, positions kept in full precision in each sequence's first block (0: none).
+        recent_window: ``R``, each query reads its last ``R`` keys (itself included) in full precision; every
+            page keeps ``R - 1`` ring slots after its sinks (0: no window; 1: the step's own token only).
         version: schema version.
     """
 
@@ -185,6 +196,7 @@ class PagedCacheSpec:
     scale_format: str = "fp16"
     record_bytes: int = 0
     sink_tokens: int = 0
+    recent_window: int = 0
     version: int = PAGED_SPEC_VERSION
 
     def __post_init__(self) -> None:
@@ -229,6 +241,8 @@ class PagedCacheSpec:
                              f"= {need} bytes (0 picks that)")
         if not isinstance(self.sink_tokens, int) or self.sink_tokens < 0:
             raise ValueError(f"sink_tokens={self.sink_tokens!r}: must be a non-negative int")
+        if not isinstance(self.recent_window, int) or self.recent_window < 0:
+            raise ValueError(f"recent_window={self.recent_window!r}: must be a non-negative int")
         if self.version != PAGED_SPEC_VERSION:
             raise ValueError(f"PagedCacheSpec version {self.version} is not supported (expects {PAGED_SPEC_VERSION})")
 
@@ -245,13 +259,24 @@ class PagedCacheSpec:
     def value_bytes(self) -> int:
         return record_bytes(self.width, self.value_bits, self.value_group_size, self.scale_format)
 
+    @property
+    def ring_slots(self) -> int:
+        """Full-precision ring slots per page: ``R - 1`` (a query's own token comes from its step)."""
+        return max(self.recent_window - 1, 0)
+
+    @property
+    def fp_slots(self) -> int:
+        """Tokens of a page's full-precision area: ``S`` sinks, then the ring."""
+        return self.sink_tokens + self.ring_slots
+
     def sink_token_bytes(self, dtype: torch.dtype) -> int:
-        """Bytes of one sink token: K and V of all heads in ``dtype``."""
+        """Bytes of one sink (or ring) token: K and V of all heads in ``dtype``."""
         return 2 * self.width * torch.empty((), dtype=dtype).element_size()
 
     def page_bytes(self, block_size: int, dtype: torch.dtype) -> int:
-        """Bytes of one page: ``block_size * C`` plus the sink area (``S`` tokens of K and V in ``dtype``)."""
-        return block_size * self.record_bytes + self.sink_tokens * self.sink_token_bytes(dtype)
+        """Bytes of one page: ``block_size * C`` plus the full-precision area (``S + R - 1`` tokens of K and V
+        in ``dtype``)."""
+        return block_size * self.record_bytes + self.fp_slots * self.sink_token_bytes(dtype)
 
     # ---- serialisation ----------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -278,14 +303,16 @@ class PagedCache(NamedTuple):
     raw: torch.Tensor  # uint8 [num_blocks * page_bytes]
     kv_cache: torch.Tensor  # uint8 [num_blocks, 1, block_size, C]: what vLLM hands the backend
     records: torch.Tensor  # uint8 [num_blocks, block_size, C], stride(0) == page_bytes
-    sinks: torch.Tensor | None  # [num_blocks, S, 2, H, D] model dtype, or None
+    sinks: torch.Tensor | None  # [num_blocks, S + R - 1, 2, H, D] model dtype (sinks, then ring), or None
 
 
 def paged_cache_views(kv_cache: torch.Tensor, spec: PagedCacheSpec, dtype: torch.dtype
                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``records`` and ``sinks`` views of vLLM's ``uint8 [num_blocks, 1, block_size, C]`` cache tensor.
 
-    The sink area of a page starts right after its ``block_size * C`` record bytes (page padding).
+    The full-precision area of a page starts right after its ``block_size * C`` record bytes (page padding):
+    ``sinks [num_blocks, S + R - 1, 2, H, D]``, the ``S`` sink tokens then the ``R - 1`` ring slots (None when
+    both are empty).
 
     Raises:
         ValueError: a tensor that is not this spec's page layout.
@@ -300,9 +327,9 @@ def paged_cache_views(kv_cache: torch.Tensor, spec: PagedCacheSpec, dtype: torch
     if nb > 1 and kv_cache.stride(0) < page:
         raise ValueError(f"kv_cache pages are {kv_cache.stride(0)} bytes apart, this spec needs {page}")
     records = kv_cache[:, 0]
-    if spec.sink_tokens == 0:
+    if spec.fp_slots == 0:
         return records, None
-    s = spec.sink_tokens
+    s = spec.fp_slots
     itemsize = torch.empty((), dtype=dtype).element_size()
     off = kv_cache.storage_offset() + bs * c
     if off % itemsize or kv_cache.stride(0) % itemsize:
@@ -324,9 +351,7 @@ def alloc_paged_cache(spec: PagedCacheSpec, num_blocks: int, block_size: int, dt
     """
     if num_blocks < 1 or block_size < 1:
         raise ValueError(f"num_blocks={num_blocks}, block_size={block_size}: must be positive")
-    if block_size < spec.sink_tokens:
-        raise ValueError(f"block_size={block_size} is smaller than sink_tokens={spec.sink_tokens}: the sinks live "
-                         "in each sequence's first block")
+    check_block_size(spec, block_size)
     if dtype not in _FLOAT_DTYPES:
         raise ValueError(f"dtype={dtype}: the sink store's dtype must be float32, float16 or bfloat16")
     page = spec.page_bytes(block_size, dtype)
@@ -337,6 +362,17 @@ def alloc_paged_cache(spec: PagedCacheSpec, num_blocks: int, block_size: int, dt
     kv = torch.as_strided(raw, (num_blocks, 1, block_size, c), (page, block_size * c, c, 1))
     records, sinks = paged_cache_views(kv, spec, dtype)
     return PagedCache(raw=raw, kv_cache=kv, records=records, sinks=sinks)
+
+
+def check_block_size(spec: PagedCacheSpec, block_size: int) -> None:
+    """Raise ``ValueError`` unless pages of ``block_size`` tokens can hold ``spec``'s sinks (all in a sequence's
+    first block) and its recent window (the last ``R - 1`` positions must span at most two blocks)."""
+    if block_size < spec.sink_tokens:
+        raise ValueError(f"block_size={block_size} is smaller than sink_tokens={spec.sink_tokens}: the sinks live "
+                         "in each sequence's first block")
+    if block_size < spec.ring_slots:
+        raise ValueError(f"block_size={block_size} is smaller than the recent window's {spec.ring_slots} ring slots "
+                         f"(recent_window={spec.recent_window}): use a larger block size or a smaller window")
 
 
 # ---- argument contracts (the references and the Triton entry points check the same) -------------------
@@ -354,14 +390,16 @@ def _check_cache(spec: PagedCacheSpec, records: torch.Tensor, sinks: torch.Tenso
             or records.stride(1) != spec.record_bytes:
         raise ValueError(f"records: expected uint8 [num_blocks, block_size, {spec.record_bytes}] with contiguous "
                          f"slots (paged_cache_views), got {_tensor_desc(records)}")
-    if spec.sink_tokens:
-        want = (records.shape[0], spec.sink_tokens, 2, spec.num_kv_heads, spec.head_dim)
+    if spec.fp_slots:
+        want = (records.shape[0], spec.fp_slots, 2, spec.num_kv_heads, spec.head_dim)
         if not isinstance(sinks, torch.Tensor) or tuple(sinks.shape) != want or sinks.dtype not in _FLOAT_DTYPES \
                 or sinks.device != records.device:
-            raise ValueError(f"sinks: spec.sink_tokens={spec.sink_tokens} needs a float tensor {want} on "
-                             f"{records.device} (paged_cache_views), got {_tensor_desc(sinks)}")
+            raise ValueError(f"sinks: spec.sink_tokens={spec.sink_tokens} and recent_window={spec.recent_window} need "
+                             f"a float tensor {want} on {records.device} (paged_cache_views), got "
+                             f"{_tensor_desc(sinks)}")
+        check_block_size(spec, records.shape[1])
     elif sinks is not None:
-        raise ValueError("sinks: given, but spec.sink_tokens == 0; pass sinks=None")
+        raise ValueError("sinks: given, but the spec has no sinks and no recent window ring; pass sinks=None")
 
 
 def _check_rope(rope_cos, rope_sin, d: int, device) -> None:
@@ -408,7 +446,7 @@ def check_paged_write_args(spec, key, value, slot_mapping, positions, records, s
     if not isinstance(slot_mapping, torch.Tensor) or slot_mapping.shape != (t,) \
             or slot_mapping.dtype not in _INT_DTYPES or slot_mapping.device != dev:
         raise ValueError(f"slot_mapping: expected int32/int64 [{t}] on {dev}, got {_tensor_desc(slot_mapping)}")
-    need_pos = rope_cos is not None or spec.sink_tokens > 0
+    need_pos = rope_cos is not None or spec.sink_tokens > 0 or spec.ring_slots > 0
     if need_pos and (not isinstance(positions, torch.Tensor) or positions.shape != (t,)
                      or positions.dtype not in _INT_DTYPES or positions.device != dev):
         raise ValueError(f"positions: expected int32/int64 [{t}] on {dev} (needed for RoPE and sinks), got "
@@ -446,3 +484,29 @@ def check_paged_attention_args(spec, query, records, block_tables, seq_lens, que
     _check_key_params(spec, key_perm, key_mean, dev)
     if out_dtype is not None and out_dtype not in _FLOAT_DTYPES:
         raise ValueError(f"out_dtype={out_dtype}: expected float32, float16 or bfloat16")
+
+
+def check_recent_args(spec: PagedCacheSpec, recent_key, recent_value, recent_prev, num_tokens: int, num_reqs: int,
+                      device) -> None:
+    """Raise ``ValueError`` unless the recent-window arguments of the attention fit ``spec``: with
+    ``recent_window = R > 0``, ``recent_key``/``recent_value`` are the step's K (post-RoPE) and V, float
+    ``[>= T, H, D]``, and for ``R > 1`` ``recent_prev`` is float ``[num_reqs, R - 1, 2, H, D]``
+    (:func:`rotkv_paged.recent_prev_ref`); with ``R = 0`` all three are None."""
+    h, d = spec.num_kv_heads, spec.head_dim
+    if spec.recent_window == 0:
+        if recent_key is not None or recent_value is not None or recent_prev is not None:
+            raise ValueError("recent_key/recent_value/recent_prev: given, but spec.recent_window == 0")
+        return
+    for name, v in (("recent_key", recent_key), ("recent_value", recent_value)):
+        if not isinstance(v, torch.Tensor) or v.dim() != 3 or v.shape[0] < num_tokens or v.shape[1:] != (h, d) \
+                or v.dtype not in _FLOAT_DTYPES or v.device != device:
+            raise ValueError(f"{name}: recent_window={spec.recent_window} needs the step's float [>= {num_tokens}, "
+                             f"{h}, {d}] on {device}, got {_tensor_desc(v)}")
+    if spec.ring_slots:
+        want = (num_reqs, spec.ring_slots, 2, h, d)
+        if not isinstance(recent_prev, torch.Tensor) or tuple(recent_prev.shape) != want \
+                or recent_prev.dtype not in _FLOAT_DTYPES or recent_prev.device != device:
+            raise ValueError(f"recent_prev: recent_window={spec.recent_window} needs a float tensor {want} on "
+                             f"{device} (rotkv_paged.recent_prev_ref), got {_tensor_desc(recent_prev)}")
+    elif recent_prev is not None:
+        raise ValueError("recent_prev: given, but recent_window=1 has no ring; pass None")

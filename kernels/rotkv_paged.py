@@ -25,6 +25,8 @@ Write (token ``t`` with ``slot_mapping[t] = s >= 0``, ``blk, off = divmod(s, blo
     records[blk, off] = rotkv_write(k, rot_width = key_rot_width, perm = key_perm)
                       | rotkv_write(value[t], rot_width = value_rot_width)
     if p < S: sinks[blk, p] = (key[t], value[t])                        (the model's own K/V, as given)
+    if R > 1: sinks[blk, S + off % (R - 1)] = (key[t], value[t])         (ring; the last writer of a ring slot in
+              the step wins: ring_write_mask)
 
 Attention (request ``r`` owns query tokens ``query_start_loc[r] .. query_start_loc[r+1]-1``; it has
 ``L = seq_lens[r]`` cached tokens including its new ones, so query ``i`` sits at position
@@ -32,7 +34,15 @@ Attention (request ``r`` owns query tokens ``query_start_loc[r] .. query_start_l
 
     K_j = RoPE_j(read(K record of position j) + key_mean)      V_j = read(V record of position j)
     K_j, V_j = sinks[block_tables[r, 0], j]                       for j < S (full precision)
+    K_j, V_j = the step's own key/value of position j              for j > pos - R, j in the step  (recent window)
+             = recent_prev[r, j - (L - q_len) + R - 1]             for j > pos - R, j before the step
     out[t, h] = softmax_j(scale * q[t, h] . K_j[h // (Hq / H)]) V_j[h // (Hq / H)]
+
+The recent window ``R = spec.recent_window`` (each query reads its last ``R`` keys, itself included, in full
+precision) takes the step's own tokens from the step's K/V and the ``R - 1`` positions before the step from
+the rings: ``recent_prev_ref`` gathers them, from a copy taken before the step's write for the positions that
+share a block with the step's first token (the step's own ring writes may overwrite them) and after the write
+for older blocks (a block another request of the same step fills, reached through prefix caching).
 
 Decode is the case ``q_len = 1``; chunked prefill reads the earlier chunks from the packed cache like any
 other cached token (and the current chunk too: it was written before the read, as in the vLLM backend).
@@ -50,6 +60,7 @@ from rotkv_kernels.rotkv_layout import (  # the layout's public names are re-exp
     alloc_paged_cache,
     check_paged_attention_args,
     check_paged_write_args,
+    check_recent_args,
     paged_cache_views,
 )
 
@@ -63,6 +74,9 @@ __all__ = [
     "paged_write_ref",
     "paged_attention_ref",
     "paged_decode_ref",
+    "ring_write_mask",
+    "recent_prev_ref",
+    "recent_window_kv",
     "token_positions",
     "paged_write",
     "paged_attention",
@@ -108,8 +122,10 @@ def paged_write_ref(
         records: uint8 ``[num_blocks, block_size, C]`` (written at the tokens' slots, ``[:key_bytes +
             value_bytes]`` only; the slot padding is left alone).
         positions: int ``[T]``: each token's position in its sequence (needed with RoPE or sinks).
-        sinks: ``[num_blocks, S, 2, H, D]`` (``spec.sink_tokens > 0``): tokens at positions ``< S`` also store
-            their K (as given) and V there, cast to its dtype.
+        sinks: ``[num_blocks, S + R - 1, 2, H, D]`` (``spec.fp_slots > 0``): tokens at positions ``< S`` also
+            store their K (as given) and V there, cast to its dtype; with a recent window ``R > 1`` every token
+            also stores them in ring slot ``S + off % (R - 1)`` of its page (:func:`ring_write_mask` says which
+            token of the step writes a slot that several would).
         rope_cos, rope_sin: fp32 ``[max_position, D]`` Hugging Face-convention tables, or None.
         key_perm: int64 ``[W]`` calibrated channel order of keys (block-preserving), or None.
         key_mean: fp32 ``[W]`` calibrated pre-RoPE key mean (subtracted before encoding), or None.
@@ -142,6 +158,112 @@ def paged_write_ref(
         if is_sink.any():
             kv = torch.stack((key[tok][is_sink], value[tok][is_sink]), dim=1).to(sinks.dtype)
             sinks[blk[is_sink], pos[is_sink]] = kv
+    if spec.ring_slots:
+        last = ring_write_mask(slot_mapping, bs, spec.ring_slots)[tok]
+        kv = torch.stack((key[tok][last], value[tok][last]), dim=1).to(sinks.dtype)
+        sinks[blk[last], spec.sink_tokens + off[last] % spec.ring_slots] = kv
+
+
+def ring_write_mask(slot_mapping: torch.Tensor, block_size: int, ring_slots: int) -> torch.Tensor:
+    """``bool [T]``: the tokens whose K/V a step writes into their page's ring (the last writer of each slot).
+
+    Token ``t`` (slot ``s``, in-block offset ``o``) shares ring slot ``o % n`` (``n = ring_slots``) with the
+    token ``n`` positions later in its block; a request's tokens are consecutive in the step with consecutive
+    slots, so that token, if this step writes it, is token ``t + n`` at slot ``s + n``. ``t`` writes unless it
+    is there: an order-free rule that every implementation evaluates per token.
+    """
+    t = slot_mapping.shape[0]
+    s = slot_mapping.to(torch.int64)
+    later = torch.full_like(s, -1)
+    if t > ring_slots:
+        later[: t - ring_slots] = s[ring_slots:]
+    overwritten = (later == s + ring_slots) & (s % block_size + ring_slots < block_size)
+    return (s >= 0) & ~overwritten
+
+
+def _prev_positions(seq_lens: torch.Tensor, query_start_loc: torch.Tensor, n: int) -> torch.Tensor:
+    """``int64 [R_req, n]``: positions ``p0 - n .. p0 - 1`` before each request's step (``p0 = L - q_len``)."""
+    seq = seq_lens.to(torch.int64)
+    qsl = query_start_loc.to(torch.int64)
+    p0 = seq - (qsl[1:] - qsl[:-1])
+    return p0.unsqueeze(1) - n + torch.arange(n, device=seq.device)
+
+
+def recent_prev_ref(
+    sinks: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    *,
+    spec: PagedCacheSpec,
+    block_size: int,
+    before: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The full-precision K/V of the ``R - 1`` positions before each request's step, from the rings.
+
+    Call it twice around the step's write: ``before = recent_prev_ref(...)`` before the write, then
+    ``recent_prev_ref(..., before=before)`` after it. The positions in the block of the step's first token come
+    from ``before`` (the step's own ring writes may have replaced them), older blocks from the cache as it is
+    after the write (another request of the step may have just filled them: prefix caching shares a block as soon
+    as it is scheduled). Pure tensor indexing, no host synchronization (any device).
+
+    Args:
+        sinks: ``[num_blocks, S + R - 1, 2, H, D]`` (the full-precision area, ``paged_cache_views``).
+        block_tables, seq_lens, query_start_loc: as for :func:`paged_attention_ref` (``R_req`` requests).
+        block_size: tokens per page.
+        before: a previous result of this function for the same step, or None.
+    Returns:
+        ``[R_req, R - 1, 2, H, D]`` in ``sinks.dtype``; entry ``j`` is position ``L - q_len - (R - 1) + j``
+        (K post-RoPE as given, V), zeros for negative positions.
+    """
+    n, bs = spec.ring_slots, block_size
+    r = seq_lens.shape[0]
+    pos = _prev_positions(seq_lens, query_start_loc, n)  # [R_req, n]
+    valid = pos >= 0
+    p = pos.clamp(min=0)
+    blk = block_tables[:r].to(torch.int64).gather(1, (p // bs).clamp(max=block_tables.shape[1] - 1))
+    out = sinks[blk, spec.sink_tokens + (p % bs) % n]  # [R_req, n, 2, H, D]
+    out = torch.where(valid[..., None, None, None], out, torch.zeros((), dtype=out.dtype, device=out.device))
+    if before is not None:
+        p0 = pos[:, -1:] + 1
+        own = (p // bs) == (p0 // bs)
+        out = torch.where(own[..., None, None, None], before, out)
+    return out
+
+
+def recent_window_kv(recent_key: torch.Tensor, recent_value: torch.Tensor, recent_prev: torch.Tensor | None,
+                     query_start_loc: torch.Tensor, seq_lens: torch.Tensor, num_tokens: int, window: int
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each query's recent window in full precision, gathered from the step's K/V and ``recent_prev``.
+
+    Returns:
+        ``kv [T, R, 2, H, D]`` (fp32; entry ``i`` of query ``t`` at position ``pos_t`` is position
+        ``pos_t - R + 1 + i``: K post-RoPE as given, V) and ``valid bool [T, R]`` (the position exists, and the
+        token is a real query, not padding).
+    """
+    dev = recent_key.device
+    qsl = query_start_loc.to(torch.int64)
+    seq = seq_lens.to(torch.int64)
+    nreq = seq.shape[0]
+    pos = token_positions(qsl, seq, num_tokens)  # [T]
+    tok = torch.arange(num_tokens, device=dev)
+    req = torch.searchsorted(qsl[1:], tok, right=True).clamp_(max=max(nreq - 1, 0))
+    is_query = tok < qsl[nreq] if nreq else torch.zeros_like(tok, dtype=torch.bool)
+    p0 = (seq - (qsl[1:] - qsl[:-1]))[req] if nreq else torch.zeros_like(tok)
+    kpos = pos.unsqueeze(1) - window + 1 + torch.arange(window, device=dev)  # [T, R]
+    valid = (kpos >= 0) & is_query.unsqueeze(1)
+    in_step = kpos >= p0.unsqueeze(1)
+    step_idx = (qsl[req].unsqueeze(1) + kpos - p0.unsqueeze(1)).clamp(0, max(num_tokens - 1, 0))
+    step_kv = torch.stack((recent_key[:num_tokens], recent_value[:num_tokens]), dim=1).to(torch.float32)
+    kv = step_kv[step_idx]  # [T, R, 2, H, D]
+    if recent_prev is not None and window > 1:
+        prev_idx = (kpos - p0.unsqueeze(1) + window - 1).clamp(0, window - 2)
+        prev = recent_prev.to(torch.float32)[req.unsqueeze(1), prev_idx]
+        kv = torch.where(in_step[..., None, None, None], kv, prev)
+    elif window > 1:
+        raise ValueError("recent_prev is needed for a recent window longer than 1")
+    kv = torch.where(valid[..., None, None, None], kv, 0.0)
+    return kv, valid
 
 
 def _decode_context(spec: PagedCacheSpec, records, sinks, table_row, length, rope_cos, rope_sin, key_perm,
@@ -184,6 +306,9 @@ def paged_attention_ref(
     key_perm: torch.Tensor | None = None,
     key_mean: torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
+    recent_key: torch.Tensor | None = None,
+    recent_value: torch.Tensor | None = None,
+    recent_prev: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of every query over its sequence's packed cache (reference).
 
@@ -199,14 +324,24 @@ def paged_attention_ref(
         rope_cos, rope_sin, key_perm, key_mean: as for :func:`paged_write_ref`; RoPE is applied to each
             decoded key at its own position.
         out_dtype: output dtype (default ``query.dtype``).
+        recent_key, recent_value: with ``spec.recent_window = R > 0``, the step's own K (post-RoPE, as given
+            to the write) and V, ``[>= T, H, D]``: each query reads the keys of its last ``R`` positions in this
+            step from them.
+        recent_prev: with ``R > 1``, ``[R_req, R - 1, 2, H, D]`` from :func:`recent_prev_ref`: the K/V of the
+            ``R - 1`` positions before each request's step.
     Returns:
-        ``[T, Hq, D]``: each key decoded by ``rotkv_read_ref`` (fp32), sinks substituted, the softmax and
+        ``[T, Hq, D]``: each key decoded by ``rotkv_read_ref`` (fp32), sinks and the recent window in full
+        precision (the window per query: score and value of key ``j`` of query ``t`` are full precision when
+        ``t - R < j <= t``), the softmax and
         the weighted sum in float64, one rounding to ``out_dtype`` at the end; zeros for padding tokens.
     Raises:
         ValueError: any argument that does not fit (see the messages).
     """
     check_paged_attention_args(spec, query, records, block_tables, seq_lens, query_start_loc, sinks, scale, rope_cos,
                                rope_sin, key_perm, key_mean, out_dtype)
+    check_recent_args(spec, recent_key, recent_value, recent_prev, query.shape[0], seq_lens.shape[0],
+                      records.device)
+    win = spec.recent_window
     t, hq, d = query.shape
     rep = hq // spec.num_kv_heads
     out = torch.zeros(t, hq, d, dtype=torch.float64, device=query.device)
@@ -226,7 +361,24 @@ def paged_attention_ref(
         q = query[q_lo:q_hi].double()  # [n_q, Hq, D]
         s = torch.einsum("qhd,lhd->hql", q, k) * scale
         q_pos = torch.arange(length - n_q, length, device=query.device)
-        causal = torch.arange(length, device=query.device)[None, :] <= q_pos[:, None]  # [n_q, L]
+        kpos = torch.arange(length, device=query.device)
+        causal = kpos[None, :] <= q_pos[:, None]  # [n_q, L]
+        if win:
+            # The full-precision keys of positions p0 - (R - 1) .. L - 1: before the step, then the step's own.
+            p0 = length - n_q
+            k_fp, v_fp = k.clone(), v.clone()
+            k_fp[p0:] = recent_key[q_lo:q_hi].double().repeat_interleave(rep, dim=1)
+            v_fp[p0:] = recent_value[q_lo:q_hi].double().repeat_interleave(rep, dim=1)
+            n_prev = min(win - 1, p0)
+            if n_prev:
+                prev = recent_prev[r, win - 1 - n_prev:].double()  # positions p0 - n_prev .. p0 - 1
+                k_fp[p0 - n_prev: p0] = prev[:, 0].repeat_interleave(rep, dim=1)
+                v_fp[p0 - n_prev: p0] = prev[:, 1].repeat_interleave(rep, dim=1)
+            band = causal & (kpos[None, :] > q_pos[:, None] - win)  # [n_q, L]
+            s = torch.where(band, torch.einsum("qhd,lhd->hql", q, k_fp) * scale, s)
+            p = s.masked_fill(~causal, float("-inf")).softmax(-1)
+            out[q_lo:q_hi] = torch.einsum("hql,lhd->qhd", p * ~band, v) + torch.einsum("hql,lhd->qhd", p * band, v_fp)
+            continue
         s = s.masked_fill(~causal, float("-inf"))
         out[q_lo:q_hi] = torch.einsum("hql,lhd->qhd", s.softmax(-1), v)
     return out.to(out_dtype or query.dtype)

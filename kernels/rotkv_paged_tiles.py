@@ -44,6 +44,7 @@ __all__ = [
     "build_tile",
     "read_tile",
     "attend_tiles",
+    "window_in_read_basis",
 ]
 
 # Memory budgets of one attention tile (elements): gathered context tokens x KV width, and scores.
@@ -175,6 +176,7 @@ class AttentionTile:
         ctx_valid: ``bool [G, L]`` position ``j`` < the request's sequence length.
         mask: ``bool [G, 1, Q, L]``: query attends key (causal and valid; padded queries see key 0).
         first_blk: ``int64 [G]`` the block holding each request's first positions (its sink area).
+        q_pos: ``int64 [G, Q]`` position of each query in its sequence (for the recent window's band).
     """
 
     tok_idx: torch.Tensor
@@ -184,6 +186,7 @@ class AttentionTile:
     ctx_valid: torch.Tensor
     mask: torch.Tensor
     first_blk: torch.Tensor
+    q_pos: torch.Tensor | None = None
 
     @property
     def length(self) -> int:
@@ -249,7 +252,7 @@ def build_tile(reqs: torch.Tensor, q_lo: int, q_hi: int, query_start_loc: torch.
     # A padded query row attends key 0 only, so no row is all -inf (NaN-free softmax).
     mask |= (~q_valid).unsqueeze(2) & (kpos == 0).view(1, 1, -1)
     return AttentionTile(tok_idx=tok_idx, q_valid=q_valid, ctx_blk=ctx_blk, ctx_off=ctx_off,
-                         ctx_valid=ctx_valid, mask=mask.unsqueeze(1), first_blk=block_table[reqs, 0])
+                         ctx_valid=ctx_valid, mask=mask.unsqueeze(1), first_blk=block_table[reqs, 0], q_pos=q_pos)
 
 
 def read_tile(records: torch.Tensor, sinks: torch.Tensor | None, tile: AttentionTile, tables: CpuReadTables
@@ -257,8 +260,8 @@ def read_tile(records: torch.Tensor, sinks: torch.Tensor | None, tile: Attention
     """Dequantized context of a tile, ``fp32 [G, L, H, D]`` each, zero where invalid: K with RoPE applied,
     channels in ``tables.channel_order`` within each head; V in its stored (rotated) basis.
 
-    ``records`` ``uint8 [num_blocks, block_size, C]`` and ``sinks`` ``[num_blocks, S, 2, H, D]`` (or None) are
-    the views of ``rotkv_paged.paged_cache_views``; sink positions read their full-precision K/V.
+    ``records`` ``uint8 [num_blocks, block_size, C]`` and ``sinks`` ``[num_blocks, S + R - 1, 2, H, D]`` (or None)
+    are the views of ``rotkv_paged.paged_cache_views``; sink positions read their full-precision K/V.
     """
     spec = tables.spec
     g, length = tile.ctx_blk.shape
@@ -276,7 +279,7 @@ def read_tile(records: torch.Tensor, sinks: torch.Tensor | None, tile: Attention
     vrec = rec[:, spec.key_bytes: spec.key_bytes + spec.value_bytes]
     v = dequantize_records(vrec, spec.value_bits, w, spec.value_group_size, spec.scale_format, valid)
     v = v.view(g, length, h, d)
-    if sinks is not None:
+    if spec.sink_tokens:
         s = min(spec.sink_tokens, length)
         full = sinks[tile.first_blk, :s].to(torch.float32)  # [G, s, 2, H, D], K post-RoPE, V original
         sk = full[:, :, 0].reshape(g, s, w)[..., tables.channel_order].view(g, s, h, d)
@@ -289,8 +292,45 @@ def read_tile(records: torch.Tensor, sinks: torch.Tensor | None, tile: Attention
     return k, v
 
 
+def window_in_read_basis(kv: torch.Tensor, tables: CpuReadTables) -> tuple[torch.Tensor, torch.Tensor]:
+    """The recent window ``kv [T, R, 2, H, D]`` (``rotkv_paged.recent_window_kv``) in :func:`read_tile`'s bases:
+    K channels in ``tables.channel_order`` within each head, V rotated like the stored values."""
+    spec = tables.spec
+    t, r, _, h, d = kv.shape
+    wk = kv[:, :, 0].reshape(t, r, h * d)[..., tables.channel_order].view(t, r, h, d)
+    wv = kv[:, :, 1]
+    if spec.value_rot_width > 1:
+        wv = hadamard_transform(wv, block_size=spec.value_rot_width)
+    return wk, wv
+
+
+def _attend_with_window(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tile: AttentionTile, wk: torch.Tensor,
+                        wv: torch.Tensor, wvalid: torch.Tensor, scale: float) -> torch.Tensor:
+    """Attention whose last ``R`` keys per query are read in full precision: the packed context up to position
+    ``pos - R`` and the window's ``R`` keys share one softmax. ``q [G, Hq, Q, D]``, ``k/v [G, L, H, D]``,
+    ``wk/wv [G, Q, R, H, D]``, ``wvalid bool [G, Q, R]`` -> ``[G, Hq, Q, D]``."""
+    g, hq, nq, d = q.shape
+    h, r = k.shape[2], wk.shape[2]
+    rep = hq // h
+    kpos = torch.arange(k.shape[1])
+    # Packed keys older than the window; a padded query keeps its key 0 (no all -inf row).
+    older = (kpos.view(1, 1, -1) <= (tile.q_pos - r).unsqueeze(2)) | ~tile.q_valid.unsqueeze(2)
+    mask = tile.mask & older.unsqueeze(1)  # [G, 1, Q, L]
+    kk = k.repeat_interleave(rep, dim=2).permute(0, 2, 3, 1)  # [G, Hq, D, L]
+    s = (q @ kk) * scale
+    s = s.masked_fill(~mask, float("-inf"))
+    wkk = wk.repeat_interleave(rep, dim=3).permute(0, 3, 1, 2, 4)  # [G, Hq, Q, R, D]
+    ws = (wkk @ q.unsqueeze(-1)).squeeze(-1) * scale  # [G, Hq, Q, R]
+    ws = ws.masked_fill(~wvalid.unsqueeze(1), float("-inf"))
+    p = torch.cat((s, ws), dim=-1).softmax(-1)
+    o = p[..., : s.shape[-1]] @ v.repeat_interleave(rep, dim=2).transpose(1, 2)
+    wvv = wv.repeat_interleave(rep, dim=3).permute(0, 3, 1, 2, 4)  # [G, Hq, Q, R, D]
+    return o + (p[..., s.shape[-1]:].unsqueeze(-2) @ wvv).squeeze(-2)
+
+
 def attend_tiles(query: torch.Tensor, records: torch.Tensor, sinks: torch.Tensor | None,
-                 tiles: list[AttentionTile], tables: CpuReadTables, *, scale: float, output: torch.Tensor) -> None:
+                 tiles: list[AttentionTile], tables: CpuReadTables, *, scale: float, output: torch.Tensor,
+                 recent: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
     """``output[t] = softmax(q_t K^T * scale) V`` over each query's causal context, tile by tile.
 
     Args:
@@ -298,15 +338,29 @@ def attend_tiles(query: torch.Tensor, records: torch.Tensor, sinks: torch.Tensor
         records, sinks: the cache views (as in :func:`read_tile`).
         tiles: the step's tiles (:func:`plan_tiles`, :func:`build_tile`).
         output: ``[>= T, Hq, D]``, written in the rows of valid queries only.
+        recent: with a recent window (``spec.recent_window = R > 0``), ``(kv [T, R, 2, H, D], valid [T, R])``
+            from ``rotkv_paged.recent_window_kv``: key ``j`` of query ``t`` is read from it when
+            ``pos_t - R < j <= pos_t`` (as ``rotkv_paged.paged_attention_ref``).
+    Raises:
+        ValueError: ``recent`` missing with a window, or given without one.
     """
     spec = tables.spec
     d, hq = spec.head_dim, query.shape[1]
+    if (recent is None) != (spec.recent_window == 0):
+        raise ValueError(f"recent: recent_window={spec.recent_window} needs the step's window (recent_window_kv), "
+                         "and no window takes none")
+    if recent is not None:
+        wk_all, wv_all = window_in_read_basis(recent[0], tables)
     q_order = tables.channel_order[:d]  # the same order within every head
     for tile in tiles:
         k, v = read_tile(records, sinks, tile, tables)
         q = query[tile.tok_idx].to(torch.float32)[..., q_order].transpose(1, 2)  # [G, Hq, Q, D]
-        o = F.scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2), attn_mask=tile.mask,
-                                           scale=scale, enable_gqa=hq != spec.num_kv_heads)
+        if recent is not None:
+            wvalid = recent[1][tile.tok_idx] & tile.q_valid.unsqueeze(2)
+            o = _attend_with_window(q, k, v, tile, wk_all[tile.tok_idx], wv_all[tile.tok_idx], wvalid, scale)
+        else:
+            o = F.scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2), attn_mask=tile.mask,
+                                               scale=scale, enable_gqa=hq != spec.num_kv_heads)
         o = o.transpose(1, 2)[tile.q_valid]  # [n, Hq, D], still in V's rotated basis
         if spec.value_rot_width > 1:
             o = hadamard_transform(o, block_size=spec.value_rot_width, inverse=True)

@@ -11,9 +11,10 @@ fp32, IEEE division, no FMA contraction: the reference's operations), subtract t
 block Hadamard of width ``g * D`` by two ``tl.dot`` (``hadamard_triton``), permute and regroup with one
 ``tl.gather``, group min/max quantization, pack, and store codes, scales and zeros straight into the
 token's slot ``records[slot // block_size, slot % block_size]``; values likewise with the per-head
-Hadamard; tokens at positions ``< S`` also store their K/V in the block's sink area. Slot ``-1`` skips a
-token. Records are the bytes ``rotkv_write_ref`` produces (bit-identical when the fp32 sums of the
-rotation are exact, e.g. dyadic inputs; see ``rotkv_cache_triton``).
+Hadamard; tokens at positions ``< S`` also store their K/V in the block's sink area, and with a recent window
+every token its K/V in its page's ring (``rotkv_paged.ring_write_mask``). Slot ``-1`` skips a token.
+Records are the bytes ``rotkv_write_ref`` produces (bit-identical when the fp32 sums of the rotation are exact,
+e.g. dyadic inputs; see ``rotkv_cache_triton``).
 
 **Attention** (``_paged_attn_fwd_kernel``), grid ``(query blocks, rotation blocks, splits)``. A query block
 is ``M`` consecutive query tokens of one request (``M = 1`` for decode); a rotation block is the ``g`` KV
@@ -36,7 +37,10 @@ context positions. Per tile of ``BLOCK_N`` cached positions a program:
    pass, not once per cached token.
 
 The split owning position 0 also attends the sink tokens from the full-precision side store (keys used
-as stored; values rotated into the same basis by a forward per-head Hadamard). Each program writes its
+as stored; values rotated into the same basis by a forward per-head Hadamard). With a recent window of ``R``
+the splits leave each query's last ``R`` positions out (causal mask shifted by ``R``) and the window's
+full-precision keys (``rotkv_paged.recent_window_kv``) are one more split whose partial a few PyTorch
+operations compute (``_window_partial``); the reduce merges it like any other. Each program writes its
 partial ``(m, l, acc)`` per (token, query head, split); ``_paged_reduce_kernel`` (second pass, one program
 per token) merges the splits (``O = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s``), applies the inverse
 value Hadamard and stores ``[T, Hq, D]``.
@@ -73,7 +77,12 @@ import torch
 
 from rotkv_kernels.hadamard_triton import _next_pow2, check_launchable, hadamard_operands, hadamard_plan
 from rotkv_kernels.quant_triton import check_triton_group_size
-from rotkv_kernels.rotkv_layout import PagedCacheSpec, check_paged_attention_args, check_paged_write_args
+from rotkv_kernels.rotkv_layout import (
+    PagedCacheSpec,
+    check_paged_attention_args,
+    check_paged_write_args,
+    check_recent_args,
+)
 
 try:  # Triton is optional: the module must import without it (the stubs below raise instead).
     import triton
@@ -219,6 +228,33 @@ def check_attention_limits(spec: PagedCacheSpec) -> None:
     hadamard_plan(spec.key_rot_width)  # raises for orders outside the tile limits
 
 
+def _window_partial(query, recent_key, recent_value, recent_prev, query_start_loc, seq_lens, spec: PagedCacheSpec,
+                    scale: float, num_tokens: int, pm: torch.Tensor, pl: torch.Tensor, pacc: torch.Tensor) -> None:
+    """The recent window's split partial ``(m, l, acc)`` of every query token, in the attention kernel's
+    conventions (scores in log2, ``acc`` in the values' rotated basis), written into ``pm/pl [T, Hq]`` and
+    ``pacc [T, Hq, D]``: ``R`` full-precision keys per query, a few PyTorch operations on the device."""
+    from rotkv_kernels.hadamard import hadamard_transform
+    from rotkv_kernels.rotkv_paged import recent_window_kv
+
+    kv, valid = recent_window_kv(recent_key, recent_value, recent_prev, query_start_loc, seq_lens, num_tokens,
+                                 spec.recent_window)
+    rep = query.shape[1] // spec.num_kv_heads
+    k = kv[:, :, 0].repeat_interleave(rep, dim=2)  # [T, R, Hq, D]
+    v = kv[:, :, 1]
+    if spec.value_rot_width > 1:
+        v = hadamard_transform(v, block_size=spec.value_rot_width)
+    v = v.repeat_interleave(rep, dim=2)
+    q = query[:num_tokens].to(torch.float32)
+    s = torch.einsum("thd,trhd->thr", q, k) * (float(scale) * math.log2(math.e))
+    s = s.masked_fill(~valid.unsqueeze(1), float("-inf"))
+    m = s.amax(-1)
+    m = torch.where(torch.isfinite(m), m, -1.0e30)  # padding tokens: a neutral partial
+    p = torch.exp2(s - m.unsqueeze(-1))
+    pm.copy_(m)
+    pl.copy_(p.sum(-1))
+    pacc.copy_(torch.einsum("thr,trhd->thd", p, v))
+
+
 def _tile_layout(width: int, rot_width: int, group_size: int):
     from rotkv_kernels.rotkv_cache_triton import _Layout
 
@@ -281,7 +317,7 @@ if HAS_TRITON:
         V_NB_PAD: tl.constexpr, V_GS: tl.constexpr, V_G_PAD: tl.constexpr, V_GS_PAD: tl.constexpr,
         V_BITS: tl.constexpr, V_TWO_STAGE: tl.constexpr, V_ROTATE: tl.constexpr,
         SCALE_FP8: tl.constexpr, HAS_ROPE: tl.constexpr, HAS_MEAN: tl.constexpr, S_SINK: tl.constexpr,
-        W_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
+        S_SINK_ALL: tl.constexpr, N_RING: tl.constexpr, W_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
     ):
         """Encode ``BLOCK_T`` tokens' K and V and scatter them into their slots (and sinks) in one pass."""
         N: tl.constexpr = H * D
@@ -342,6 +378,22 @@ if HAS_TRITON:
             kx = tl.load(k_ptr + t64 * sk_t + h * sk_h + d2 * sk_d, mask=m, other=0.0)
             vx = tl.load(v_ptr + t64 * sv_t + h * sv_h + d2 * sv_d, mask=m, other=0.0)
             base = sink_ptr + (blk * sn_b + tl.where(is_sink, pt, 0) * sn_p)[:, None] + h * sn_h + d2 * sn_d
+            sdt = sink_ptr.dtype.element_ty
+            tl.store(base, _cast_rne(kx.to(tl.float32), sdt), mask=m)
+            tl.store(base + sn_kv, _cast_rne(vx.to(tl.float32), sdt), mask=m)
+
+        # ---- recent-window ring: slot S + off % (R - 1), unless token t + R - 1 overwrites it in this step ----
+        if N_RING > 0:
+            later = tl.load(slot_ptr + t + N_RING, mask=tin & (t + N_RING < n_tokens), other=-1).to(tl.int64)
+            is_ring = tvalid & ~((later == slot + N_RING) & (off + N_RING < BS))
+            cc = tl.arange(0, W_PAD)
+            h = cc // D
+            d2 = cc % D
+            m = is_ring[:, None] & (cc < N)[None, :]
+            t64 = t.to(tl.int64)[:, None]
+            kx = tl.load(k_ptr + t64 * sk_t + h * sk_h + d2 * sk_d, mask=m, other=0.0)
+            vx = tl.load(v_ptr + t64 * sv_t + h * sv_h + d2 * sv_d, mask=m, other=0.0)
+            base = sink_ptr + (blk * sn_b + (S_SINK_ALL + off % N_RING) * sn_p)[:, None] + h * sn_h + d2 * sn_d
             sdt = sink_ptr.dtype.element_ty
             tl.store(base, _cast_rne(kx.to(tl.float32), sdt), mask=m)
             tl.store(base + sn_kv, _cast_rne(vx.to(tl.float32), sdt), mask=m)
@@ -408,7 +460,8 @@ if HAS_TRITON:
             V_GS=spec.value_group_size, V_G_PAD=lv.g_pad, V_GS_PAD=lv.gs_pad, V_BITS=spec.value_bits,
             V_TWO_STAGE=lv.plan.two_stage, V_ROTATE=spec.value_rot_width != 1,
             SCALE_FP8=spec.scale_format == "fp8", HAS_ROPE=has_rope, HAS_MEAN=key_mean is not None,
-            S_SINK=spec.sink_tokens if sinks is not None else 0, W_PAD=_next_pow2(w), BLOCK_T=bt,
+            S_SINK=spec.sink_tokens if sinks is not None else 0, S_SINK_ALL=spec.sink_tokens,
+            N_RING=spec.ring_slots, W_PAD=_next_pow2(w), BLOCK_T=bt,
             # No FMA contraction: the inverse RoPE must round like the reference's separate operations.
             enable_fp_fusion=False,
         )
@@ -485,15 +538,16 @@ if HAS_TRITON:
         return z
 
     @triton.jit
-    def _attend(q1, q2, k1, k2, v, pos, kvalid, row_pos, m_i, l_i, acc, LOWP: tl.constexpr):
-        """Online-softmax update with one tile: ``k1/k2 [G, N, D/2]`` (halves), ``v [G, N, D]``, scores in log2."""
+    def _attend(q1, q2, k1, k2, v, pos, kvalid, row_pos, m_i, l_i, acc, LOWP: tl.constexpr, WIN: tl.constexpr):
+        """Online-softmax update with one tile: ``k1/k2 [G, N, D/2]`` (halves), ``v [G, N, D]``, scores in log2.
+        Keys of a row's last ``WIN`` positions are left to the recent window's partial."""
         if LOWP:
             s = tl.dot(q1, tl.permute(k1.to(tl.float16), (0, 2, 1)))
             s += tl.dot(q2, tl.permute(k2.to(tl.float16), (0, 2, 1)))
         else:
             s = tl.dot(q1, tl.permute(k1, (0, 2, 1)), input_precision="ieee")
             s += tl.dot(q2, tl.permute(k2, (0, 2, 1)), input_precision="ieee")
-        mask = kvalid[None, :] & (pos[None, :] <= row_pos[:, None])
+        mask = kvalid[None, :] & (pos[None, :] <= row_pos[:, None] - WIN)
         s = tl.where(mask[None, :, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 2))
         alpha = tl.exp2(m_i - m_new)
@@ -520,7 +574,7 @@ if HAS_TRITON:
         A_PAD: tl.constexpr, B_PAD: tl.constexpr, TWO_STAGE: tl.constexpr,
         VA_PAD: tl.constexpr, VB_PAD: tl.constexpr, V_TWO_STAGE: tl.constexpr, V_ROT: tl.constexpr,
         SCALE_FP8: tl.constexpr, HAS_PERM: tl.constexpr, HAS_MEAN: tl.constexpr, HAS_ROPE: tl.constexpr,
-        S_SINK: tl.constexpr, S_PAD: tl.constexpr, LOWP: tl.constexpr,
+        S_SINK: tl.constexpr, S_PAD: tl.constexpr, LOWP: tl.constexpr, WIN: tl.constexpr,
     ):
         """Partial attention of one query block x rotation block x context split (see the module docstring)."""
         N: tl.constexpr = H * D
@@ -601,7 +655,7 @@ if HAS_TRITON:
                     svr = _hadamard_tile(tl.reshape(sv, (G_PAD * S_PAD, VA_PAD, VB_PAD)), vf1_ptr, vf2_ptr,
                                          G_PAD * S_PAD, VA_PAD, VB_PAD, V_TWO_STAGE) * v_rot_scale
                     sv = tl.reshape(svr, (G_PAD, S_PAD, D))
-                m_i, l_i, acc = _attend(q1, q2, sk1, sk2, sv, sp_, svalid, row_pos, m_i, l_i, acc, LOWP)
+                m_i, l_i, acc = _attend(q1, q2, sk1, sk2, sv, sp_, svalid, row_pos, m_i, l_i, acc, LOWP, WIN)
 
         for start in range(lo, hi, BLOCK_N):
             pos = start + tl.arange(0, BLOCK_N)
@@ -637,7 +691,7 @@ if HAS_TRITON:
             # values: dequantize in their rotated basis (the reduce pass rotates the output back)
             v = _dequant_rows(row_ptr + KB, kvalid, P0, BLOCK_N, F, RW, N, V_GS, V_BITS, SCALE_FP8, V_ALIGNED)
             v = tl.permute(tl.reshape(v, (BLOCK_N, G_PAD, D)), (1, 0, 2))
-            m_i, l_i, acc = _attend(q1, q2, k1, k2, v, pos, kvalid, row_pos, m_i, l_i, acc, LOWP)
+            m_i, l_i, acc = _attend(q1, q2, k1, k2, v, pos, kvalid, row_pos, m_i, l_i, acc, LOWP, WIN)
 
         # Partials of every (token, head) row of this block for split sp (neutral when the split is empty).
         pidx = (tok[None, :] * HQ + hq) * n_split + sp  # [G_PAD, R_PAD], int64 (tok is)
@@ -695,6 +749,9 @@ if HAS_TRITON:
         plan: PagedAttentionPlan | None = None,
         inv_perm: torch.Tensor | None = None,
         num_warps: int | None = None,
+        recent_key: torch.Tensor | None = None,
+        recent_value: torch.Tensor | None = None,
+        recent_prev: torch.Tensor | None = None,
         **plan_kw,
     ) -> torch.Tensor:
         """Triton :func:`rotkv_paged.paged_attention_ref`: split-K paged attention over the packed cache.
@@ -715,6 +772,8 @@ if HAS_TRITON:
         """
         check_paged_attention_args(spec, query, records, block_tables, seq_lens, query_start_loc, sinks, scale,
                                    rope_cos, rope_sin, key_perm, key_mean, out_dtype)
+        check_recent_args(spec, recent_key, recent_value, recent_prev, query.shape[0], seq_lens.shape[0],
+                          records.device)
         check_attention_limits(spec)
         if precision not in PRECISIONS:
             raise ValueError(f"precision={precision!r}: expected one of {PRECISIONS}")
@@ -749,9 +808,14 @@ if HAS_TRITON:
         m_tok = plan.tokens_per_block
         r_pad = max(_MIN_DOT, _next_pow2(m_tok * qpk))
         ns = plan.num_splits
-        pm = torch.empty(plan.num_tokens, hq, ns, dtype=torch.float32, device=dev)
+        win = spec.recent_window
+        ns_all = ns + (1 if win else 0)  # the recent window's partial is one more split, merged by the reduce
+        pm = torch.empty(plan.num_tokens, hq, ns_all, dtype=torch.float32, device=dev)
         pl = torch.empty_like(pm)
-        pacc = torch.empty(plan.num_tokens, hq, ns, d, dtype=torch.float32, device=dev)
+        pacc = torch.empty(plan.num_tokens, hq, ns_all, d, dtype=torch.float32, device=dev)
+        if win:
+            _window_partial(query, recent_key, recent_value, recent_prev, query_start_loc, seq_lens, spec, scale,
+                            plan.num_tokens, pm[:, :, ns], pl[:, :, ns], pacc[:, :, ns])
         has_rope = rope_cos is not None
         dummy = records
         sn = sinks.stride() if sinks is not None else (0, 0, 0, 0, 0)
@@ -768,7 +832,7 @@ if HAS_TRITON:
             key_mean if key_mean is not None else dummy, rope_cos if has_rope else dummy,
             rope_sin if has_rope else dummy, rope_cos.stride(0) if has_rope else 0, km1, km2, vf1, vf2, pm, pl, pacc,
             float(scale) * math.log2(math.e), 1.0 / math.sqrt(spec.key_rot_width), 1.0 / math.sqrt(d),
-            plan.split_size, ns,
+            plan.split_size, ns_all,
             HQ=hq, H=h, D=d, G=g, G_PAD=_next_pow2(g), QPK=qpk, M_TOK=m_tok, R_PAD=r_pad, BS=records.shape[1],
             BLOCK_N=plan.block_n, KB=spec.key_bytes,
             K_BITS=spec.key_bits, K_GS=spec.key_group_size,
@@ -779,10 +843,10 @@ if HAS_TRITON:
             VA_PAD=vplan.a_pad, VB_PAD=vplan.b_pad, V_TWO_STAGE=vplan.two_stage, V_ROT=spec.value_rot_width != 1,
             SCALE_FP8=spec.scale_format == "fp8", HAS_PERM=key_perm is not None, HAS_MEAN=key_mean is not None,
             HAS_ROPE=has_rope, S_SINK=s_sink, S_PAD=max(_MIN_DOT, _next_pow2(max(s_sink, 1))),
-            LOWP=precision == "fp16", **kw,
+            LOWP=precision == "fp16", WIN=win, **kw,
         )
         _paged_reduce_kernel[(plan.num_tokens,)](
-            pm, pl, pacc, out, out.stride(0), out.stride(1), out.stride(2), vi1, vi2, 1.0 / math.sqrt(d), ns,
+            pm, pl, pacc, out, out.stride(0), out.stride(1), out.stride(2), vi1, vi2, 1.0 / math.sqrt(d), ns_all,
             HQ=hq, HQ_PAD=max(_MIN_DOT, _next_pow2(hq)), D=d, VA_PAD=vplan.a_pad, VB_PAD=vplan.b_pad,
             V_TWO_STAGE=vplan.two_stage, V_ROT=spec.value_rot_width != 1,
         )
