@@ -14,12 +14,43 @@ from typing import Any
 from rotkv_kernels.hadamard import has_hadamard
 from rotkv_kernels.quant import SCALE_FORMATS, SUPPORTED_BITS, bits_per_element, default_clip_ratio
 
-__all__ = ["RotateKVConfig", "RotateKVLayout", "CONFIG_VERSION", "KV_CACHE_DTYPES", "config_for_cache_dtype"]
+__all__ = ["RotateKVConfig", "RotateKVLayout", "CONFIG_VERSION", "KVCachePreset", "KV_CACHE_DTYPES",
+           "DEFAULT_RECENT_WINDOW", "config_for_cache_dtype"]
 
 CONFIG_VERSION = 1
 
-# vLLM --kv-cache-dtype names and the bits they mean.
-KV_CACHE_DTYPES = {"rotkv2": 2, "rotkv3": 3, "rotkv4": 4}
+# The full-precision recent window every --kv-cache-dtype preset keeps: each query reads its last 2 keys (itself
+# and the token before it) in full precision. The vLLM cache pays one model-dtype K/V token per page for it
+# (2 * 192 * 2 bytes per block of 128 tokens on SmolLM2: 6 bytes per token, 104 -> 110 + 6), which keeps
+# rotkv2 above 6.5x the capacity of a bf16 cache; benchmarks/kv_ppl.py rotkv2+recentR measures the choice.
+DEFAULT_RECENT_WINDOW = 2
+
+
+@dataclass(frozen=True)
+class KVCachePreset:
+    """What a ``--kv-cache-dtype`` name stores: key and value bits and the full-precision recent window (the
+    calibration supplies everything else, so one calibration serves every preset)."""
+
+    key_bits: int
+    value_bits: int
+    recent_window: int = DEFAULT_RECENT_WINDOW
+
+    @property
+    def bits(self) -> int:
+        """The bits a calibration for this preset is made with (the key bits: keys are the sensitive half)."""
+        return self.key_bits
+
+
+# vLLM --kv-cache-dtype names (vLLM's own style: lower case, underscores) and what they store. rotkv2/3/4 keep
+# K and V at the same bits; rotkv_k3v2 and rotkv_k4v2 spend the extra bits on keys only, the presets on the
+# accuracy-per-bit frontier of benchmarks/kv_ppl.py (K3V2 + a window beats K3V3 at fewer bits).
+KV_CACHE_DTYPES: dict[str, KVCachePreset] = {
+    "rotkv2": KVCachePreset(2, 2),
+    "rotkv3": KVCachePreset(3, 3),
+    "rotkv4": KVCachePreset(4, 4),
+    "rotkv_k3v2": KVCachePreset(3, 2),
+    "rotkv_k4v2": KVCachePreset(4, 2),
+}
 SINK_MODES = ("topk", "first", "none")
 
 
@@ -156,10 +187,15 @@ class RotateKVConfig:
 
 
 def config_for_cache_dtype(name: str, **overrides: Any) -> RotateKVConfig:
-    """The default config behind a ``--kv-cache-dtype`` name such as ``"rotkv2"``."""
+    """The default config behind a ``--kv-cache-dtype`` name such as ``"rotkv2"``: its preset's key/value bits
+    and recent window on the defaults of :class:`RotateKVConfig` (what the vLLM backend serves with a default
+    calibration; ``overrides`` replace any field)."""
     if name not in KV_CACHE_DTYPES:
         raise ValueError(f"kv cache dtype {name!r}: expected one of {sorted(KV_CACHE_DTYPES)}")
-    return RotateKVConfig.for_bits(KV_CACHE_DTYPES[name], **overrides)
+    p = KV_CACHE_DTYPES[name]
+    kw = dict(key_bits=p.key_bits, value_bits=p.value_bits, recent_window=p.recent_window)
+    kw.update(overrides)
+    return RotateKVConfig(**kw)
 
 
 @dataclass(frozen=True)

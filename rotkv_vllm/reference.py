@@ -42,7 +42,7 @@ from rotkv_kernels.hadamard import hadamard_transform
 from rotkv_kernels.quant import bits_per_element, fake_quantize_groupwise
 from rotkv_kernels.rotkv_cache import apply_rope
 from rotkv_vllm.calibration import RotateKVCalibration
-from rotkv_vllm.config import RotateKVConfig, RotateKVLayout
+from rotkv_vllm.config import RotateKVConfig, RotateKVLayout, config_for_cache_dtype
 from rotkv_vllm.model_support import decoder_layers, describe_model
 from rotkv_vllm.sinks import sink_token_mask
 
@@ -105,8 +105,8 @@ def method_from_name(name: str) -> KVMethod:
         return KVMethod(name, "kivi", 2, 2, group_size=32, kivi_residual=128)
     if name == "quarot2":
         return KVMethod(name, "quarot", 2, 2)
-    if name in ("rotkv2", "rotkv3", "rotkv4"):
-        return KVMethod.from_config(RotateKVConfig.for_bits(int(name[-1])), name)
+    if name in ("rotkv2", "rotkv3", "rotkv4"):  # the vLLM presets' defaults (recent window included)
+        return KVMethod.from_config(config_for_cache_dtype(name), name)
     raise ValueError(f"unknown KV method {name!r}: expected one of {METHOD_NAMES} or a KVMethod")
 
 

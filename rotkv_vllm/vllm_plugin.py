@@ -4,8 +4,9 @@ vLLM loads general plugins in every process it starts (the API server or ``LLM``
 engine core and each worker) before it builds its argument parser or its configs, and may load
 them more than once per process. :func:`register` is therefore idempotent and touches vLLM only
 here. It makes the KV-cache dtypes ``rotkv2``, ``rotkv3`` and ``rotkv4`` (2, 3 or 4 bits per
-element, see :data:`rotkv_vllm.config.KV_CACHE_DTYPES`) valid everywhere vLLM 0.32 checks
-``--kv-cache-dtype``:
+element) and the key/value presets ``rotkv_k3v2`` and ``rotkv_k4v2`` (3 or 4-bit keys, 2-bit values; all
+with a full-precision recent window, see :data:`rotkv_vllm.config.KV_CACHE_DTYPES`) valid everywhere vLLM
+0.32 checks ``--kv-cache-dtype``:
 
 1. the ``CacheDType`` ``Literal`` of ``vllm.config.cache``: argparse ``choices`` (computed from the
    field type and cached in ``arg_utils._compute_kwargs``), pydantic validation of ``CacheConfig``
@@ -44,7 +45,7 @@ import functools
 import logging
 from typing import Any, Literal, get_args
 
-from rotkv_vllm.config import KV_CACHE_DTYPES
+from rotkv_vllm.config import KV_CACHE_DTYPES, KVCachePreset
 
 __all__ = [
     "SUPPORTED_VLLM_VERSION",
@@ -64,8 +65,9 @@ logger = logging.getLogger(f"vllm.{__name__}")
 SUPPORTED_VLLM_VERSION = (0, 32, 0)
 BACKEND_NAME = "ROTKV"
 BACKEND_PATH = "rotkv_vllm.vllm_backend.RotateKVAttentionBackend"
-# --kv-cache-dtype name -> bits per stored element. The cache tensor's torch dtype is uint8 for all.
-ROTKV_FORMATS: dict[str, int] = dict(KV_CACHE_DTYPES)
+# --kv-cache-dtype name -> what it stores (key/value bits, recent window). The cache tensor's torch dtype is
+# uint8 for all.
+ROTKV_FORMATS: dict[str, KVCachePreset] = dict(KV_CACHE_DTYPES)
 
 _registered = False
 
