@@ -75,6 +75,7 @@ __all__ = [
     "paged_attention_ref",
     "paged_decode_ref",
     "ring_write_mask",
+    "ring_write_ref",
     "recent_prev_ref",
     "recent_window_kv",
     "token_positions",
@@ -159,9 +160,23 @@ def paged_write_ref(
             kv = torch.stack((key[tok][is_sink], value[tok][is_sink]), dim=1).to(sinks.dtype)
             sinks[blk[is_sink], pos[is_sink]] = kv
     if spec.ring_slots:
-        last = ring_write_mask(slot_mapping, bs, spec.ring_slots)[tok]
-        kv = torch.stack((key[tok][last], value[tok][last]), dim=1).to(sinks.dtype)
-        sinks[blk[last], spec.sink_tokens + off[last] % spec.ring_slots] = kv
+        ring_write_ref(key, value, slot_mapping, sinks, spec=spec, block_size=bs)
+
+
+def ring_write_ref(key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor, sinks: torch.Tensor, *,
+                   spec: PagedCacheSpec, block_size: int) -> None:
+    """The recent window's part of the write: each token's K (as given) and V into ring slot
+    ``S + off % (R - 1)`` of its page, for the tokens :func:`ring_write_mask` selects (in place; a no-op
+    without ring slots). ``paged_write_ref`` calls it; so do kernels that write only the records."""
+    n = spec.ring_slots
+    if n == 0:
+        return
+    last = ring_write_mask(slot_mapping, block_size, n).nonzero().squeeze(1)
+    if last.numel() == 0:
+        return
+    slots = slot_mapping[last].to(torch.int64)
+    kv = torch.stack((key[last], value[last]), dim=1).to(sinks.dtype)
+    sinks[slots // block_size, spec.sink_tokens + (slots % block_size) % n] = kv
 
 
 def ring_write_mask(slot_mapping: torch.Tensor, block_size: int, ring_slots: int) -> torch.Tensor:

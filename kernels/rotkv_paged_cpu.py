@@ -137,6 +137,9 @@ def _core(n: int) -> torch.Tensor:
 
 def check_cpu_limits(spec: PagedCacheSpec) -> None:
     """Raise ``ValueError`` unless the CPU kernels serve ``spec`` (module docstring: Limits)."""
+    if spec.recent_window:
+        raise ValueError(f"recent_window={spec.recent_window}: the CPU kernels have no full-precision recent window "
+                         "yet")
     if spec.head_dim % 16:
         raise ValueError(f"head_dim={spec.head_dim}: the CPU kernels need a multiple of 16")
     for name in ("key_group_size", "value_group_size"):

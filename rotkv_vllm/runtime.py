@@ -285,13 +285,25 @@ class RotateKVRuntime:
         return self.config.max_sink_tokens if self.config.sink_mode == "first" else 0
 
     @property
+    def recent_window(self) -> int:
+        """``R``: each query reads its last ``R`` keys in full precision (the preset's window)."""
+        return self.config.recent_window
+
+    @property
+    def ring_slots(self) -> int:
+        """Full-precision ring slots per page for the recent window: ``R - 1`` (a query's own token comes from
+        its step, the ``R - 1`` before it from the rings)."""
+        return max(self.recent_window - 1, 0)
+
+    @property
     def sink_token_bytes(self) -> int:
-        """Bytes of one sink token: K and V of all heads on this rank in the model dtype."""
+        """Bytes of one sink (or ring) token: K and V of all heads on this rank in the model dtype."""
         return 2 * self.layout.kv_width * torch.tensor([], dtype=self.dtype).element_size()
 
     def page_bytes(self, block_size: int) -> int:
-        """Bytes of one block of one layer: the token records plus the sink area."""
-        return block_size * self.record_bytes + self.sink_tokens * self.sink_token_bytes
+        """Bytes of one block of one layer: the token records plus the full-precision area (sinks, then the
+        recent window's ring), so vLLM's planner counts every byte the cache uses."""
+        return block_size * self.record_bytes + (self.sink_tokens + self.ring_slots) * self.sink_token_bytes
 
     def bytes_per_token(self, block_size: int) -> float:
         return self.page_bytes(block_size) / block_size
@@ -309,7 +321,7 @@ class RotateKVRuntime:
                 value_bits=codec.value_bits, key_group_size=lay.group_size, value_group_size=lay.value_group_size,
                 key_rot_width=lay.group_width, value_rot_width=lay.head_dim if cfg.rotate_values else 1,
                 key_clip=codec.key_clip, value_clip=codec.value_clip, scale_format=cfg.scale_format,
-                record_bytes=self.record_bytes, sink_tokens=self.sink_tokens,
+                record_bytes=self.record_bytes, sink_tokens=self.sink_tokens, recent_window=self.recent_window,
             )
         return self._specs[layer]
 
@@ -392,22 +404,26 @@ class RotateKVRuntime:
 
 
 def effective_config(calibration, kv_cache_dtype: str) -> RotateKVConfig:
-    """The config the backend stores with: the calibration's, with the bits of ``kv_cache_dtype``
-    (``rotkv2`` = 2-bit K and V) and the calibrated head grouping. The transformers reference given this
-    config and the same calibration computes what the backend computes.
+    """The config the backend stores with: the calibration's, with the key/value bits and the recent window of
+    the ``kv_cache_dtype`` preset (``rotkv2`` = 2-bit K and V, ``rotkv_k3v2`` = 3-bit K and 2-bit V; see
+    :data:`rotkv_vllm.config.KV_CACHE_DTYPES`) and the calibrated head grouping. The transformers reference
+    given this config and the same calibration computes what the backend computes.
 
     Raises:
         ValueError: an unknown dtype name.
     """
     if kv_cache_dtype not in KV_CACHE_DTYPES:
         raise ValueError(f"kv_cache_dtype={kv_cache_dtype!r}: expected one of {sorted(KV_CACHE_DTYPES)}")
-    bits = KV_CACHE_DTYPES[kv_cache_dtype]
+    p = KV_CACHE_DTYPES[kv_cache_dtype]
     cfg = calibration.config
-    if (cfg.key_bits, cfg.value_bits) != (bits, bits):
+    if (cfg.key_bits, cfg.value_bits) != (p.key_bits, p.value_bits):
         logger.info("rotkv: calibration made for K%d/V%d; --kv-cache-dtype %s stores K%d/V%d",
-                    cfg.key_bits, cfg.value_bits, kv_cache_dtype, bits, bits)
-        cfg = dataclasses.replace(cfg, key_bits=bits, value_bits=bits)
-    return dataclasses.replace(cfg, head_group_size=calibration.head_group_size)
+                    cfg.key_bits, cfg.value_bits, kv_cache_dtype, p.key_bits, p.value_bits)
+    if cfg.recent_window != p.recent_window:
+        logger.info("rotkv: calibration config has recent_window=%d; --kv-cache-dtype %s keeps the last %d tokens "
+                    "in full precision", cfg.recent_window, kv_cache_dtype, p.recent_window)
+    return dataclasses.replace(cfg, key_bits=p.key_bits, value_bits=p.value_bits, recent_window=p.recent_window,
+                               head_group_size=calibration.head_group_size)
 
 
 def servable_reason(config: RotateKVConfig) -> str | None:
@@ -415,8 +431,6 @@ def servable_reason(config: RotateKVConfig) -> str | None:
     if config.sink_mode == "topk":
         return ("sink_mode='topk' picks sinks from the layer's input residual stream, which a vLLM attention "
                 "backend never sees")
-    if config.recent_window > 0:
-        return f"recent_window={config.recent_window}: the vLLM backend has no full-precision recent window"
     return None
 
 
@@ -426,8 +440,7 @@ def check_servable(config: RotateKVConfig) -> None:
     if why is None:
         return
     fix = ("sink_mode='first' (e.g. `python -m rotkv_vllm.calibration MODEL --calib-file FILE --config-json "
-           "CFG.json` with \"sink_mode\": \"first\" in CFG.json)" if config.sink_mode == "topk"
-           else "recent_window=0")
+           "CFG.json` with \"sink_mode\": \"first\" in CFG.json)")
     raise ValueError(f"this RotateKV calibration cannot be served by vLLM: {why}. Recalibrate with {fix}")
 
 
@@ -456,7 +469,8 @@ def find_served_calibration(model: str, revision: str | None, hf_config, kv_cach
         raise ValueError(
             f"--kv-cache-dtype {kv_cache_dtype}: no RotateKV calibration (rotkv_config.json + rotkv.safetensors) "
             f"in {model} or its Hugging Face cache snapshot. Calibrate first:\n    "
-            + CALIBRATE_HINT.format(model=model, bits=KV_CACHE_DTYPES.get(kv_cache_dtype, 2))
+            + CALIBRATE_HINT.format(model=model, bits=KV_CACHE_DTYPES[kv_cache_dtype].bits
+                                   if kv_cache_dtype in KV_CACHE_DTYPES else 2)
         )
     calib = load_calibration(folder)
     calib.check_model(hf_config)

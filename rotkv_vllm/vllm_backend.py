@@ -6,7 +6,7 @@ Cache layout. Every layer's cache is one page per block of ``block_size`` tokens
 planner through :meth:`RotateKVAttentionBackend.customize_spec` (one head slot, ``C`` bytes per token),
 so ``num_blocks`` is computed from the packed size and the engine reports the real capacity::
 
-    page = [ block_size token records of C bytes | sink area: S tokens x (K, V) in the model dtype ]
+    page = [ block_size token records of C bytes | S sink tokens, then R - 1 ring slots: (K, V) in the model dtype ]
     token record (C bytes) = K record | V record | zero padding up to the largest layer's K+V
     K record = rotkv_write(pre-RoPE K [H, D], rot_width = g * D, perm = calibrated key order)
     V record = rotkv_write(V [H, D], rot_width = D (per-head Hadamard; 1 with rotate_values=False))
@@ -24,9 +24,18 @@ in its first block, so the block's sink area keeps their K (post-RoPE) and V exa
 them; reads use them instead of the dequantized records. Because the sink area belongs to the block,
 prefix caching (which shares whole blocks between sequences with the same prefix), preemption and
 recomputation need no extra bookkeeping. ``sink_mode="topk"`` needs the layer's input residual, which an
-attention backend never sees, and is refused at start-up, as is ``recent_window > 0``.
+attention backend never sees, and is refused at start-up.
 
-Every attention read goes through the packed cache, including the tokens written in the same step, so
+Recent window (``R``, part of every ``--kv-cache-dtype`` preset): each query reads the keys of its last ``R``
+positions, itself included, in full precision, as the transformers reference does. The step's own tokens
+come from the K/V the layer was given; the ``R - 1`` positions before the step from per-page rings: the token
+at in-block offset ``o`` also stores its K/V in ring slot ``o % (R - 1)`` of its page, so the last ``R - 1``
+positions of any sequence are in the rings of its last one or two blocks, and a full page's ring holds its own
+last ``R - 1`` tokens (prefix-shared pages stay consistent; preemption recomputes them like the records).
+Every token is stored packed as well: a token leaving the window reads its record. The rings are counted in
+the page size, so vLLM's capacity report stays true (``R = 2`` costs one model-dtype token per page).
+
+Every other attention read goes through the packed cache, including the tokens written in the same step, so
 prefill, chunked prefill and decode all attend over exactly what the cache holds (as the transformers
 reference in :mod:`rotkv_vllm.reference` does).
 
@@ -84,7 +93,15 @@ from vllm.v1.attention.backend import (
 from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
 
 from rotkv_kernels.hadamard import has_hadamard
-from rotkv_kernels.rotkv_paged import PagedCacheSpec, paged_cache_views, paged_write_ref, token_positions
+from rotkv_kernels.rotkv_layout import check_block_size
+from rotkv_kernels.rotkv_paged import (
+    PagedCacheSpec,
+    paged_cache_views,
+    paged_write_ref,
+    recent_prev_ref,
+    recent_window_kv,
+    token_positions,
+)
 from rotkv_kernels.rotkv_paged_cpu import paged_attention_cpu, paged_write_cpu
 from rotkv_kernels.rotkv_paged_tiles import AttentionTile, attend_tiles, build_tile, plan_tiles
 from rotkv_kernels.rotkv_paged_triton import (
@@ -225,11 +242,10 @@ class RotateKVAttentionMetadataBuilder(AttentionMetadataBuilder[RotateKVAttentio
         self.block_size = kv_cache_spec.block_size
         self.attention_impl = select_attention_impl(device, self.runtime.paged_specs())
         logger.info("rotkv: attention implementation %s on %s", self.attention_impl, device)
-        if self.block_size < self.runtime.sink_tokens:
-            raise ValueError(
-                f"--block-size {self.block_size} is smaller than the {self.runtime.sink_tokens} sink tokens kept "
-                "in each sequence's first block; use a larger --block-size"
-            )
+        try:
+            check_block_size(self.runtime.paged_spec(0), self.block_size)
+        except ValueError as e:
+            raise ValueError(f"--block-size {self.block_size}: {e}; use a larger --block-size") from None
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> RotateKVAttentionMetadata:
@@ -429,18 +445,24 @@ class RotateKVAttentionImpl(AttentionImpl[RotateKVAttentionMetadata]):
               rope_cos=p.rope_cos, rope_sin=p.rope_sin, key_perm=p.key_perm, key_mean=p.key_mean)
 
     def attend(self, layer_idx: int, query: torch.Tensor, kv_cache: torch.Tensor, md: RotateKVAttentionMetadata,
-               output: torch.Tensor) -> None:
+               output: torch.Tensor, window: tuple | None = None) -> None:
         """``output[t] = softmax(q_t K^T * scale) V`` over each query's causal context (``query [T, Hq, D]``,
         ``output [>= T, Hq, D]`` written in rows ``< query_start_loc[R]`` only): the fused split-K
         ``paged_attention_triton`` (``"triton"``), the C++ ``paged_attention_cpu`` (``"cpp"``), or
-        ``rotkv_paged_tiles.attend_tiles`` over the step's tiles (``"torch"``)."""
+        ``rotkv_paged_tiles.attend_tiles`` over the step's tiles (``"torch"``). ``window`` (with a recent window):
+        ``(key, value, prev)``, the step's own K/V and the ``R - 1`` positions before each request's step
+        (:meth:`_recent_prev`)."""
+        wkw = {}
+        if window is not None:
+            wkw = dict(recent_key=window[0], recent_value=window[1], recent_prev=window[2])
         records, sinks = self._cache_views(kv_cache)
         if md.attention_impl == "cpp":
             p = self.runtime.kernel_params(layer_idx, kv_cache.device)
             t = query.shape[0]
             paged_attention_cpu(query, records, md.block_table, md.seq_lens, md.query_start_loc, spec=p.spec,
                                 scale=self.scale, sinks=sinks, rope_cos=p.rope_cos, rope_sin=p.rope_sin,
-                                key_perm=p.key_perm, key_mean=p.key_mean, out_dtype=output.dtype, out=output[:t])
+                                key_perm=p.key_perm, key_mean=p.key_mean, out_dtype=output.dtype, out=output[:t],
+                                **wkw)
             return
         if md.attention_impl == "triton":
             p = self.runtime.kernel_params(layer_idx, kv_cache.device)
@@ -449,10 +471,15 @@ class RotateKVAttentionImpl(AttentionImpl[RotateKVAttentionMetadata]):
                                    scale=self.scale, sinks=sinks, rope_cos=p.rope_cos, rope_sin=p.rope_sin,
                                    key_perm=p.key_perm, key_mean=p.key_mean, out_dtype=output.dtype, out=output[:t],
                                    precision=self.triton_precision, plan=md.paged_plan(p.spec, self.num_heads),
-                                   inv_perm=p.inv_perm)
+                                   inv_perm=p.inv_perm, **wkw)
             return
+        recent = None
+        if window is not None:
+            key, value, prev = window
+            recent = recent_window_kv(key, value, prev, md.query_start_loc, md.seq_lens, query.shape[0],
+                                      self.runtime.recent_window)
         attend_tiles(query, records, sinks, md.tiles, self.runtime.cpu_tables(layer_idx), scale=self.scale,
-                     output=output)
+                     output=output, recent=recent)
 
     def forward(self, layer: AttentionLayer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 kv_cache: torch.Tensor, attn_metadata: RotateKVAttentionMetadata | None, output: torch.Tensor,
@@ -472,7 +499,27 @@ class RotateKVAttentionImpl(AttentionImpl[RotateKVAttentionMetadata]):
         layer_idx = self._layer_index(layer)
         self._check_impl(layer_idx, kv_cache, attn_metadata)
         t = attn_metadata.num_actual_tokens
-        if key is not None and value is not None:
+        window = None
+        if self.runtime.recent_window:
+            if key is None or value is None:
+                raise NotImplementedError("RotateKV's recent window reads the step's own K/V: this layer passes none")
+            before = self._recent_prev(kv_cache, attn_metadata)
             self.store(layer_idx, key[:t], value[:t], kv_cache, attn_metadata)
-        self.attend(layer_idx, query[:t], kv_cache, attn_metadata, output)
+            window = (key[:t], value[:t], self._recent_prev(kv_cache, attn_metadata, before))
+        elif key is not None and value is not None:
+            self.store(layer_idx, key[:t], value[:t], kv_cache, attn_metadata)
+        self.attend(layer_idx, query[:t], kv_cache, attn_metadata, output, window)
         return output
+
+    def _recent_prev(self, kv_cache: torch.Tensor, md: RotateKVAttentionMetadata,
+                     before: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The full-precision K/V of the ``R - 1`` positions before each request's step, read from the rings
+        (``rotkv_paged.recent_prev_ref``): called before the step's write and again after it, so the positions in
+        the block the step continues come from before its own ring writes and older blocks from after the
+        writes of the whole step (a block another request of this step fills, reached through prefix caching).
+        None without ring slots (a window of 1 reads the step's own token only)."""
+        if self.runtime.ring_slots == 0:
+            return None
+        _, sinks = self._cache_views(kv_cache)
+        return recent_prev_ref(sinks, md.block_table, md.seq_lens, md.query_start_loc,
+                               spec=self.runtime.paged_spec(0), block_size=kv_cache.shape[2], before=before)

@@ -23,7 +23,7 @@ from rotkv_kernels.rotkv_cache import record_bytes, rotate_half, rotkv_read_ref,
 from rotkv_kernels.rotkv_paged import inverse_rope_ref  # noqa: E402
 from rotkv_vllm import vllm_backend as vb  # noqa: E402
 from rotkv_vllm.calibration import RotateKVCalibration  # noqa: E402
-from rotkv_vllm.config import RotateKVConfig  # noqa: E402
+from rotkv_vllm.config import DEFAULT_RECENT_WINDOW, RotateKVConfig  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -145,7 +145,8 @@ class Engine:
 
     def reference(self, li: int, n: str, upto: int, q: torch.Tensor) -> torch.Tensor:
         """fp64 attention of one query (``[H, D]``) over positions ``0..upto`` of request ``n``, K/V from the
-        kernels' references (write then read), sink positions in the model dtype as produced."""
+        kernels' references (write then read), sink positions and the recent window (positions ``upto - R + 1 ..
+        upto``, the preset's window) in the model dtype as produced."""
         rt, cfg, lay = self.rt, self.rt.config, self.rt.layout
         codec = rt.codec(li)
         k_post = torch.stack(self.hist[n][f"k{li}"][: upto + 1])
@@ -172,6 +173,9 @@ class Engine:
         s = rt.sink_tokens
         kq[:s] = k_post[:s].float()
         vq[:s] = v[:s].float()
+        w = max(0, upto + 1 - rt.recent_window)
+        kq[w:] = k_post[w:].float()
+        vq[w:] = v[w:].float()
         rep = self.h // self.hkv
         kq = kq.double().repeat_interleave(rep, dim=1)  # [S, H, D]
         vq = vq.double().repeat_interleave(rep, dim=1)
@@ -249,7 +253,7 @@ def test_sinks_survive_in_first_block_only():
     _, sinks = eng.impls[0]._cache_views(eng.caches[0].view)
     first = eng.tables["a"][0]
     k = torch.stack(eng.hist["a"]["k0"][:3])
-    assert torch.equal(sinks[first, :, 0], k)
+    assert torch.equal(sinks[first, :3, 0], k)  # the S = 3 sinks come first; the ring slots follow
     # Corrupting the records of the sink positions changes nothing: reads use the sink area.
     eng.caches[0].view[first, 0, :3].fill_(0xFF)
     _check(eng, *eng.step({"a": 1}))
@@ -257,7 +261,8 @@ def test_sinks_survive_in_first_block_only():
 
 def test_packed_layout_byte_count():
     """Bytes per token are exactly the formula: ``W * (bits + 32 / G) / 8`` for K and for V (fp16 scale and
-    zero), plus S sink tokens of 2 * W * 2 bytes per block; the spec hands vLLM exactly that page."""
+    zero), plus S sink tokens and the recent window's R - 1 ring slots of 2 * W * 2 bytes per block; the spec
+    hands vLLM exactly that page."""
     for bits, fmt, per_group in ((2, "fp16", 4), (3, "fp16", 4), (4, "fp16", 4), (2, "fp8", 2)):
         cfg = RotateKVConfig.for_bits(bits, sink_mode="first", max_sink_tokens=4, group_size=128,
                                       value_group_size=128, scale_format=fmt)
@@ -268,11 +273,13 @@ def test_packed_layout_byte_count():
         spec = FullAttentionSpec(block_size=128, num_kv_heads=4, head_size=64, dtype=torch.uint8)
         vb.install_runtime(rt)
         out = vb.RotateKVAttentionBackend.customize_spec(spec)
-        assert out.page_size_bytes == 128 * rt.record_bytes + 4 * 2 * w * 2
+        ring = DEFAULT_RECENT_WINDOW - 1
+        assert rt.ring_slots == ring
+        assert out.page_size_bytes == 128 * rt.record_bytes + (4 + ring) * 2 * w * 2
         assert out.num_heads == 1 and out.state_content_size_bytes == rt.record_bytes
         dense = FullAttentionSpec(block_size=128, num_kv_heads=4, head_size=64, dtype=torch.bfloat16)
         ratio = dense.page_size_bytes / out.page_size_bytes
-        assert ratio == pytest.approx(16 / (per_elem + 4 * 16 / 128), rel=1e-12)
+        assert ratio == pytest.approx(16 / (per_elem + (4 + ring) * 16 / 128), rel=1e-12)
 
 
 def test_boosted_layers_pad_to_largest_record():
@@ -297,7 +304,6 @@ def test_inverse_rope_recovers_pre_rope_keys():
 
 @pytest.mark.parametrize("field,value,needle", [
     ("sink_mode", "topk", "sink_mode='first'"),
-    ("recent_window", 8, "recent_window=0"),
 ])
 def test_refuses_configs_it_cannot_serve(field, value, needle):
     cfg = dataclasses.replace(RotateKVConfig.for_bits(2, sink_mode="first"), **{field: value})
