@@ -37,8 +37,12 @@ packing), so records are byte-identical to ``paged_write_ref`` wherever the rota
 
 ISA: AVX-512 (F/BW/VL/DQ), AVX2 + FMA, or the scalar reference, chosen once from the CPU's features;
 ``isa=`` or ``ROTKV_CPU_ISA=avx512|avx2|scalar`` forces one (tests; asking for more than the CPU has is a
-``ValueError``). A future full-precision recent window would be one more per-item source of keys and
-values, like the sinks.
+``ValueError``).
+
+Recent window (``spec.recent_window = R``): the write stores the records and sinks in C++ and the rings with
+``rotkv_paged.ring_write_ref``; the attention takes each query's last ``R`` positions in full precision
+(``rotkv_paged.recent_window_kv``, values rotated here into the accumulators' basis) as one more source of
+keys and values in split 0, like the sinks, and leaves those positions out of the packed tiles.
 
 Limits (``ValueError`` otherwise): ``head_dim`` a multiple of 16, quantization groups multiples of 8,
 Hadamard cores of order <= 64 (all orders ``m * 2^k`` that ``rotkv_kernels.hadamard`` generates up to 64).
@@ -53,8 +57,14 @@ import os
 
 import torch
 
-from rotkv_kernels.hadamard import _core_matrix, hadamard_factors
-from rotkv_kernels.rotkv_layout import PagedCacheSpec, check_paged_attention_args, check_paged_write_args
+from rotkv_kernels.hadamard import _core_matrix, hadamard_factors, hadamard_transform
+from rotkv_kernels.rotkv_layout import (
+    PagedCacheSpec,
+    check_paged_attention_args,
+    check_paged_write_args,
+    check_recent_args,
+)
+from rotkv_kernels.rotkv_paged import recent_window_kv, ring_write_ref
 
 __all__ = [
     "BUILD_COMMAND",
@@ -137,9 +147,6 @@ def _core(n: int) -> torch.Tensor:
 
 def check_cpu_limits(spec: PagedCacheSpec) -> None:
     """Raise ``ValueError`` unless the CPU kernels serve ``spec`` (module docstring: Limits)."""
-    if spec.recent_window:
-        raise ValueError(f"recent_window={spec.recent_window}: the CPU kernels have no full-precision recent window "
-                         "yet")
     if spec.head_dim % 16:
         raise ValueError(f"head_dim={spec.head_dim}: the CPU kernels need a multiple of 16")
     for name in ("key_group_size", "value_group_size"):
@@ -193,6 +200,8 @@ def paged_write_cpu(
     torch.ops.rotkv.paged_write_cpu(key, value, slot_mapping, records, positions, sinks if spec.sink_tokens else None,
                                     rope_cos, rope_sin, key_perm, key_mean, _core(spec.key_rot_width),
                                     _value_core(spec), _layout(spec), float(spec.key_clip), float(spec.value_clip))
+    if spec.ring_slots:
+        ring_write_ref(key, value, slot_mapping, sinks, spec=spec, block_size=records.shape[1])
 
 
 def paged_attention_cpu(
@@ -213,6 +222,9 @@ def paged_attention_cpu(
     out: torch.Tensor | None = None,
     num_splits: int | None = None,
     isa: str | None = None,
+    recent_key: torch.Tensor | None = None,
+    recent_value: torch.Tensor | None = None,
+    recent_prev: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """C++ :func:`rotkv_paged.paged_attention_ref`: causal attention of every query over its request's packed
     cache (decode, chunked prefill, mixed batches). Op ``rotkv::paged_attention_cpu``.
@@ -232,6 +244,7 @@ def paged_attention_cpu(
     """
     check_paged_attention_args(spec, query, records, block_tables, seq_lens, query_start_loc, sinks, scale, rope_cos,
                                rope_sin, key_perm, key_mean, out_dtype)
+    check_recent_args(spec, recent_key, recent_value, recent_prev, query.shape[0], seq_lens.shape[0], records.device)
     _on_cpu(records)
     check_cpu_limits(spec)
     _require()
@@ -246,10 +259,16 @@ def paged_attention_cpu(
         raise ValueError(f"num_splits={num_splits!r}: must be a positive int or None")
     if seq_lens.shape[0] == 0:
         return out
+    window = None
+    if spec.recent_window:
+        window, _ = recent_window_kv(recent_key, recent_value, recent_prev, query_start_loc, seq_lens, query.shape[0],
+                                     spec.recent_window)
+        if spec.value_rot_width > 1:  # into the accumulators' basis (the kernel rotates the output back)
+            window[:, :, 1] = hadamard_transform(window[:, :, 1], block_size=spec.value_rot_width)
     torch.ops.rotkv.paged_attention_cpu(query, records, block_tables, seq_lens, query_start_loc,
                                         sinks if spec.sink_tokens else None, rope_cos, rope_sin, key_perm, key_mean,
                                         _core(spec.key_rot_width), _value_core(spec), _layout(spec), float(scale),
-                                        int(num_splits or 0), code, out)
+                                        int(num_splits or 0), code, out, window)
     return out
 
 
@@ -266,7 +285,7 @@ if _load() is None:
 
     @torch.library.register_fake("rotkv::paged_attention_cpu")
     def _(query, records, block_tables, seq_lens, query_start_loc, sinks, rope_cos, rope_sin, key_perm, key_mean,
-          key_core, value_core, layout, scale, num_splits, isa, out):
+          key_core, value_core, layout, scale, num_splits, isa, out, window=None):
         return None
 
     @torch.library.register_fake("rotkv::paged_write_cpu")

@@ -202,7 +202,7 @@ void paged_attention_cpu(const at::Tensor& query, const at::Tensor& records, con
                          const std::optional<at::Tensor>& rope_sin, const std::optional<at::Tensor>& key_perm,
                          const std::optional<at::Tensor>& key_mean, const at::Tensor& key_core,
                          const at::Tensor& value_core, at::IntArrayRef layout, double scale, int64_t num_splits,
-                         int64_t isa, at::Tensor& out) {
+                         int64_t isa, at::Tensor& out, const std::optional<at::Tensor>& window) {
   const Layout ly = parse_layout(layout);
   const int64_t run_isa = resolve_isa(isa);
   TORCH_CHECK(records.scalar_type() == at::kByte && records.dim() == 3 && records.stride(2) == 1,
@@ -316,6 +316,15 @@ void paged_attention_cpu(const at::Tensor& query, const at::Tensor& records, con
   if (key_mean.has_value()) {
     mean32 = key_mean->to(at::kFloat).contiguous();
     P.key_mean = mean32.data_ptr<float>();
+  }
+  at::Tensor win32;
+  if (window.has_value()) {
+    win32 = window->to(at::kFloat).contiguous();
+    TORCH_CHECK(win32.dim() == 5 && win32.size(0) >= T && win32.size(2) == 2 && win32.size(3) == ly.H &&
+                    win32.size(4) == D && win32.size(1) > 0,
+                "window: expected fp32 [>= T, R, 2, H, D]");
+    P.window_kv = win32.data_ptr<float>();
+    P.window = static_cast<int>(win32.size(1));
   }
   P.part_m = pm.data_ptr<float>();
   P.part_l = pl.data_ptr<float>();
@@ -548,7 +557,7 @@ TORCH_LIBRARY_FRAGMENT(rotkv, m) {
       "paged_attention_cpu(Tensor query, Tensor records, Tensor block_tables, Tensor seq_lens, "
       "Tensor query_start_loc, Tensor? sinks, Tensor? rope_cos, Tensor? rope_sin, Tensor? key_perm, "
       "Tensor? key_mean, Tensor key_core, Tensor value_core, int[] layout, float scale, int num_splits, "
-      "int isa, Tensor(a!) out) -> ()");
+      "int isa, Tensor(a!) out, Tensor? window=None) -> ()");
   m.def(
       "paged_write_cpu(Tensor key, Tensor value, Tensor slot_mapping, Tensor(a!) records, Tensor? positions, "
       "Tensor(b!)? sinks, Tensor? rope_cos, Tensor? rope_sin, Tensor? key_perm, Tensor? key_mean, "

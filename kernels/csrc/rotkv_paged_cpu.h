@@ -59,6 +59,11 @@ struct AttnParams {
   int rope_width = 0;
   const int64_t* key_perm = nullptr;  // stored channel i holds natural channel key_perm[i]; or null
   const float* key_mean = nullptr;    // fp32 [W] pre-RoPE key mean (natural order); or null
+  // Recent window: each query reads its last `window` positions from here in full precision instead of the
+  // records: fp32 [T, window, 2, H, D] contiguous, entry i of a query at position p is position p - window + 1 + i
+  // (K post-RoPE, V already rotated into the accumulators' basis); or null (window 0).
+  const float* window_kv = nullptr;
+  int window = 0;
 
   // ---- partial results, one per (token, query head, split) ------------------------------------------------
   float* part_m = nullptr;    // [T, Hq, ns] running max (base-2 logits)

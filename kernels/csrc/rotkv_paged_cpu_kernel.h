@@ -352,7 +352,8 @@ void attend_item_t(const AttnParams& P, const WorkItem& w) {
     m[k] = kNegInf;
     l[k] = 0.0f;
     const int64_t qpos = first_pos + (w.tok_lo + k / per_tok - q0);
-    lim[k] = static_cast<float>(std::min(qpos, hi - 1));
+    // the recent window's positions come from window_kv (below), not from the records or the sinks
+    lim[k] = static_cast<float>(std::min(qpos - P.window, hi - 1));
   }
   std::memset(acc, 0, size_t(R) * D * 4);
 
@@ -385,6 +386,29 @@ void attend_item_t(const AttnParams& P, const WorkItem& w) {
             for (int c = 0; c < D; ++c) a[c] = a[c] * alpha + pj * vv[c];
             m[k] = mn;
           }
+      }
+    }
+  }
+
+  if (w.split == 0 && P.window > 0) {
+    // recent window: full-precision K (post-RoPE) and V (already in the accumulators' basis) of each query's
+    // last `window` positions, like the sinks
+    for (int k = 0; k < R; ++k) {
+      const int ti = k / per_tok, hl = (k % per_tok) / qpk;
+      const int64_t tok = w.tok_lo + ti, qpos = first_pos + (tok - q0);
+      const float* q = q_row(k);
+      for (int i = 0; i < P.window; ++i) {
+        if (qpos - P.window + 1 + i < 0) continue;
+        const float* kk = P.window_kv + ((tok * P.window + i) * 2 * H + (w.rot * g + hl)) * D;
+        const float* vv = kk + static_cast<int64_t>(H) * D;
+        float s = 0.0f;
+        for (int c = 0; c < D; ++c) s += q[c] * kk[c];
+        const float mn = std::max(m[k], s);
+        const float alpha = std::exp2(m[k] - mn), pj = std::exp2(s - mn);
+        l[k] = l[k] * alpha + pj;
+        float* a = acc + static_cast<size_t>(k) * D;
+        for (int c = 0; c < D; ++c) a[c] = a[c] * alpha + pj * vv[c];
+        m[k] = mn;
       }
     }
   }

@@ -254,3 +254,63 @@ def _on_device(steps: Steps, dev) -> Steps:
     s.tables, s.cos, s.sin = steps.tables.to(dev), steps.cos.to(dev), steps.sin.to(dev)
     s.perm, s.mean = steps.perm.to(dev), steps.mean.to(dev)
     return s
+
+
+@pytest.mark.parametrize("window", [1, 4])
+def test_cpp_write_and_attention_match_reference_with_window(window):
+    from rotkv_kernels.rotkv_paged_cpu import cpu_kernels_status, paged_attention_cpu, paged_write_cpu
+
+    if cpu_kernels_status() is not None:
+        pytest.fail(f"the C++ CPU kernels are not built: {cpu_kernels_status()}")
+    spec = _spec(window)
+    steps = Steps(spec, seed=30 + window)
+    ref_cache = alloc_paged_cache(spec, 40, BS, torch.float32, fill=0xFF)
+    cache = alloc_paged_cache(spec, 40, BS, torch.float32, fill=0xFF)
+    for chunks in SCHEDULE:
+        st = steps.step(chunks)
+        prev_ref = _write(spec, ref_cache, steps, st)
+        prev = _write(spec, cache, steps, st, write=paged_write_cpu)
+        # The full-precision area (sinks and rings) is copied as given: identical bytes.
+        torch.testing.assert_close(cache.sinks, ref_cache.sinks, rtol=0, atol=0, equal_nan=True)
+        if prev is not None:
+            assert torch.equal(prev, prev_ref)
+        cache.records.copy_(ref_cache.records)  # attend over the same bytes (Gaussian keys: see the Triton test)
+        ref = _ref(spec, ref_cache, steps, st, prev_ref)
+        n = st["num_tokens"]
+        out = torch.full((n + 2, HQ, D), 7.0)
+        paged_attention_cpu(st["query"], cache.records, steps.tables, st["seq_lens"], st["qsl"], spec=spec,
+                            scale=D ** -0.5, sinks=cache.sinks, rope_cos=steps.cos, rope_sin=steps.sin,
+                            key_perm=steps.perm, key_mean=steps.mean, out_dtype=torch.float32, out=out,
+                            num_splits=2, recent_key=st["key"], recent_value=st["value"], recent_prev=prev)
+        # fp32 kernel vs the fp64 reference over at most ~60 keys of |v| < 5 (paged_cases.attention_bound derives
+        # the general bound for the C++ kernels; below 1e-5 at these sizes).
+        torch.testing.assert_close(out[:n], ref[:n], rtol=0, atol=2e-5)
+        assert torch.equal(out[n:], torch.full((2, HQ, D), 7.0))
+
+
+def test_spec_counts_the_rings_in_the_page_and_validates_the_window():
+    spec = _spec(4, sinks=2)
+    assert (spec.ring_slots, spec.fp_slots) == (3, 5)
+    # page = records + (S + R - 1) full-precision tokens of K and V in the model dtype
+    assert spec.page_bytes(BS, torch.bfloat16) == BS * spec.record_bytes + 5 * 2 * spec.width * 2
+    cache = alloc_paged_cache(spec, 3, BS, torch.bfloat16)
+    assert tuple(cache.sinks.shape) == (3, 5, 2, H, D)
+    assert cache.raw.numel() == 3 * spec.page_bytes(BS, torch.bfloat16)
+    assert PagedCacheSpec.from_json(spec.to_json()) == spec
+    assert _spec(1).ring_slots == 0  # a window of 1 reads the step's own token only: no ring
+    assert _spec(1).page_bytes(BS, torch.float32) == _spec(0).page_bytes(BS, torch.float32)
+    with pytest.raises(ValueError, match="recent_window"):
+        _spec(-1)
+    with pytest.raises(ValueError, match="ring slots"):
+        alloc_paged_cache(_spec(BS + 2), 2, BS, torch.float32)
+    # the attention refuses a window without the step's K/V, and K/V without a window
+    st = Steps(spec).step(SCHEDULE[0])
+    c = alloc_paged_cache(spec, 40, BS, torch.float32)
+    with pytest.raises(ValueError, match="recent_key"):
+        paged_attention_ref(st["query"], c.records, torch.zeros(3, 4, dtype=torch.int32), st["seq_lens"], st["qsl"],
+                            spec=spec, scale=1.0, sinks=c.sinks)
+    plain = alloc_paged_cache(_spec(0), 40, BS, torch.float32)
+    with pytest.raises(ValueError, match="recent_window == 0"):
+        paged_attention_ref(st["query"], plain.records, torch.zeros(3, 4, dtype=torch.int32), st["seq_lens"],
+                            st["qsl"], spec=_spec(0), scale=1.0, sinks=plain.sinks, recent_key=st["key"],
+                            recent_value=st["value"])

@@ -2,7 +2,13 @@ import json
 
 import pytest
 
-from rotkv_vllm.config import RotateKVConfig, RotateKVLayout, config_for_cache_dtype
+from rotkv_vllm.config import (
+    DEFAULT_RECENT_WINDOW,
+    KV_CACHE_DTYPES,
+    RotateKVConfig,
+    RotateKVLayout,
+    config_for_cache_dtype,
+)
 
 
 @pytest.mark.parametrize(
@@ -49,6 +55,12 @@ def test_unknown_field_rejected():
 
 def test_cache_dtype_names():
     assert config_for_cache_dtype("rotkv3").key_bits == 3
+    # key/value presets in vLLM's naming style; every preset keeps the default full-precision recent window
+    k3v2 = config_for_cache_dtype("rotkv_k3v2")
+    assert (k3v2.key_bits, k3v2.value_bits) == (3, 2)
+    assert {config_for_cache_dtype(n).recent_window for n in KV_CACHE_DTYPES} == {DEFAULT_RECENT_WINDOW}
+    assert config_for_cache_dtype("rotkv2", recent_window=0).recent_window == 0
+    assert RotateKVConfig().recent_window == 0  # calibration configs (and their files) are unchanged
     with pytest.raises(ValueError, match="rotkv2"):
         config_for_cache_dtype("rotkv8")
 

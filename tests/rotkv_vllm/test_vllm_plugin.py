@@ -14,7 +14,7 @@ pytest.importorskip("vllm")
 from rotkv_vllm import vllm_plugin  # noqa: E402
 from rotkv_vllm.vllm_backend import RotateKVAttentionBackend  # noqa: E402
 
-ROTKV = ("rotkv2", "rotkv3", "rotkv4")
+ROTKV = ("rotkv2", "rotkv3", "rotkv4", "rotkv_k3v2", "rotkv_k4v2")
 
 
 @pytest.fixture(scope="module", autouse=True)
