@@ -51,6 +51,8 @@ __all__ = [
     "check_paged_attention_args",
     "check_block_size",
     "check_recent_args",
+    "token_positions",
+    "recent_window_kv",
 ]
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -510,3 +512,61 @@ def check_recent_args(spec: PagedCacheSpec, recent_key, recent_value, recent_pre
                              f"{device} (rotkv_paged.recent_prev_ref), got {_tensor_desc(recent_prev)}")
     elif recent_prev is not None:
         raise ValueError("recent_prev: given, but recent_window=1 has no ring; pass None")
+
+
+# ---- a step's token positions and recent window (shared by the reference and every kernel) ----------------
+
+
+def token_positions(query_start_loc: torch.Tensor, seq_lens: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """``int64 [num_tokens]``: position of each token in its sequence, computed where the inputs live (no
+    host synchronization on CUDA).
+
+    Token ``t`` of request ``r`` (``qsl[r] <= t < qsl[r + 1]``) sits at ``seq_lens[r] - q_len[r] + t -
+    qsl[r]`` (the attention's convention above); padding tokens (``t >= qsl[R]``) get 0, a valid row of any
+    RoPE table.
+    """
+    qsl = query_start_loc.to(torch.int64)
+    seq = seq_lens.to(torch.int64)
+    r = seq.shape[0]
+    tok = torch.arange(num_tokens, device=qsl.device, dtype=torch.int64)
+    if r == 0:
+        return torch.zeros_like(tok)
+    req = torch.searchsorted(qsl[1:], tok, right=True).clamp_(max=r - 1)
+    before = seq - (qsl[1:] - qsl[:-1])
+    pos = before[req] + tok - qsl[req]
+    return torch.where(tok < qsl[r], pos, 0)
+
+
+def recent_window_kv(recent_key: torch.Tensor, recent_value: torch.Tensor, recent_prev: torch.Tensor | None,
+                     query_start_loc: torch.Tensor, seq_lens: torch.Tensor, num_tokens: int, window: int
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each query's recent window in full precision, gathered from the step's K/V and ``recent_prev``.
+
+    Returns:
+        ``kv [T, R, 2, H, D]`` (fp32; entry ``i`` of query ``t`` at position ``pos_t`` is position
+        ``pos_t - R + 1 + i``: K post-RoPE as given, V) and ``valid bool [T, R]`` (the position exists, and the
+        token is a real query, not padding).
+    """
+    dev = recent_key.device
+    qsl = query_start_loc.to(torch.int64)
+    seq = seq_lens.to(torch.int64)
+    nreq = seq.shape[0]
+    pos = token_positions(qsl, seq, num_tokens)  # [T]
+    tok = torch.arange(num_tokens, device=dev)
+    req = torch.searchsorted(qsl[1:], tok, right=True).clamp_(max=max(nreq - 1, 0))
+    is_query = tok < qsl[nreq] if nreq else torch.zeros_like(tok, dtype=torch.bool)
+    p0 = (seq - (qsl[1:] - qsl[:-1]))[req] if nreq else torch.zeros_like(tok)
+    kpos = pos.unsqueeze(1) - window + 1 + torch.arange(window, device=dev)  # [T, R]
+    valid = (kpos >= 0) & is_query.unsqueeze(1)
+    in_step = kpos >= p0.unsqueeze(1)
+    step_idx = (qsl[req].unsqueeze(1) + kpos - p0.unsqueeze(1)).clamp(0, max(num_tokens - 1, 0))
+    step_kv = torch.stack((recent_key[:num_tokens], recent_value[:num_tokens]), dim=1).to(torch.float32)
+    kv = step_kv[step_idx]  # [T, R, 2, H, D]
+    if recent_prev is not None and window > 1:
+        prev_idx = (kpos - p0.unsqueeze(1) + window - 1).clamp(0, window - 2)
+        prev = recent_prev.to(torch.float32)[req.unsqueeze(1), prev_idx]
+        kv = torch.where(in_step[..., None, None, None], kv, prev)
+    elif window > 1:
+        raise ValueError("recent_prev is needed for a recent window longer than 1")
+    kv = torch.where(valid[..., None, None, None], kv, 0.0)
+    return kv, valid

@@ -62,6 +62,8 @@ from rotkv_kernels.rotkv_layout import (  # the layout's public names are re-exp
     check_paged_write_args,
     check_recent_args,
     paged_cache_views,
+    recent_window_kv,
+    token_positions,
 )
 
 __all__ = [
@@ -246,41 +248,6 @@ def recent_prev_ref(
     return out
 
 
-def recent_window_kv(recent_key: torch.Tensor, recent_value: torch.Tensor, recent_prev: torch.Tensor | None,
-                     query_start_loc: torch.Tensor, seq_lens: torch.Tensor, num_tokens: int, window: int
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each query's recent window in full precision, gathered from the step's K/V and ``recent_prev``.
-
-    Returns:
-        ``kv [T, R, 2, H, D]`` (fp32; entry ``i`` of query ``t`` at position ``pos_t`` is position
-        ``pos_t - R + 1 + i``: K post-RoPE as given, V) and ``valid bool [T, R]`` (the position exists, and the
-        token is a real query, not padding).
-    """
-    dev = recent_key.device
-    qsl = query_start_loc.to(torch.int64)
-    seq = seq_lens.to(torch.int64)
-    nreq = seq.shape[0]
-    pos = token_positions(qsl, seq, num_tokens)  # [T]
-    tok = torch.arange(num_tokens, device=dev)
-    req = torch.searchsorted(qsl[1:], tok, right=True).clamp_(max=max(nreq - 1, 0))
-    is_query = tok < qsl[nreq] if nreq else torch.zeros_like(tok, dtype=torch.bool)
-    p0 = (seq - (qsl[1:] - qsl[:-1]))[req] if nreq else torch.zeros_like(tok)
-    kpos = pos.unsqueeze(1) - window + 1 + torch.arange(window, device=dev)  # [T, R]
-    valid = (kpos >= 0) & is_query.unsqueeze(1)
-    in_step = kpos >= p0.unsqueeze(1)
-    step_idx = (qsl[req].unsqueeze(1) + kpos - p0.unsqueeze(1)).clamp(0, max(num_tokens - 1, 0))
-    step_kv = torch.stack((recent_key[:num_tokens], recent_value[:num_tokens]), dim=1).to(torch.float32)
-    kv = step_kv[step_idx]  # [T, R, 2, H, D]
-    if recent_prev is not None and window > 1:
-        prev_idx = (kpos - p0.unsqueeze(1) + window - 1).clamp(0, window - 2)
-        prev = recent_prev.to(torch.float32)[req.unsqueeze(1), prev_idx]
-        kv = torch.where(in_step[..., None, None, None], kv, prev)
-    elif window > 1:
-        raise ValueError("recent_prev is needed for a recent window longer than 1")
-    kv = torch.where(valid[..., None, None, None], kv, 0.0)
-    return kv, valid
-
-
 def _decode_context(spec: PagedCacheSpec, records, sinks, table_row, length, rope_cos, rope_sin, key_perm,
                     key_mean) -> tuple[torch.Tensor, torch.Tensor]:
     """fp32 ``[L, H, D]`` K (post-RoPE) and V of positions ``0..L-1`` of one sequence, sinks substituted."""
@@ -412,26 +379,6 @@ def paged_decode_ref(
     """Decode: one query per sequence (``query [B, Hq, D]``); :func:`paged_attention_ref` with ``q_len = 1``."""
     qsl = torch.arange(seq_lens.shape[0] + 1, device=seq_lens.device, dtype=seq_lens.dtype)
     return paged_attention_ref(query, records, block_tables, seq_lens, qsl, spec=spec, scale=scale, **kw)
-
-
-def token_positions(query_start_loc: torch.Tensor, seq_lens: torch.Tensor, num_tokens: int) -> torch.Tensor:
-    """``int64 [num_tokens]``: position of each token in its sequence, computed where the inputs live (no
-    host synchronization on CUDA).
-
-    Token ``t`` of request ``r`` (``qsl[r] <= t < qsl[r + 1]``) sits at ``seq_lens[r] - q_len[r] + t -
-    qsl[r]`` (the attention's convention above); padding tokens (``t >= qsl[R]``) get 0, a valid row of any
-    RoPE table.
-    """
-    qsl = query_start_loc.to(torch.int64)
-    seq = seq_lens.to(torch.int64)
-    r = seq.shape[0]
-    tok = torch.arange(num_tokens, device=qsl.device, dtype=torch.int64)
-    if r == 0:
-        return torch.zeros_like(tok)
-    req = torch.searchsorted(qsl[1:], tok, right=True).clamp_(max=r - 1)
-    before = seq - (qsl[1:] - qsl[:-1])
-    pos = before[req] + tok - qsl[req]
-    return torch.where(tok < qsl[r], pos, 0)
 
 
 # ---- dispatch -----------------------------------------------------------------------------------------

@@ -63,8 +63,9 @@ from rotkv_kernels.rotkv_layout import (
     check_paged_attention_args,
     check_paged_write_args,
     check_recent_args,
+    recent_window_kv,
 )
-from rotkv_kernels.rotkv_paged import recent_window_kv, ring_write_ref
+from rotkv_kernels.rotkv_paged import ring_write_ref
 
 __all__ = [
     "BUILD_COMMAND",

@@ -234,7 +234,7 @@ def _window_partial(query, recent_key, recent_value, recent_prev, query_start_lo
     conventions (scores in log2, ``acc`` in the values' rotated basis), written into ``pm/pl [T, Hq]`` and
     ``pacc [T, Hq, D]``: ``R`` full-precision keys per query, a few PyTorch operations on the device."""
     from rotkv_kernels.hadamard import hadamard_transform
-    from rotkv_kernels.rotkv_paged import recent_window_kv
+    from rotkv_kernels.rotkv_layout import recent_window_kv
 
     kv, valid = recent_window_kv(recent_key, recent_value, recent_prev, query_start_loc, seq_lens, num_tokens,
                                  spec.recent_window)
