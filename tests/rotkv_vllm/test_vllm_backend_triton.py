@@ -112,6 +112,7 @@ class Twin:
         self.free = torch.randperm(num_blocks, generator=self.gen).tolist()  # scattered physical blocks
         self.tables: dict[str, list[int]] = {}
         self.lens: dict[str, int] = {}
+        self.hist: dict[tuple[int, str], list[torch.Tensor]] = {}  # (layer, request) -> K/V [2, H, D] per position
         kw = dict(num_blocks=num_blocks, block_size=block_size, heads=heads)
         self.torch = Backend(rt, "torch", monkeypatch, **kw)
         self.triton = Backend(rt, "triton", monkeypatch, precision=precision, **kw)
@@ -170,8 +171,29 @@ class Twin:
                 be.impls[li].forward(layer, q, k, v, be.caches[li].kv_cache, md, out)
                 pair.append(out)
             outs.append((pair[0], pair[1], q))
-        step = dict(t=t, qsl=qsl, seq=seq, table=table, md_torch=md_torch, md_tri=md_tri, positions=positions)
+            j = 0
+            for name in names:
+                for _ in range(work[name]):
+                    self.hist.setdefault((li, name), []).append(torch.stack((k[j], v[j])))
+                    j += 1
+        step = dict(t=t, qsl=qsl, seq=seq, table=table, md_torch=md_torch, md_tri=md_tri, positions=positions,
+                    names=names, before=before)
         return outs, step
+
+    def window(self, li: int, step) -> tuple:
+        """The recent window's full-precision inputs of ``step`` from the steps' own K/V (never from the rings):
+        the step's tokens ``[T, H, D]`` (zero rows for the padding tokens) and the ``R - 1`` positions before each
+        request's step (zeros before position 0)."""
+        sp = self.rt.paged_spec(li)
+        r = sp.recent_window
+        own = torch.cat([torch.stack(self.hist[(li, nm)][b:]) for nm, b in zip(step["names"], step["before"])])
+        prev = torch.zeros(len(step["names"]), r - 1, 2, sp.num_kv_heads, sp.head_dim, dtype=torch.bfloat16)
+        for i, (nm, b) in enumerate(zip(step["names"], step["before"])):
+            for j, p_ in enumerate(range(b - (r - 1), b)):
+                if p_ >= 0:
+                    prev[i, j] = self.hist[(li, nm)][p_]
+        own = torch.cat([own, own.new_zeros(step["positions"].shape[0] - own.shape[0], *own.shape[1:])])  # padding
+        return own[:, 0], own[:, 1], (prev if r > 1 else None)
 
     def check_attention(self, li: int, out_torch, out_tri, q, step, cache=None):
         """Both outputs against the float64 reference over ``cache`` (default: the torch backend's), and
@@ -183,6 +205,9 @@ class Twin:
         p = rt.kernel_params(li, torch.device("cpu"))
         kw = dict(spec=sp, scale=sp.head_dim ** -0.5, sinks=cache.sinks, rope_cos=p.rope_cos, rope_sin=p.rope_sin,
                   key_perm=p.key_perm, key_mean=p.key_mean)
+        if sp.recent_window:
+            key, value, prev = self.window(li, step)
+            kw.update(recent_key=key, recent_value=value, recent_prev=prev)
         ref = paged_attention_ref(q[:n_q], cache.records, step["table"], torch.tensor(step["seq"]), qsl,
                                   out_dtype=torch.float32, **kw).double()
         assert torch.isfinite(ref).all()
@@ -253,7 +278,7 @@ def test_fused_attend_on_gaussian_cache_real_rope(interpreter, monkeypatch):
         o_torch, _, q = outs[0]
         out = torch.full_like(o_torch, float("nan"))
         # the fused attention alone, over the torch path's records (already holding this step's tokens)
-        twin.triton.impls[0].attend(0, q, twin.torch.caches[0].kv_cache, step["md_tri"], out)
+        twin.triton.impls[0].attend(0, q, twin.torch.caches[0].kv_cache, step["md_tri"], out, twin.window(0, step))
         twin.check_attention(0, o_torch, out, q, step, cache=twin.torch.caches[0])
 
 
