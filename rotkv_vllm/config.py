@@ -15,15 +15,19 @@ from rotkv_kernels.hadamard import has_hadamard
 from rotkv_kernels.quant import SCALE_FORMATS, SUPPORTED_BITS, bits_per_element, default_clip_ratio
 
 __all__ = ["RotateKVConfig", "RotateKVLayout", "CONFIG_VERSION", "KVCachePreset", "KV_CACHE_DTYPES",
-           "DEFAULT_RECENT_WINDOW", "config_for_cache_dtype"]
+           "DEFAULT_RECENT_WINDOW", "DEFAULT_BLOCK_SIZE", "config_for_cache_dtype"]
 
 CONFIG_VERSION = 1
 
-# The full-precision recent window every --kv-cache-dtype preset keeps: each query reads its last 2 keys (itself
-# and the token before it) in full precision. The vLLM cache pays one model-dtype K/V token per page for it
-# (2 * 192 * 2 bytes per block of 128 tokens on SmolLM2: 6 bytes per token, 104 -> 110 + 6), which keeps
-# rotkv2 above 6.5x the capacity of a bf16 cache; benchmarks/kv_ppl.py rotkv2+recentR measures the choice.
-DEFAULT_RECENT_WINDOW = 2
+# The full-precision recent window every --kv-cache-dtype preset keeps: each query reads its last 4 keys (itself
+# and the 3 tokens before it) in full precision. The vLLM cache pays R - 1 = 3 model-dtype K/V tokens per page
+# for it, so the presets default to pages of DEFAULT_BLOCK_SIZE = 256 tokens (vLLM's CPU default is 128): on
+# SmolLM2 (W = 192, 104-byte records, 1 sink) a page is 256 * 104 + (1 + 3) * 768 bytes, 116 bytes per token,
+# 6.62x the tokens of a bf16 cache (768 bytes per token); at 128 tokens per page only a window of 2 fits above
+# 6.5x. Measured with benchmarks/kv_ppl.py (rotkv2+recentR) and benchmarks/vllm_ppl.py: a window of 2 leaves
+# rotkv2 at 1.26x auto's perplexity through vLLM, 4 brings it to the reference's 1.23x.
+DEFAULT_RECENT_WINDOW = 4
+DEFAULT_BLOCK_SIZE = 256
 
 
 @dataclass(frozen=True)

@@ -110,7 +110,7 @@ from rotkv_kernels.rotkv_paged_triton import (
     paged_write_triton,
     plan_paged_attention,
 )
-from rotkv_vllm.config import KV_CACHE_DTYPES
+from rotkv_vllm.config import DEFAULT_BLOCK_SIZE, KV_CACHE_DTYPES
 from rotkv_vllm.runtime import (
     ATTENTION_IMPL_ENV,
     TRITON_PRECISION_ENV,  # noqa: F401  (re-exported: the backend's environment variables)
@@ -314,6 +314,12 @@ class RotateKVAttentionBackend(AttentionBackend):
     @staticmethod
     def get_supported_kernel_block_sizes(kv_cache_spec=None) -> list[int | MultipleOf]:
         return [MultipleOf(16)]
+
+    @classmethod
+    def get_preferred_block_size(cls, default_block_size: int) -> int:
+        """:data:`rotkv_vllm.config.DEFAULT_BLOCK_SIZE` tokens per page (the recent window's ring is per page;
+        the CPU platform gets the same default from ``vllm_plugin``)."""
+        return DEFAULT_BLOCK_SIZE
 
     @classmethod
     def supports_head_size(cls, head_size: int) -> bool:

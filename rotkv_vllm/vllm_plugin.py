@@ -29,7 +29,10 @@ with a full-precision recent window, see :data:`rotkv_vllm.config.KV_CACHE_DTYPE
    TPU, out-of-tree) are refused;
 5. weight loading: the calibration's tensor file sits next to the weights, and vLLM's default loader
    reads every ``*.safetensors`` of a model folder that has no ``model.safetensors.index.json``; the
-   loader's safetensors file filter drops the calibration file, whatever the dtype.
+   loader's safetensors file filter drops the calibration file, whatever the dtype;
+6. the block size: rotkv dtypes default to pages of ``rotkv_vllm.config.DEFAULT_BLOCK_SIZE`` tokens (the recent
+   window's ring is per page) unless ``--block-size`` is given: the CPU platform's ``check_and_update_config``
+   is wrapped; on CUDA the backend's ``get_preferred_block_size`` says it.
 
 Unknown dtypes are still rejected by vLLM's own argparse/pydantic messages, which now list the
 rotkv names among the valid choices.
@@ -98,6 +101,7 @@ def register() -> None:
     _register_backend()
     _route_backend_selection()
     _skip_calibration_file_when_loading()
+    _default_block_size()
     _registered = True
     logger.info("rotkv: registered --kv-cache-dtype %s with the %s attention backend",
                 "/".join(ROTKV_FORMATS), BACKEND_NAME)
@@ -309,3 +313,26 @@ def _skip_calibration_file_when_loading() -> None:
     filter_duplicate_safetensors_files._rotkv_wrapped = True  # type: ignore[attr-defined]
     default_loader.filter_duplicate_safetensors_files = filter_duplicate_safetensors_files
 
+
+# ---- 6. block size ------------------------------------------------------------------------------
+def _default_block_size() -> None:
+    """Pages of :data:`rotkv_vllm.config.DEFAULT_BLOCK_SIZE` tokens for rotkv dtypes unless ``--block-size`` is
+    given: each page holds the recent window's ring, so larger pages spend fewer bytes per token on it. The CPU
+    platform sets 128 in ``check_and_update_config`` (wrapped here: it runs where the config is built, before
+    any worker starts); CUDA asks the backend (``RotateKVAttentionBackend.get_preferred_block_size``)."""
+    from vllm.platforms.cpu import CpuPlatform
+
+    from rotkv_vllm.config import DEFAULT_BLOCK_SIZE
+
+    original = CpuPlatform.__dict__["check_and_update_config"].__func__
+    if getattr(original, "_rotkv_wrapped", False):
+        return
+
+    def check_and_update_config(cls, vllm_config) -> None:
+        original(cls, vllm_config)
+        cc = vllm_config.cache_config
+        if is_rotkv_cache_dtype(cc.cache_dtype) and not cc.user_specified_block_size:
+            cc.block_size = DEFAULT_BLOCK_SIZE
+
+    check_and_update_config._rotkv_wrapped = True  # type: ignore[attr-defined]
+    CpuPlatform.check_and_update_config = classmethod(check_and_update_config)

@@ -12,6 +12,7 @@ import torch
 pytest.importorskip("vllm")
 
 from rotkv_vllm import vllm_plugin  # noqa: E402
+from rotkv_vllm.config import DEFAULT_BLOCK_SIZE  # noqa: E402
 from rotkv_vllm.vllm_backend import RotateKVAttentionBackend  # noqa: E402
 
 ROTKV = ("rotkv2", "rotkv3", "rotkv4", "rotkv_k3v2", "rotkv_k4v2")
@@ -84,6 +85,12 @@ def test_engine_args_path_used_by_llm(tmp_path):
         pytest.skip("bundled model not converted")
     cfg = EngineArgs(model=str(model), kv_cache_dtype="rotkv2", max_model_len=256).create_engine_config()
     assert cfg.cache_config.cache_dtype == "rotkv2"
+    # rotkv pages default to DEFAULT_BLOCK_SIZE tokens (the recent window's ring is per page); --block-size wins
+    assert cfg.cache_config.block_size == DEFAULT_BLOCK_SIZE != 128
+    given = EngineArgs(model=str(model), kv_cache_dtype="rotkv2", max_model_len=256, block_size=128)
+    assert given.create_engine_config().cache_config.block_size == 128
+    auto = EngineArgs(model=str(model), kv_cache_dtype="auto", max_model_len=256).create_engine_config()
+    assert auto.cache_config.block_size == 128  # other dtypes keep the platform's default
     with pytest.raises(Exception, match="rotkv2"):  # pydantic lists the valid values, ours included
         EngineArgs(model=str(model), kv_cache_dtype="rotkv1", max_model_len=256).create_engine_config()
 
