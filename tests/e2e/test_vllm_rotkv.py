@@ -99,12 +99,13 @@ def jobs(served_model, windows, prompts) -> dict[str, dict]:
 # ---- capacity -------------------------------------------------------------------------------------
 def _expected_tokens(served_model, dtype: str) -> int:
     """Tokens the planner must fit in KV_GIB, from first principles (not from the backend's code):
-    per layer and block of ``B = 128`` tokens (vLLM's CPU default), ``B`` records of
+    per layer and block of ``B`` tokens (128, vLLM's CPU default, for auto; the presets' 256 for rotkv), ``B``
+    records of
     ``C = sum over K, V of (W * bits / 8 + W / G * z)`` bytes (``z`` = 4 for an fp16 scale + fp16 zero per
     group of ``G``, 2 for e4m3 + uint8), rounded up to even, plus ``S`` sink tokens and the preset's recent
     window's ``R - 1`` ring slots, each ``2 * W * 2`` bytes (bf16 K and V)."""
     from rotkv_vllm.calibration import load_calibration
-    from rotkv_vllm.config import KV_CACHE_DTYPES
+    from rotkv_vllm.config import DEFAULT_BLOCK_SIZE, KV_CACHE_DTYPES
 
     cal = load_calibration(served_model)
     cfg, info = cal.config, cal.model_info
@@ -120,7 +121,7 @@ def _expected_tokens(served_model, dtype: str) -> int:
         c += c % 2
         sinks = cfg.max_sink_tokens if cfg.sink_mode == "first" else 0
         ring = max(KV_CACHE_DTYPES[dtype].recent_window - 1, 0)
-        block = 128
+        block = DEFAULT_BLOCK_SIZE
         page = block * c + (sinks + ring) * 2 * w * 2
     return (KV_GIB << 30) // (layers * page) * block
 
