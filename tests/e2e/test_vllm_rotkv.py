@@ -172,7 +172,7 @@ def _vllm_ppl(model_dir, kv_dtype: str, windows) -> float:
 def fp32_rotkv2(served_model, ppl_windows, prompts) -> dict[str, dict]:
     """fp32 rotkv2 engines on the fused C++ kernels (the CPU default) and on the PyTorch path
     (``ROTKV_ATTENTION_IMPL``): perplexity of ``ppl_windows`` and 16 greedy tokens of each prompt."""
-    tasks = [{"kind": "ppl", "windows": ppl_windows}, {"kind": "greedy", "prompts": prompts, "max_new": 16}]
+    tasks = [{"kind": "ppl", "windows": ppl_windows}, {"kind": "greedy", "prompts": prompts, "max_new": 16, "top": 2}]
     llm = _engine(served_model, "rotkv2", dtype="float32")
     return {impl: run_job(llm, tasks, env={"ROTKV_ATTENTION_IMPL": impl}) for impl in ("cpp", "torch")}
 
@@ -205,19 +205,33 @@ def test_perplexity_through_vllm_matches_reference(served_model, ppl_windows, re
         assert abs(ratio - 1) < PPL_BOUND[dt]
 
 
+TIE_NATS = 0.5  # a "near tie" between the two best tokens (measured gaps at divergences: 0.10-0.21 nats)
+
+
 def test_cpp_kernels_and_pytorch_path_agree_through_the_engine(fp32_rotkv2):
-    """The same fp32 engine on the fused C++ kernels and on the PyTorch path: the stores write identical bytes
-    and the two attentions differ by fp32 summation order only (~1e-6 relative), so the greedy tokens must be
-    identical and the perplexities equal to far inside the 4% band a 1e-6 perturbation can open (derived
-    above): 0.5% here."""
+    """The same fp32 engine on the fused C++ kernels and on the PyTorch path. The stores write the same bytes
+    wherever the rotation's sums are exact and the attentions differ in fp32 summation order, so the two are
+    "equal" only up to the 2-bit noise a rounding-sized difference opens (derived above: a 2-bit code on a
+    rounding boundary flips and the flip propagates; 1e-6 weight noise moved perplexity by up to 1.6%).
+    Measured on 8 prompts x 16 tokens: 6 continuations identical (same-token logprobs within 1e-5, one 0.15
+    after a flip), 2 diverging at their first token between the same two candidates 0.10-0.21 nats apart.
+    So: perplexities within the 4% band, and each greedy continuation identical up to a divergence that is a
+    near tie (``TIE_NATS``) between the same two tokens in both paths; a wrong kernel moves logprobs by nats."""
     cpp, ref = fp32_rotkv2["cpp"], fp32_rotkv2["torch"]
     ratio = cpp["ppl"] / ref["ppl"]
     first, exact, pref = _agreement(ref["greedy"], cpp["greedy"])
-    lp = max(abs(a - b) for la, lb in zip(cpp["greedy_logprobs"], ref["greedy_logprobs"]) for a, b in zip(la, lb))
-    print(f"\nrotkv2 fp32, C++ kernels vs PyTorch path: ppl {cpp['ppl']:.4f} vs {ref['ppl']:.4f} (ratio {ratio:.6f}); "
-          f"greedy exact {exact:.2f}, prefix {pref:.2f}; max |logprob difference| {lp:.2e}")
-    assert cpp["greedy"] == ref["greedy"]
-    assert abs(ratio - 1) < 0.005
+    print(f"\nrotkv2 fp32, C++ kernels vs PyTorch path: ppl {cpp['ppl']:.4f} vs {ref['ppl']:.4f} (ratio {ratio:.5f}); "
+          f"greedy identical {exact:.2f}, prefix agreement {pref:.2f}")
+    assert abs(ratio - 1) < PPL_BOUND["rotkv2"]
+    for i, (a, b) in enumerate(zip(cpp["greedy"], ref["greedy"])):
+        d = next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), None)
+        if d is None:
+            continue
+        top_a, top_b = cpp["greedy_top"][i][d], ref["greedy_top"][i][d]
+        gap_a, gap_b = top_a[0][1] - top_a[1][1], top_b[0][1] - top_b[1][1]
+        print(f"prompt {i}: diverges at token {d}: C++ {top_a}, PyTorch {top_b}")
+        assert {top_a[0][0], top_a[1][0]} == {top_b[0][0], top_b[1][0]}, (i, d, top_a, top_b)
+        assert gap_a < TIE_NATS and gap_b < TIE_NATS, (i, d, gap_a, gap_b)
 
 
 def _broken_copy(served_model, dest, *, identity_order: bool = False, no_sinks: bool = False):
