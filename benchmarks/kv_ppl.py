@@ -50,12 +50,13 @@ def rotkv_variants() -> dict[str, RotateKVConfig]:
         "rotkv2-paper+k64fp8-noreorder": dataclasses.replace(PAPER, reorder=False, **k64),
         "rotkv2-paper+center": dataclasses.replace(PAPER, center_keys=True),
         "rotkv2-paper+k64fp8+center": dataclasses.replace(PAPER, center_keys=True, **k64),
-        # the shipped default (= paper + k64fp8 + center + first-token sink) and ideas on top of it
+        # the shipped default (= paper + k64fp8 + center + first-token sink + the last 4 tokens in full
+        # precision, as the vLLM backend serves it), the same without its window, and ideas on top of it
         "rotkv2": default2,
+        "rotkv2-nowindow": dataclasses.replace(default2, recent_window=0),
         "rotkv2+topk-sinks": dataclasses.replace(default2, sink_mode="topk", max_sink_tokens=4),
         "rotkv2+kclip0.9": dataclasses.replace(default2, key_clip_ratio=0.9),
         "rotkv2+boost-layer0": dataclasses.replace(default2, boosted_layers=(0,)),
-        "rotkv2+recent4": dataclasses.replace(default2, recent_window=4),
         "rotkv3": config_for_cache_dtype("rotkv3"),
         "rotkv4": config_for_cache_dtype("rotkv4"),
         **key_value_presets(default2),
@@ -64,8 +65,8 @@ def rotkv_variants() -> dict[str, RotateKVConfig]:
 
 def key_value_presets(base: RotateKVConfig, key_bits=(2, 3, 4), windows=(0, 4, 16, 32)) -> dict[str, RotateKVConfig]:
     """Keys at more bits than 2-bit values (keys are the sensitive half), each with and without a
-    full-precision recent window: ``rotkv-k{K}v2[+recent{R}]``. K2V2 without a window is ``rotkv2`` itself
-    and K2V2 with 4 tokens is ``rotkv2+recent4``, so neither is repeated."""
+    full-precision recent window: ``rotkv-k{K}v2[+recent{R}]``. K2V2 without a window is ``rotkv2-nowindow``
+    and K2V2 with 4 tokens is ``rotkv2`` itself, so neither is repeated."""
     out = {}
     for kb in key_bits:
         for r in windows:
