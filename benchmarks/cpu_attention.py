@@ -126,6 +126,11 @@ class RotKVSetup:
         self.md = builder.build(0, cm)
         if self.md.attention_impl != "torch":
             raise RuntimeError(f"the backend picked {self.md.attention_impl!r} on the CPU: unset ROTKV_ATTENTION_IMPL")
+        # the presets' recent window: the step's own K/V and the R - 1 positions before it, in full precision
+        self.window = (torch.randn(b, h, d, generator=gen).to(torch.bfloat16),
+                       torch.randn(b, h, d, generator=gen).to(torch.bfloat16),
+                       torch.randn(b, max(sp.recent_window - 1, 0), 2, h, d, generator=gen).to(torch.bfloat16)
+                       if sp.recent_window > 1 else None)
 
     def fused(self) -> None:
         from rotkv_kernels.rotkv_paged_cpu import paged_attention_cpu
@@ -133,10 +138,13 @@ class RotKVSetup:
         p = self.params
         paged_attention_cpu(self.query, self.cache.records, self.table, self.seq_lens, self.qsl, spec=p.spec,
                             scale=p.spec.head_dim ** -0.5, sinks=self.cache.sinks, rope_cos=p.rope_cos,
-                            rope_sin=p.rope_sin, key_perm=p.key_perm, key_mean=p.key_mean, out=self.out_fused)
+                            rope_sin=p.rope_sin, key_perm=p.key_perm, key_mean=p.key_mean, out=self.out_fused,
+                            **(dict(zip(("recent_key", "recent_value", "recent_prev"), self.window))
+                               if p.spec.recent_window else {}))
 
     def torch_path(self) -> None:
-        self.impl.attend(0, self.query, self.cache.kv_cache, self.md, self.out_torch)
+        self.impl.attend(0, self.query, self.cache.kv_cache, self.md, self.out_torch,
+                         self.window if self.params.spec.recent_window else None)
 
 
 class BF16Setup:
