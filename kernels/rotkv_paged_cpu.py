@@ -54,6 +54,7 @@ import functools
 import importlib.util
 import logging
 import os
+import weakref
 
 import torch
 
@@ -62,6 +63,7 @@ from rotkv_kernels.rotkv_layout import (
     PagedCacheSpec,
     check_paged_attention_args,
     check_paged_write_args,
+    check_perm,
     check_recent_args,
     recent_window_kv,
 )
@@ -168,6 +170,34 @@ def _value_core(spec: PagedCacheSpec) -> torch.Tensor:
     return _core(spec.value_rot_width) if spec.value_rot_width != 1 else _core(1)
 
 
+# Key orders whose values were checked (a permutation mapping each rotation block onto itself), by id(),
+# with a weak reference (an id is reused once its tensor is freed), the tensor's version counter and the
+# (width, rotation width) they were checked for. The checks sort the order on every call otherwise: tens of
+# microseconds, per layer and step. An in-place edit bumps the version, so an edited order is checked again.
+_CHECKED_PERMS: dict[int, tuple] = {}
+
+
+def _perm_to_check(key_perm: torch.Tensor | None, spec: PagedCacheSpec) -> torch.Tensor | None:
+    """``key_perm`` for the full argument checks, or None when its values were checked before (then only its
+    dtype and shape are checked here)."""
+    if not isinstance(key_perm, torch.Tensor) or key_perm.device.type != "cpu":
+        return key_perm
+    seen = _CHECKED_PERMS.get(id(key_perm))
+    if seen is not None and seen[0]() is key_perm and seen[1:] == (key_perm._version, spec.width,
+                                                                   spec.key_rot_width):
+        check_perm(key_perm, spec.width, spec.key_rot_width, check_values=False)
+        return None
+    return key_perm
+
+
+def _perm_checked(key_perm: torch.Tensor | None, spec: PagedCacheSpec) -> None:
+    if isinstance(key_perm, torch.Tensor) and key_perm.device.type == "cpu":
+        if len(_CHECKED_PERMS) > 1024:  # freed orders leave dead entries behind
+            for k in [k for k, v in _CHECKED_PERMS.items() if v[0]() is None]:
+                del _CHECKED_PERMS[k]
+        _CHECKED_PERMS[id(key_perm)] = (weakref.ref(key_perm), key_perm._version, spec.width, spec.key_rot_width)
+
+
 def _on_cpu(records: torch.Tensor) -> None:
     if records.device.type != "cpu":
         raise ValueError(f"records is on {records.device}: the CPU kernels take CPU tensors")
@@ -194,7 +224,9 @@ def paged_write_cpu(
         ValueError: like the reference, plus the kernels' limits (module docstring).
         NotImplementedError: the extension is not built (the message names the build command).
     """
-    check_paged_write_args(spec, key, value, slot_mapping, positions, records, sinks, rope_cos, rope_sin, key_perm, key_mean)
+    check_paged_write_args(spec, key, value, slot_mapping, positions, records, sinks, rope_cos, rope_sin,
+                           _perm_to_check(key_perm, spec), key_mean)
+    _perm_checked(key_perm, spec)
     _on_cpu(records)
     check_cpu_limits(spec)
     _require()
@@ -244,7 +276,8 @@ def paged_attention_cpu(
         NotImplementedError: the extension is not built (the message names the build command).
     """
     check_paged_attention_args(spec, query, records, block_tables, seq_lens, query_start_loc, sinks, scale, rope_cos,
-                               rope_sin, key_perm, key_mean, out_dtype)
+                               rope_sin, _perm_to_check(key_perm, spec), key_mean, out_dtype)
+    _perm_checked(key_perm, spec)
     check_recent_args(spec, recent_key, recent_value, recent_prev, query.shape[0], seq_lens.shape[0], records.device)
     _on_cpu(records)
     check_cpu_limits(spec)

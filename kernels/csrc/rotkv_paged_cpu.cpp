@@ -255,6 +255,15 @@ void paged_attention_cpu(const at::Tensor& query, const at::Tensor& records, con
     const int64_t n = std::max<int64_t>(1, base_items.size());
     const int64_t want = (16 * threads + n - 1) / n;
     ns = std::max<int64_t>(1, std::min<int64_t>(want, (max_ctx + kMinSplit - 1) / kMinSplit));
+    // Items run split-major (all base items of split 0, then split 1, ...), so a thread's consecutive
+    // items read the same positions' RoPE rows (2 * D / 2 floats per position, more bytes than the
+    // records at 2 bits): splits small enough for those rows to stay in L2 let every sequence after the
+    // first read them from there.
+    if (rope_cos.has_value() && n > 1) {
+      constexpr int64_t kRopeSplitBytes = 256 * 1024;
+      const int64_t rope_pos_bytes = 4 * D;
+      ns = std::max<int64_t>(ns, (max_ctx * rope_pos_bytes + kRopeSplitBytes - 1) / kRopeSplitBytes);
+    }
   }
   int64_t split = (std::max<int64_t>(max_ctx, 1) + ns - 1) / ns;
   split = std::max<int64_t>(split, ly.sink_tokens);  // the sinks belong to split 0
@@ -395,15 +404,18 @@ void paged_attention_cpu(const at::Tensor& query, const at::Tensor& records, con
   const int64_t n_items = static_cast<int64_t>(base_items.size()) * ns;
   std::unique_ptr<std::atomic<int64_t>[]> tickets(new std::atomic<int64_t>[base_items.size()]);
   for (size_t i = 0; i < base_items.size(); ++i) tickets[i].store(0, std::memory_order_relaxed);
-#pragma omp parallel num_threads(threads)
+  // no more threads than items: a thread with nothing to do still has to reach the region's end, and on a
+  // busy machine waiting for it to be scheduled can cost more than a short call's whole work
+#pragma omp parallel num_threads(static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, n_items))))
   {
     std::vector<float> o(D), tmp(64);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t i = 0; i < n_items; ++i) {
-      WorkItem w = base_items[i / ns];
-      w.split = static_cast<int>(i % ns);
+      const int64_t nb = static_cast<int64_t>(base_items.size()), bi = i % nb;
+      WorkItem w = base_items[bi];
+      w.split = static_cast<int>(i / nb);  // split-major: see the plan
       fn(P, w);
-      if (tickets[i / ns].fetch_add(1, std::memory_order_acq_rel) + 1 == ns) merge_rows(w, o.data(), tmp.data());
+      if (tickets[bi].fetch_add(1, std::memory_order_acq_rel) + 1 == ns) merge_rows(w, o.data(), tmp.data());
     }
   }
 }

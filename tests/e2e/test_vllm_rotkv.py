@@ -172,7 +172,7 @@ def _vllm_ppl(model_dir, kv_dtype: str, windows) -> float:
 def fp32_rotkv2(served_model, ppl_windows, prompts) -> dict[str, dict]:
     """fp32 rotkv2 engines on the fused C++ kernels (the CPU default) and on the PyTorch path
     (``ROTKV_ATTENTION_IMPL``): perplexity of ``ppl_windows`` and 16 greedy tokens of each prompt."""
-    tasks = [{"kind": "ppl", "windows": ppl_windows}, {"kind": "greedy", "prompts": prompts, "max_new": 16, "top": 2}]
+    tasks = [{"kind": "ppl", "windows": ppl_windows}, {"kind": "greedy", "prompts": prompts, "max_new": 16, "top": 5}]
     llm = _engine(served_model, "rotkv2", dtype="float32")
     return {impl: run_job(llm, tasks, env={"ROTKV_ATTENTION_IMPL": impl}) for impl in ("cpp", "torch")}
 
@@ -205,7 +205,7 @@ def test_perplexity_through_vllm_matches_reference(served_model, ppl_windows, re
         assert abs(ratio - 1) < PPL_BOUND[dt]
 
 
-TIE_NATS = 0.5  # a "near tie" between the two best tokens (measured gaps at divergences: 0.10-0.21 nats)
+TIE_NATS = 0.5  # a "near tie" between the tokens two paths chose (measured gaps at divergences: 0.10-0.21 nats)
 
 
 def test_cpp_kernels_and_pytorch_path_agree_through_the_engine(fp32_rotkv2):
@@ -213,10 +213,11 @@ def test_cpp_kernels_and_pytorch_path_agree_through_the_engine(fp32_rotkv2):
     wherever the rotation's sums are exact and the attentions differ in fp32 summation order, so the two are
     "equal" only up to the 2-bit noise a rounding-sized difference opens (derived above: a 2-bit code on a
     rounding boundary flips and the flip propagates; 1e-6 weight noise moved perplexity by up to 1.6%).
-    Measured on 8 prompts x 16 tokens: 6 continuations identical (same-token logprobs within 1e-5, one 0.15
-    after a flip), 2 diverging at their first token between the same two candidates 0.10-0.21 nats apart.
-    So: perplexities within the 4% band, and each greedy continuation identical up to a divergence that is a
-    near tie (``TIE_NATS``) between the same two tokens in both paths; a wrong kernel moves logprobs by nats."""
+    Measured on 8 prompts x 16 tokens: 6-7 continuations identical (same-token logprobs within 1e-5, one 0.15
+    after a flip), the others diverging where the two chosen tokens were 0.10-0.21 nats apart (once three
+    candidates within that). So: perplexities within the 4% band, and each greedy continuation identical up
+    to a divergence where, in both paths, the token the other path chose is among the 5 best and within
+    ``TIE_NATS`` of the best (a near tie); a wrong kernel moves logprobs by nats."""
     cpp, ref = fp32_rotkv2["cpp"], fp32_rotkv2["torch"]
     ratio = cpp["ppl"] / ref["ppl"]
     first, exact, pref = _agreement(ref["greedy"], cpp["greedy"])
@@ -227,11 +228,11 @@ def test_cpp_kernels_and_pytorch_path_agree_through_the_engine(fp32_rotkv2):
         d = next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), None)
         if d is None:
             continue
-        top_a, top_b = cpp["greedy_top"][i][d], ref["greedy_top"][i][d]
-        gap_a, gap_b = top_a[0][1] - top_a[1][1], top_b[0][1] - top_b[1][1]
+        top_a, top_b = dict(map(tuple, cpp["greedy_top"][i][d])), dict(map(tuple, ref["greedy_top"][i][d]))
         print(f"prompt {i}: diverges at token {d}: C++ {top_a}, PyTorch {top_b}")
-        assert {top_a[0][0], top_a[1][0]} == {top_b[0][0], top_b[1][0]}, (i, d, top_a, top_b)
-        assert gap_a < TIE_NATS and gap_b < TIE_NATS, (i, d, gap_a, gap_b)
+        for top, other in ((top_a, b[d]), (top_b, a[d])):
+            assert other in top, (i, d, top, other)
+            assert max(top.values()) - top[other] < TIE_NATS, (i, d, top, other)
 
 
 def _broken_copy(served_model, dest, *, identity_order: bool = False, no_sinks: bool = False):

@@ -289,6 +289,25 @@ def test_limits_and_errors():
                                 torch.ones(1, dtype=torch.int32), torch.tensor([0, 1]), spec=odd, scale=1.0)
 
 
+def test_key_order_checked_again_after_an_edit():
+    """The entry points check a key order's values once (then only its dtype and shape): an in-place edit
+    bumps the tensor's version, so a broken order is still refused; a fresh tensor is checked too."""
+    case, cache, ref, bound = _prepared("smollm-gqa3-d64-paley192")
+    args, kw = case.attn_args(cache), case.attn_kwargs(cache)
+    perm = kw["key_perm"].clone()
+    kw = dict(kw, key_perm=perm)
+    got = cpu.paged_attention_cpu(*args, **kw)
+    assert ((got.double() - ref.double()).abs() <= bound).all()
+    cpu.paged_attention_cpu(*args, **kw)  # checked before: the fast path
+    perm[0] = perm[1]
+    with pytest.raises(ValueError, match="not a permutation"):
+        cpu.paged_attention_cpu(*args, **kw)
+    with pytest.raises(ValueError, match="not a permutation"):
+        cpu.paged_write_cpu(*case.write_args(cache), **dict(case.write_kwargs(cache), key_perm=perm))
+    with pytest.raises(ValueError, match="perm: expected an int64"):
+        cpu.paged_attention_cpu(*args, **dict(kw, key_perm=kw["key_perm"][:-1]))
+
+
 NOT_BUILT = textwrap.dedent(
     """
     import importlib.util
