@@ -103,6 +103,30 @@ def test_pre_rope_key_is_what_the_model_rotates(name, tok):
             assert float((bare - hooked[i]).norm() / hooked[i].norm()) > 0.1
 
 
+_CACHE_PENDING = pytest.mark.xfail(strict=True, reason=(
+    "pending helper hfcache: rotkv_vllm/hf_cache.py still hooks k_proj's output, before k_norm; it is to take "
+    "the key from model_support.register_pre_rope_key_hook (then this passes, and strict xfail turns that into a "
+    "failure that says to drop the mark)"))
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=_CACHE_PENDING) if n in ("qwen3", "gemma3") else n
+                                  for n in FAMILY_NAMES])
+def test_transformers_cache_agrees_with_the_reference(name, tok, calib_text):
+    """The transformers cache (``rotkv_cache``, records) and the reference (fake quantization) give the same logits
+    for each family: fp32, the same calibration; measured 6e-7 relative where both read the same key, 0.4-0.9 where
+    the cache reads keys before k_norm. Bound 1e-4."""
+    model = build_family_model(name, tok)
+    cal = calibrate(model, tok, RotateKVConfig(sink_mode="first", max_sink_tokens=1, center_keys=True),
+                    text=calib_text, num_sequences=2, seq_len=64, progress=False)
+    ids = tok("The quick brown fox jumps over the lazy dog because it was bored of the same old",
+              return_tensors="pt").input_ids
+    with torch.no_grad(), rotkv_cache(model, cal) as cache:
+        cached = model(ids, past_key_values=cache, use_cache=True).logits[0]
+    with torch.no_grad(), quantized_kv(model, KVMethod.from_config(cal.config), cal):
+        ref = model(ids).logits[0]
+    assert float((cached - ref).norm() / ref.norm()) < 1e-4
+
+
 @pytest.mark.parametrize("name", FAMILY_NAMES)
 def test_layer_attention_describes_each_family(name, tok):
     model = build_family_model(name, tok)
