@@ -3,12 +3,12 @@
 Per family (``llama``, ``qwen2``, ``qwen3``, ``gemma3``, ``mistral``; the test ids carry it) a small random-weight
 model of that family (``tests/family_models.py``: what makes the family differ from Llama, made large enough to
 matter) is saved with SmolLM2's tokenizer and calibrated for tensor parallel size 2 on the repo's calibration
-text. One process (``families_engine_job.py``) then runs the family's three engines, all fp32, one after another:
+text. One process (``families_engine_job.py``) then runs every family's three engines, all fp32, one after another:
 
-    auto    TP=1   greedy                     -> equals the transformers model's greedy (vLLM runs the same model)
-    rotkv2  TP=1   perplexity + greedy        -> perplexity against the transformers reference (same config)
-    rotkv4  TP=2   perplexity + greedy        -> perplexity against the reference, with the 2 KV heads split over
-                                                 two ranks; greedy against auto reported
+    auto    TP=1       greedy                 -> equals the transformers model's greedy (vLLM runs the same model)
+    rotkv2  TP=1       perplexity + greedy    -> perplexity against the transformers reference (same config)
+    rotkv4  TP=1 or 2  perplexity + greedy    -> perplexity against the reference (ROTKV4_TP: qwen2 and gemma3 with
+                                                 the 2 KV heads split over two ranks); greedy against auto reported
 
 Start-up refusals of what the backend cannot serve (sliding windows, per-layer RoPE) are checked without an
 engine in ``tests/rotkv_vllm/test_model_support.py`` through the function the backend calls at start-up.
@@ -52,7 +52,7 @@ PROMPTS, PROMPT_LEN, MAX_NEW = 4, 24, 12
 PPL_BOUND = 0.01
 
 
-def _run_job(engines: list[dict], timeout: float = 900) -> dict:
+def _run_job(engines: list[dict], timeout: float = 1500) -> dict:
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump({"engines": engines}, f)
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
@@ -94,43 +94,67 @@ def _reference_greedy(model, prompts: list[list[int]], max_new: int) -> list[lis
     return out[:, len(prompts[0]):].tolist()
 
 
-@pytest.fixture(scope="module", params=FAMILY_NAMES)
-def family(request, tokenizer, texts, tmp_path_factory) -> dict:
-    """One family's model, its reference perplexities and greedy output, and its engines' results."""
+# Which engine checks rotkv4, and on how many ranks. Every engine but a TP=2 one runs inside the job's process
+# (VLLM_ENABLE_V1_MULTIPROCESSING=0: ~14 s a start on this machine instead of ~60 s); a TP=2 engine spawns its two
+# workers (~70 s), so TP=2 runs where a family's attention meets tensor parallelism differently: qwen2 (k_proj bias
+# split with its heads) and gemma3 (k_norm on each rank's heads, head size 256, one query head per rank; qwen3's
+# k_norm is the same computation). llama's TP=2 is tests/e2e/test_vllm_rotkv.py::test_tensor_parallel_two_ranks_
+# match_one; vLLM's mistral model is its llama model.
+ROTKV4_TP = {"llama": 1, "qwen2": 2, "qwen3": 1, "gemma3": 2, "mistral": 1}
+IN_PROCESS = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+
+
+@pytest.fixture(scope="module")
+def families(tokenizer, texts, tmp_path_factory) -> dict[str, dict]:
+    """Every family's model, its reference perplexities and greedy output, and its engines' results (one job)."""
     from rotkv_data import data_path
     from rotkv_vllm.calibration import calibrate, save_calibration
     from rotkv_vllm.demo import serving_config
     from rotkv_vllm.reference import KVMethod, perplexity
     from rotkv_vllm.runtime import effective_config
 
-    name = request.param
     windows, prompts = texts
-    out = tmp_path_factory.mktemp(name)
-    model = build_family_model(name, tokenizer)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    text = data_path("calib_wikitext2_valid.txt").read_text(encoding="utf-8")[:50_000]
-    cal = calibrate(model, tokenizer, serving_config(2), text=text, num_sequences=4, seq_len=128, tp_size=2,
-                    progress=False)
-    save_calibration(cal, out)
     ids = torch.tensor([t for w in windows for t in w])
-    ref = {dt: perplexity(model, ids, window=WINDOW, calibration=cal,
-                          method=KVMethod.from_config(effective_config(cal, dt), dt)) for dt in ("rotkv2", "rotkv4")}
-    base = dict(model=str(out), enforce_eager=True, max_model_len=512, dtype="float32", seed=0,
-                enable_chunked_prefill=True, max_num_batched_tokens=64)
+    text = data_path("calib_wikitext2_valid.txt").read_text(encoding="utf-8")[:50_000]
     ppl = {"kind": "ppl", "windows": windows}
     greedy = {"kind": "greedy", "prompts": prompts, "max_new": MAX_NEW}
-    t0 = time.perf_counter()
-    got = _run_job([
-        {"name": "auto", "llm": dict(base, kv_cache_dtype="auto"), "tasks": [greedy]},
-        {"name": "rotkv2", "llm": dict(base, kv_cache_dtype="rotkv2"), "tasks": [ppl, greedy]},
+    out, engines = {}, []
+    for name in FAMILY_NAMES:
+        folder = tmp_path_factory.mktemp(name)
+        model = build_family_model(name, tokenizer)
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        cal = calibrate(model, tokenizer, serving_config(2), text=text, num_sequences=4, seq_len=128, tp_size=2,
+                        progress=False)
+        save_calibration(cal, folder)
+        ref = {dt: perplexity(model, ids, window=WINDOW, calibration=cal,
+                              method=KVMethod.from_config(effective_config(cal, dt), dt)) for dt in ("rotkv2", "rotkv4")}
+        out[name] = {"name": name, "ref_ppl": ref, "ref_greedy": _reference_greedy(model, prompts, MAX_NEW)}
+        base = dict(model=str(folder), enforce_eager=True, max_model_len=512, dtype="float32", seed=0,
+                    enable_chunked_prefill=True, max_num_batched_tokens=64)
+        tp = ROTKV4_TP[name]
         # vLLM's CPU workers bind OpenMP threads per rank; with one NUMA node they must be given explicitly.
-        {"name": "rotkv4", "llm": dict(base, kv_cache_dtype="rotkv4", tensor_parallel_size=2), "tasks": [ppl, greedy],
-         "env": {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}},
-    ])
-    seconds = {k: round(v["seconds"], 1) for k, v in got.items()}
-    print(f"\n{name}: engine job {time.perf_counter() - t0:.1f} s (per engine {seconds})")
-    return {"name": name, "ref_ppl": ref, "ref_greedy": _reference_greedy(model, prompts, MAX_NEW), "vllm": got}
+        tp_env = {"VLLM_CPU_OMP_THREADS_BIND": "0|1"} if tp == 2 else IN_PROCESS
+        engines += [
+            {"name": f"{name}/auto", "llm": dict(base, kv_cache_dtype="auto"), "tasks": [greedy], "env": IN_PROCESS},
+            {"name": f"{name}/rotkv2", "llm": dict(base, kv_cache_dtype="rotkv2"), "tasks": [ppl, greedy],
+             "env": IN_PROCESS},
+            {"name": f"{name}/rotkv4", "llm": dict(base, kv_cache_dtype="rotkv4", tensor_parallel_size=tp),
+             "tasks": [ppl, greedy], "env": tp_env},
+        ]
+    t0 = time.perf_counter()
+    got = _run_job(engines)
+    print(f"\nfamilies engine job: {time.perf_counter() - t0:.1f} s for {len(engines)} engines; per engine (s): "
+          + ", ".join(f"{k} {v['seconds']:.1f}" for k, v in got.items()))
+    for key, res in got.items():
+        name, dt = key.split("/")
+        out[name].setdefault("vllm", {})[dt] = res
+    return out
+
+
+@pytest.fixture(params=FAMILY_NAMES)
+def family(request, families) -> dict:
+    return families[request.param]
 
 
 def _ratio_line(family: dict, dt: str, tp: int) -> float:
@@ -146,9 +170,10 @@ def test_rotkv2_perplexity_matches_reference(family):
     assert abs(_ratio_line(family, "rotkv2", 1) - 1) < PPL_BOUND
 
 
-def test_tensor_parallel_rotkv4_perplexity_matches_reference(family):
-    """TP=2 (one KV head per rank), fp32: rotkv4 perplexity within PPL_BOUND of the reference."""
-    assert abs(_ratio_line(family, "rotkv4", 2) - 1) < PPL_BOUND
+def test_rotkv4_perplexity_matches_reference(family):
+    """rotkv4, fp32, on ROTKV4_TP[family] ranks (TP=2: one KV head per rank): perplexity within PPL_BOUND of the
+    reference."""
+    assert abs(_ratio_line(family, "rotkv4", ROTKV4_TP[family["name"]]) - 1) < PPL_BOUND
 
 
 def _prefix(a: list[int], b: list[int]) -> int:
