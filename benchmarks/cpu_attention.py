@@ -56,9 +56,9 @@ def _rope(n_pos: int, d: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]
 
 
 def _runtime(hq: int, h: int, d: int, theta: float, n_pos: int):
-    from rotkv_vllm import vllm_backend as vb
     from rotkv_vllm.calibration import RotateKVCalibration
     from rotkv_vllm.config import RotateKVConfig, RotateKVLayout
+    from rotkv_vllm.runtime import RotateKVRuntime
 
     cfg = RotateKVConfig.for_bits(2)
     gen = torch.Generator().manual_seed(0)
@@ -68,7 +68,7 @@ def _runtime(hq: int, h: int, d: int, theta: float, n_pos: int):
     order = torch.cat([torch.randperm(g * d, generator=gen) + j * g * d for j in range(h // g)])
     calib = RotateKVCalibration(config=cfg, model_info=info, head_group_size=g, key_orders=[order.to(torch.int64)],
                                 key_means=[torch.randn(h * d, generator=gen) * 0.1])
-    return vb.RotateKVRuntime.from_calibration(calib, "rotkv2", dtype=torch.bfloat16, rope=_rope(n_pos, d, theta))
+    return RotateKVRuntime.from_calibration(calib, "rotkv2", dtype=torch.bfloat16, rope=_rope(n_pos, d, theta))
 
 
 class RotKVSetup:
@@ -78,12 +78,13 @@ class RotKVSetup:
         from vllm.v1.attention.backend import CommonAttentionMetadata
         from vllm.v1.kv_cache_interface import FullAttentionSpec
 
+        from rotkv_kernels.rotkv_cache import rotate_half
         from rotkv_kernels.rotkv_paged import alloc_paged_cache
         from rotkv_kernels.rotkv_paged_cpu import paged_write_cpu
         from rotkv_vllm import vllm_backend as vb
 
         self.rt, self.point, self.query = rt, point, query
-        p = rt.fused_params(0, torch.device("cpu"))
+        p = rt.kernel_params(0, "cpu")
         self.params = p
         sp = p.spec
         h, d = sp.num_kv_heads, sp.head_dim
@@ -93,7 +94,7 @@ class RotKVSetup:
         gen = torch.Generator().manual_seed(1)
         pos = torch.arange(n0)
         k_pre = torch.randn(n0, h, d, generator=gen)
-        k = (k_pre * rt.rope_cos[pos][:, None] + vb._rotate_half(k_pre) * rt.rope_sin[pos][:, None]).to(torch.bfloat16)
+        k = (k_pre * rt.rope_cos[pos][:, None] + rotate_half(k_pre) * rt.rope_sin[pos][:, None]).to(torch.bfloat16)
         v = torch.randn(n0, h, d, generator=gen).to(torch.bfloat16)
         paged_write_cpu(k, v, pos, tmpl.records, spec=sp, positions=pos, sinks=tmpl.sinks, rope_cos=p.rope_cos,
                         rope_sin=p.rope_sin, key_perm=p.key_perm, key_mean=p.key_mean)

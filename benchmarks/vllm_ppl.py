@@ -1,9 +1,11 @@
 """Accuracy through vLLM: WikiText-2 perplexity from ``prompt_logprobs`` and greedy agreement with ``auto``.
 
-    python -m benchmarks.vllm_ppl [--dtypes auto,rotkv2,rotkv4] [--windows 8] [--window 512]
+    python -m benchmarks.vllm_ppl [--dtypes auto,fp8,...,rotkv2,rotkv4] [--windows 8] [--window 512]
                                   [--chunk 64] [--reference] [--json out.json]
 
-For each ``--kv-cache-dtype`` one offline vLLM engine (CPU, eager) scores the same windows of
+The default ``--dtypes`` is ``benchmarks.engine_runs.DEFAULT_KV_DTYPES``: vLLM 0.32's own quantized KV caches
+beside RotateKV's. For each ``--kv-cache-dtype`` one offline vLLM engine (CPU, eager; its own process, so a
+dtype that fails becomes a row with ``error`` instead of ending the run) scores the same windows of
 ``wikitext2_test.txt`` (tokens 1..window-1 of each window, as ``rotkv_vllm.reference.perplexity`` does),
 with chunked prefill of ``--chunk`` tokens: every chunk attends over what the packed cache holds, and
 the RotateKV backend reads even the current chunk's tokens back from the cache. With ``--reference``
@@ -13,7 +15,8 @@ the continuations are compared with ``auto``'s: exact matches and the mean fract
 before the first divergence.
 
 Rows (also written by ``--json`` as a list of objects): kv_cache_dtype, ppl, ppl_reference,
-ppl_ratio_to_reference, ppl_ratio_to_auto, greedy_exact, greedy_prefix_agreement.
+ppl_ratio_to_reference, ppl_ratio_to_auto, greedy_exact, greedy_prefix_agreement, kv_capacity_tokens,
+kv_capacity_ratio_to_auto, error (None, or the line the engine failed with).
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ import os
 import time
 
 import torch
+
+from benchmarks.engine_runs import DEFAULT_KV_DTYPES, run_worker
 
 
 def _windows(tokenizer, n_windows: int, window: int) -> list[list[int]]:
@@ -113,7 +118,8 @@ def _agreement(ref: list[list[int]], got: list[list[int]]) -> tuple[float, float
 def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", help="model folder with a RotateKV calibration (default: the prepared bundled model)")
-    ap.add_argument("--dtypes", default="auto,rotkv2,rotkv4")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--dtypes", default=",".join(DEFAULT_KV_DTYPES))
     ap.add_argument("--windows", type=int, default=8)
     ap.add_argument("--window", type=int, default=512)
     ap.add_argument("--chunk", type=int, default=64, help="max_num_batched_tokens (chunked prefill size)")
@@ -123,6 +129,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--ref-dtype", default="bfloat16", choices=("bfloat16", "float32"))
     ap.add_argument("--json", help="write the rows as a JSON list of objects")
     args = ap.parse_args(argv)
+    if args.worker:
+        job = json.loads(args.worker)
+        ppl, conts, info = vllm_scores(job["model"], job["dtype"], job["windows"], job["prompts"], chunk=job["chunk"],
+                                       max_new=job["max_new"])
+        print("RESULT " + json.dumps({"ppl": ppl, "conts": conts, "info": info}), flush=True)
+        return []
 
     from transformers import AutoTokenizer
 
@@ -142,31 +154,41 @@ def main(argv: list[str] | None = None) -> list[dict]:
     results = {}
     for dt in dtypes:
         t0 = time.perf_counter()
-        ppl, conts, info = vllm_scores(model, dt, windows, prompts, chunk=args.chunk, max_new=args.max_new)
-        results[dt] = dict(ppl=ppl, conts=conts, info=info, seconds=time.perf_counter() - t0)
-    rows = []
+        job = dict(model=model, dtype=dt, windows=windows, prompts=prompts, chunk=args.chunk, max_new=args.max_new)
+        results[dt] = dict(run_worker("benchmarks.vllm_ppl", job), seconds=time.perf_counter() - t0)
+        print(f"[{dt}] {results[dt].get('error') or results[dt]['ppl']}", flush=True)
     base = results["auto"]
+    if "error" in base:
+        raise RuntimeError(f"the auto engine failed: {base['error']}")
+    rows = []
     for dt in dtypes:
         r = results[dt]
-        ref = reference_ppl(model, dt, windows, getattr(torch, args.ref_dtype)) if args.reference else None
-        exact, prefix = _agreement(base["conts"], r["conts"])
-        rows.append({
-            "kv_cache_dtype": dt, "ppl": r["ppl"], "ppl_reference": ref,
-            "ppl_ratio_to_reference": (r["ppl"] / ref) if ref else None,
-            "ppl_ratio_to_auto": r["ppl"] / base["ppl"], "greedy_exact": exact, "greedy_prefix_agreement": prefix,
-            "kv_capacity_tokens": r["info"]["kv_capacity_tokens"], "windows": args.windows, "window": args.window,
-            "chunk": args.chunk, "seconds": r["seconds"],
-        })
-    hdr = (f"{'kv_cache_dtype':<14}{'ppl':>9}{'ref ppl':>9}{'/ref':>7}{'/auto':>7}{'greedy=':>9}{'prefix':>8}"
-           f"{'KV tokens':>11}")
+        row = {"kv_cache_dtype": dt, "error": r.get("error"), "ppl": None, "ppl_reference": None,
+               "ppl_ratio_to_reference": None, "ppl_ratio_to_auto": None, "greedy_exact": None,
+               "greedy_prefix_agreement": None, "kv_capacity_tokens": None, "kv_capacity_ratio_to_auto": None,
+               "windows": args.windows, "window": args.window, "chunk": args.chunk, "seconds": r["seconds"]}
+        if row["error"] is None:
+            ref = reference_ppl(model, dt, windows, getattr(torch, args.ref_dtype)) if args.reference else None
+            exact, prefix = _agreement(base["conts"], r["conts"])
+            cap = r["info"]["kv_capacity_tokens"]
+            row.update(ppl=r["ppl"], ppl_reference=ref, ppl_ratio_to_reference=(r["ppl"] / ref) if ref else None,
+                       ppl_ratio_to_auto=r["ppl"] / base["ppl"], greedy_exact=exact, greedy_prefix_agreement=prefix,
+                       kv_capacity_tokens=cap, kv_capacity_ratio_to_auto=cap / base["info"]["kv_capacity_tokens"])
+        rows.append(row)
+    hdr = (f"{'kv_cache_dtype':<20}{'ppl':>9}{'ref ppl':>9}{'/ref':>7}{'/auto':>7}{'greedy=':>9}{'prefix':>8}"
+           f"{'KV tokens':>11}{'x':>7}")
     print(f"\nWikiText-2, {args.windows} windows x {args.window} tokens, chunked prefill {args.chunk}; "
           f"greedy: {args.prompts} prompts x {args.max_new} tokens vs auto")
     print(hdr)
     for r in rows:
+        if r["error"]:
+            print(f"{r['kv_cache_dtype']:<20}  failed: {r['error']}")
+            continue
         ref = (f"{r['ppl_reference']:9.3f}{r['ppl_ratio_to_reference']:7.3f}" if r["ppl_reference"]
                else f"{'-':>9}{'-':>7}")
-        print(f"{r['kv_cache_dtype']:<14}{r['ppl']:9.3f}{ref}{r['ppl_ratio_to_auto']:7.3f}"
-              f"{r['greedy_exact']:9.2f}{r['greedy_prefix_agreement']:8.2f}{r['kv_capacity_tokens']:>11,}")
+        print(f"{r['kv_cache_dtype']:<20}{r['ppl']:9.3f}{ref}{r['ppl_ratio_to_auto']:7.3f}"
+              f"{r['greedy_exact']:9.2f}{r['greedy_prefix_agreement']:8.2f}{r['kv_capacity_tokens']:>11,}"
+              f"{r['kv_capacity_ratio_to_auto']:7.2f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)

@@ -1,7 +1,12 @@
-"""Serving figures of the bundled SmolLM2-135M on vLLM's CPU engine: ``auto`` (bf16) vs ``fp8`` vs ``rotkv2``.
+"""Serving figures of the bundled SmolLM2-135M on vLLM's CPU engine: ``auto`` (bf16) vs vLLM's own quantized
+KV caches vs ``rotkv2`` / ``rotkv4``.
 
-    python -m benchmarks.vllm_serving [--dtypes auto,fp8,rotkv2] [--prompt-len 256] [--gen-len 32]
+    python -m benchmarks.vllm_serving [--dtypes auto,fp8,...,rotkv2] [--prompt-len 256] [--gen-len 32]
                                       [--small-kv-mib 32] [--requests 24] [--json out.json]
+
+The default ``--dtypes`` is ``benchmarks.engine_runs.DEFAULT_KV_DTYPES``: every built-in quantized cache of
+vLLM 0.32 beside RotateKV's. A dtype whose engine fails (to start, or during a run) gets a row with ``error``
+(the failing line) and no figures.
 
 Per dtype, from one run (each engine in its own process, eager mode, one after the other):
   * capacity: the engine's KV-cache capacity report (tokens) and max concurrency for 2048-token requests
@@ -19,9 +24,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import time
+
+from benchmarks.engine_runs import DEFAULT_KV_DTYPES, run_worker
+
+FIGURES = ("kv_capacity_tokens", "max_concurrency_2048", "block_size", "prefill_tokens_per_s_batch1",
+           "decode_tokens_per_s_batch1", "prefill_tokens_per_s", "decode_tokens_per_s", "small_cache_concurrency",
+           "memory_limited_tokens_per_s")
+RATIOS = ("kv_capacity_tokens", "decode_tokens_per_s_batch1", "decode_tokens_per_s", "memory_limited_tokens_per_s")
 
 
 def _worker(job: dict) -> dict:
@@ -67,20 +77,15 @@ def _worker(job: dict) -> dict:
     return out
 
 
-def _run(job: dict, timeout: float = 3600) -> dict:
-    p = subprocess.run([sys.executable, "-m", "benchmarks.vllm_serving", "--worker", json.dumps(job)],
-                       capture_output=True, text=True, timeout=timeout)
-    for line in p.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[7:])
-    raise RuntimeError(f"engine run failed (exit {p.returncode}):\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}")
+def _run(job: dict) -> dict:
+    return run_worker("benchmarks.vllm_serving", job)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--model", help="model folder (default: the bundled SmolLM2 prepared with a calibration)")
-    ap.add_argument("--dtypes", default="auto,fp8,rotkv2")
+    ap.add_argument("--dtypes", default=",".join(DEFAULT_KV_DTYPES))
     ap.add_argument("--kv-space", type=int, default=1, help="GiB of KV cache for the capacity rows")
     ap.add_argument("--small-kv-mib", type=int, default=32, help="KV cache (MiB) of the memory-limited runs")
     ap.add_argument("--prompt-len", type=int, default=256)
@@ -114,11 +119,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
                    requests=args.requests)
         small[dt] = _run(job)
         print(f"[{dt}] small cache: {small[dt]}", flush=True)
+    if "error" in small["auto"]:
+        raise RuntimeError(f"the auto engine failed: {small['auto']['error']}")
     batch = max(1, int(small["auto"]["max_concurrency"]))
 
     # 2. the capacity report at --kv-space GiB, and speed at batch 1 and at auto's largest batch.
     big = {}
     for dt in dtypes:
+        if "error" in small[dt]:
+            big[dt] = small[dt]
+            continue
         job = dict(llm=dict(common, kv_cache_dtype=dt, max_model_len=2048),
                    env={"VLLM_CPU_KVCACHE_SPACE": str(args.kv_space)}, prompt_len=args.prompt_len,
                    gen_len=args.gen_len, batches=sorted({1, batch}))
@@ -128,6 +138,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = []
     for dt in dtypes:
         b, s = big[dt], small[dt]
+        if "error" in b or "error" in s:
+            rows.append({"kv_cache_dtype": dt, "error": b.get("error") or s.get("error"), "batch": batch,
+                         **{k: None for k in FIGURES}, **{f"{k}_ratio": None for k in RATIOS}})
+            continue
         rows.append({
             "kv_cache_dtype": dt,
             "kv_capacity_tokens": b["kv_capacity_tokens"],
@@ -145,18 +159,24 @@ def main(argv: list[str] | None = None) -> list[dict]:
         })
     base = rows[0]
     for r in rows:
-        for k in ("kv_capacity_tokens", "decode_tokens_per_s", "memory_limited_tokens_per_s"):
-            r[f"{k}_ratio"] = r[k] / base[k]
+        if r.get("error") is None:
+            r["error"] = None
+            for k in RATIOS:
+                r[f"{k}_ratio"] = r[k] / base[k]
     print(f"\nSmolLM2-135M, vLLM CPU engine (eager); capacity at {args.kv_space} GiB; requests of "
           f"{args.prompt_len} + {args.gen_len} tokens; batch {batch} = largest auto fits in {args.small_kv_mib} MiB; "
           f"memory-limited: {args.requests} requests through {args.small_kv_mib} MiB")
-    hdr = (f"{'dtype':<8}{'KV tokens':>11}{'x':>7}{'conc@2k':>9}{'pre/s b1':>10}{'dec/s b1':>10}"
+    hdr = (f"{'dtype':<20}{'KV tokens':>11}{'x':>7}{'conc@2k':>9}{'pre/s b1':>10}{'dec/s b1':>10}{'x':>7}"
            f"{f'pre/s b{batch}':>11}{f'dec/s b{batch}':>11}{'x':>7}{'conc@small':>11}{'memlim tok/s':>13}{'x':>7}")
     print(hdr)
     for r in rows:
-        print(f"{r['kv_cache_dtype']:<8}{r['kv_capacity_tokens']:>11,}{r['kv_capacity_tokens_ratio']:>7.2f}"
+        if r["error"]:
+            print(f"{r['kv_cache_dtype']:<20}  failed: {r['error']}")
+            continue
+        print(f"{r['kv_cache_dtype']:<20}{r['kv_capacity_tokens']:>11,}{r['kv_capacity_tokens_ratio']:>7.2f}"
               f"{r['max_concurrency_2048']:>9.1f}{r['prefill_tokens_per_s_batch1']:>10.0f}"
-              f"{r['decode_tokens_per_s_batch1']:>10.1f}{r['prefill_tokens_per_s']:>11.0f}"
+              f"{r['decode_tokens_per_s_batch1']:>10.1f}{r['decode_tokens_per_s_batch1_ratio']:>7.2f}"
+              f"{r['prefill_tokens_per_s']:>11.0f}"
               f"{r['decode_tokens_per_s']:>11.1f}{r['decode_tokens_per_s_ratio']:>7.2f}"
               f"{r['small_cache_concurrency']:>11.1f}{r['memory_limited_tokens_per_s']:>13.1f}"
               f"{r['memory_limited_tokens_per_s_ratio']:>7.2f}")

@@ -48,6 +48,7 @@ __all__ = [
     "rope_tables",
     "select_attention_impl",
     "check_attention_impl",
+    "cpp_unavailable_reason",
     "triton_precision",
     "install_runtime",
     "installed_runtime",
@@ -59,22 +60,25 @@ logger = logging.getLogger("vllm.rotkv_vllm.runtime")
 
 CALIBRATE_HINT = "python -m rotkv_vllm.calibration {model} --calib-file YOUR_TEXT.txt --bits {bits}"
 ATTENTION_IMPL_ENV = "ROTKV_ATTENTION_IMPL"
-ATTENTION_IMPLS = ("auto", "torch", "triton")
+ATTENTION_IMPLS = ("auto", "cpp", "torch", "triton")
 TRITON_PRECISION_ENV = "ROTKV_TRITON_PRECISION"
 TRITON_PRECISIONS = PRECISIONS  # the fused attention's own product precisions
 
 
 # ---- implementation choice ----------------------------------------------------------------------------------
-def select_attention_impl(device: torch.device | str) -> str:
-    """``"torch"`` or ``"triton"``: the implementation that serves a cache on ``device``.
+def select_attention_impl(device: torch.device | str, specs: list[PagedCacheSpec] | None = None) -> str:
+    """``"cpp"``, ``"torch"`` or ``"triton"``: the implementation that serves a cache on ``device``.
 
-    ``ROTKV_ATTENTION_IMPL`` (default ``auto``) chooses: ``auto`` is ``triton`` on CUDA and ``torch`` on
-    the CPU; ``torch`` and ``triton`` force one.
+    ``ROTKV_ATTENTION_IMPL`` (default ``auto``) chooses: ``auto`` is ``triton`` on CUDA and, on the CPU, the
+    fused C++ kernels (``cpp``, :mod:`rotkv_kernels.rotkv_paged_cpu`) when they are built and serve every
+    layer's layout in ``specs``; otherwise ``torch``, announced by one warning that says why and names the
+    build command (so a slow start is never silent). ``cpp``, ``torch`` and ``triton`` force one.
 
     Raises:
         ValueError: an unknown value of the variable, or a choice that cannot run on ``device``: ``torch``
-            off the CPU (its tile planning and tables live on the host), ``triton`` without Triton, or on
-            the CPU without ``TRITON_INTERPRET=1`` set before the kernels were imported.
+            or ``cpp`` off the CPU, ``cpp`` without the built extension or for a layout outside its limits,
+            ``triton`` without Triton, or on the CPU without ``TRITON_INTERPRET=1`` set before the kernels
+            were imported.
     """
     raw = os.environ.get(ATTENTION_IMPL_ENV, "auto")
     choice = raw.strip().lower() or "auto"
@@ -82,20 +86,59 @@ def select_attention_impl(device: torch.device | str) -> str:
         raise ValueError(f"{ATTENTION_IMPL_ENV}={raw!r}: expected one of {', '.join(ATTENTION_IMPLS)}")
     dev = torch.device(device)
     if choice == "auto":
-        choice = "triton" if dev.type == "cuda" else "torch"
-    check_attention_impl(choice, dev)
+        if dev.type == "cuda":
+            choice = "triton"
+        elif dev.type == "cpu":
+            why = cpp_unavailable_reason(specs)
+            if why is None:
+                choice = "cpp"
+            else:
+                choice = "torch"
+                _warn_once(f"rotkv: the fused C++ CPU attention is not used, RotateKV attention runs on the PyTorch "
+                           f"path (tens of times slower): {why}. Set {ATTENTION_IMPL_ENV}=torch to silence this, "
+                           f"or {ATTENTION_IMPL_ENV}=cpp to refuse to start without the kernels")
+    check_attention_impl(choice, dev, specs)
     return choice
 
 
-def check_attention_impl(choice: str, device: torch.device | str) -> None:
-    """Raise ``ValueError`` unless implementation ``choice`` can serve a cache on ``device`` (see
-    :func:`select_attention_impl`)."""
+def cpp_unavailable_reason(specs: list[PagedCacheSpec] | None = None) -> str | None:
+    """None when the fused C++ CPU kernels are loaded and serve every layout in ``specs``; else one line
+    saying why not (for a missing build it names the command that builds them)."""
+    from rotkv_kernels.rotkv_paged_cpu import check_cpu_limits, cpu_kernels_status
+
+    why = cpu_kernels_status()
+    if why is not None:
+        return why
+    for spec in {id(s): s for s in specs or []}.values():
+        try:
+            check_cpu_limits(spec)
+        except ValueError as e:
+            return f"this model's cache layout is outside the CPU kernels' limits ({e})"
+    return None
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        logger.warning(message)
+
+
+def check_attention_impl(choice: str, device: torch.device | str, specs: list[PagedCacheSpec] | None = None) -> None:
+    """Raise ``ValueError`` unless implementation ``choice`` can serve a cache on ``device`` with the layouts in
+    ``specs`` (see :func:`select_attention_impl`)."""
     dev = torch.device(device)
     if dev.type not in ("cpu", "cuda"):
         raise ValueError(f"RotateKV attention runs on CPU and CUDA caches, not on {dev.type}")
-    if choice == "torch" and dev.type != "cpu":
-        raise ValueError(f"{ATTENTION_IMPL_ENV}=torch: the PyTorch path serves CPU caches only; this cache is on "
-                         f"{dev}. Use {ATTENTION_IMPL_ENV}=auto or triton")
+    if choice in ("torch", "cpp") and dev.type != "cpu":
+        raise ValueError(f"{ATTENTION_IMPL_ENV}={choice}: the {'PyTorch path' if choice == 'torch' else 'C++ kernels'} "
+                         f"serve CPU caches only; this cache is on {dev}. Use {ATTENTION_IMPL_ENV}=auto or triton")
+    if choice == "cpp":
+        why = cpp_unavailable_reason(specs)
+        if why is not None:
+            raise ValueError(f"{ATTENTION_IMPL_ENV}=cpp: {why}")
     if choice == "triton":
         if not triton_available():
             raise ValueError(f"{ATTENTION_IMPL_ENV}={choice} (the default on CUDA) needs Triton, which is not "
@@ -105,7 +148,7 @@ def check_attention_impl(choice: str, device: torch.device | str) -> None:
         if dev.type == "cpu" and not (interpret_requested() and is_interpreted()):
             raise ValueError(f"{ATTENTION_IMPL_ENV}=triton on the CPU runs the kernels in Triton's interpreter "
                              "(for tests): set TRITON_INTERPRET=1 before starting Python, or use "
-                             f"{ATTENTION_IMPL_ENV}=auto/torch")
+                             f"{ATTENTION_IMPL_ENV}=auto/cpp/torch")
 
 
 def triton_precision() -> str:
@@ -269,6 +312,10 @@ class RotateKVRuntime:
                 record_bytes=self.record_bytes, sink_tokens=self.sink_tokens,
             )
         return self._specs[layer]
+
+    def paged_specs(self) -> list[PagedCacheSpec]:
+        """Every layer's :meth:`paged_spec` (what an implementation must serve)."""
+        return [self.paged_spec(i) for i in range(self.num_layers)]
 
     def kernel_params(self, layer: int, device: torch.device | str) -> KernelParams:
         """``layer``'s kernel arguments on ``device``, built on first use and kept (one host-to-device copy per

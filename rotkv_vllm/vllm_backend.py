@@ -1,5 +1,6 @@
-"""RotateKV attention backend for vLLM 0.32: a packed uint8 paged KV cache, served by the PyTorch path on
-the CPU and by the fused Triton kernels of ``rotkv_kernels.rotkv_paged`` on CUDA (same four classes).
+"""RotateKV attention backend for vLLM 0.32: a packed uint8 paged KV cache, served by the fused C++ kernels of
+``rotkv_kernels.rotkv_paged_cpu`` on the CPU (the PyTorch path where they are not built) and by the fused Triton
+kernels of ``rotkv_kernels.rotkv_paged_triton`` on CUDA (same four classes).
 
 Cache layout. Every layer's cache is one page per block of ``block_size`` tokens, declared to vLLM's
 planner through :meth:`RotateKVAttentionBackend.customize_spec` (one head slot, ``C`` bytes per token),
@@ -29,10 +30,14 @@ Every attention read goes through the packed cache, including the tokens written
 prefill, chunked prefill and decode all attend over exactly what the cache holds (as the transformers
 reference in :mod:`rotkv_vllm.reference` does).
 
-Two implementations read and write the same bytes (``runtime.select_attention_impl`` picks one per step);
-the maths of both lives in ``rotkv_kernels``, this module only plans the step and calls it:
+Three implementations read and write the same bytes (``runtime.select_attention_impl`` picks one per
+engine); the maths of all lives in ``rotkv_kernels``, this module only plans the step and calls it:
 
-- ``"torch"`` (the CPU default): the builder plans tiles (``rotkv_paged_tiles.plan_tiles``); ``store`` is
+- ``"cpp"`` (the CPU default when ``scripts/setup.sh`` built the extension): ``store`` is ``paged_write_cpu``
+  and ``attend`` is ``paged_attention_cpu``, one OpenMP op each per layer over vLLM's block table, sequence
+  lengths and query starts (made int64 on the host once per step by the builder).
+- ``"torch"`` (the readable reference path; the CPU fallback, announced by one warning at start-up, when the
+  extension is not built): the builder plans tiles (``rotkv_paged_tiles.plan_tiles``); ``store`` is
   ``rotkv_paged.paged_write_ref`` and ``attend`` is ``rotkv_paged_tiles.attend_tiles`` (one gather, one
   dequantization and one SDPA call per tile). CPU caches only.
 - ``"triton"`` (the CUDA default): ``store`` is one ``paged_write_triton`` launch (inverse RoPE, key mean,
@@ -44,8 +49,8 @@ the maths of both lives in ``rotkv_kernels``, this module only plans the step an
   planned once per step and shared by all layers. On the CPU it runs only under ``TRITON_INTERPRET=1``
   (tests).
 
-``ROTKV_ATTENTION_IMPL`` (``auto``, ``torch`` or ``triton``) overrides the choice; an impossible choice
-raises ``ValueError`` (no silent fallback). ``ROTKV_TRITON_PRECISION`` (``fp16``, the default, or ``fp32``)
+``ROTKV_ATTENTION_IMPL`` (``auto``, ``cpp``, ``torch`` or ``triton``) overrides the choice; an impossible
+choice raises ``ValueError`` (``cpp`` without the built extension included: no silent fallback). ``ROTKV_TRITON_PRECISION`` (``fp16``, the default, or ``fp32``)
 sets the fused attention's product precision (see ``rotkv_kernels.rotkv_paged_triton``).
 
 Calibration: the backend loads ``rotkv_config.json`` + ``rotkv.safetensors`` from the model folder (or
@@ -80,6 +85,7 @@ from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
 
 from rotkv_kernels.hadamard import has_hadamard
 from rotkv_kernels.rotkv_paged import PagedCacheSpec, paged_cache_views, paged_write_ref, token_positions
+from rotkv_kernels.rotkv_paged_cpu import paged_attention_cpu, paged_write_cpu
 from rotkv_kernels.rotkv_paged_tiles import AttentionTile, attend_tiles, build_tile, plan_tiles
 from rotkv_kernels.rotkv_paged_triton import (
     check_attention_limits,
@@ -172,10 +178,11 @@ class RotateKVAttentionMetadata:
         query_start_loc: ``int [R + 1]``; seq_lens: ``int [R]`` (new tokens included); block_table:
             ``int [R, max_blocks]``; slot_mapping: ``int [T]`` (``-1``: no slot).
         positions: ``int64 [T]`` position of each query token in its sequence (0 for padding tokens).
-        attention_impl: ``"torch"`` or ``"triton"`` (:func:`select_attention_impl` for the builder's device).
+        attention_impl: ``"cpp"``, ``"torch"`` or ``"triton"`` (:func:`select_attention_impl` for the builder's
+            device).
         query_start_loc_cpu / seq_lens_cpu: host copies (``"triton"``: for planning the kernels' work; the
             sequence lengths may be vLLM's upper bound, which only enlarges the planned context splits).
-        tiles: the attention work of the step (``rotkv_paged_tiles.AttentionTile``; ``"torch"``).
+        tiles: the attention work of the step (``rotkv_paged_tiles.AttentionTile``; ``"torch"`` only).
     """
 
     num_actual_tokens: int
@@ -217,7 +224,8 @@ class RotateKVAttentionMetadataBuilder(AttentionMetadataBuilder[RotateKVAttentio
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self.runtime = runtime if runtime is not None else current_runtime()
         self.block_size = kv_cache_spec.block_size
-        self.attention_impl = select_attention_impl(device)
+        self.attention_impl = select_attention_impl(device, self.runtime.paged_specs())
+        logger.info("rotkv: attention implementation %s on %s", self.attention_impl, device)
         if self.block_size < self.runtime.sink_tokens:
             raise ValueError(
                 f"--block-size {self.block_size} is smaller than the {self.runtime.sink_tokens} sink tokens kept "
@@ -236,14 +244,15 @@ class RotateKVAttentionMetadataBuilder(AttentionMetadataBuilder[RotateKVAttentio
         seq = cm.seq_lens[:r].to("cpu", torch.int64)
         q_lens = qsl[1:] - qsl[:-1]
         table = cm.block_table_tensor[:r].to("cpu", torch.int64)
-        tiles = [build_tile(torch.tensor(reqs), q_lo, q_hi, qsl, q_lens, seq, table, self.block_size)
-                 for reqs, q_lo, q_hi in plan_tiles(q_lens.tolist(), seq.tolist())]
+        tiles = [] if self.attention_impl == "cpp" else [
+            build_tile(torch.tensor(reqs), q_lo, q_hi, qsl, q_lens, seq, table, self.block_size)
+            for reqs, q_lo, q_hi in plan_tiles(q_lens.tolist(), seq.tolist())]
         slots = cm.slot_mapping[:t].to("cpu", torch.int64)
         return RotateKVAttentionMetadata(
             num_actual_tokens=t, max_query_len=cm.max_query_len, max_seq_len=cm.max_seq_len,
             query_start_loc=qsl, seq_lens=seq, block_table=table, slot_mapping=slots,
             positions=token_positions(qsl, seq, t),  # t may include padding tokens (position 0, slot -1)
-            tiles=tiles,
+            tiles=tiles, attention_impl=self.attention_impl,
         )
 
     def _build_fused(self, cm: CommonAttentionMetadata) -> RotateKVAttentionMetadata:
@@ -264,6 +273,9 @@ class RotateKVAttentionMetadataBuilder(AttentionMetadataBuilder[RotateKVAttentio
 # ================================================================================================
 # Backend
 # ================================================================================================
+_WRITERS = {"cpp": paged_write_cpu, "torch": paged_write_ref, "triton": paged_write_triton}
+
+
 class RotateKVAttentionBackend(AttentionBackend):
     """``--kv-cache-dtype rotkv2/3/4``: RotateKV's packed KV cache (see the module docstring)."""
 
@@ -393,7 +405,7 @@ class RotateKVAttentionImpl(AttentionImpl[RotateKVAttentionMetadata]):
         builds the metadata on the cache's device, so this fails only on a misconfiguration)."""
         key = (md.attention_impl, str(kv_cache.device))
         if self._impl_checked != key:
-            check_attention_impl(md.attention_impl, kv_cache.device)
+            check_attention_impl(md.attention_impl, kv_cache.device, [self.runtime.paged_spec(layer_idx)])
             if md.attention_impl == "triton":
                 self._check_fused_limits(self.runtime.paged_spec(layer_idx))
             self._impl_checked = key
@@ -409,11 +421,11 @@ class RotateKVAttentionImpl(AttentionImpl[RotateKVAttentionMetadata]):
     def store(self, layer_idx: int, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
               md: RotateKVAttentionMetadata) -> None:
         """Write the step's K/V (``[T, H, D]``, K post-RoPE, ``T = md.num_actual_tokens``) into the packed cache:
-        one fused ``paged_write_triton`` launch (``"triton"``), or its reference ``paged_write_ref`` (the same
-        bytes; slot mapping ``-1`` skips padding tokens)."""
+        one fused ``paged_write_triton`` launch (``"triton"``), the C++ ``paged_write_cpu`` (``"cpp"``), or their
+        reference ``paged_write_ref`` (the same bytes; slot mapping ``-1`` skips padding tokens)."""
         p = self.runtime.kernel_params(layer_idx, kv_cache.device)
         records, sinks = self._cache_views(kv_cache)
-        write = paged_write_triton if md.attention_impl == "triton" else paged_write_ref
+        write = _WRITERS[md.attention_impl]
         write(key, value, md.slot_mapping, records, spec=p.spec, positions=md.positions, sinks=sinks,
               rope_cos=p.rope_cos, rope_sin=p.rope_sin, key_perm=p.key_perm, key_mean=p.key_mean)
 
@@ -421,8 +433,16 @@ class RotateKVAttentionImpl(AttentionImpl[RotateKVAttentionMetadata]):
                output: torch.Tensor) -> None:
         """``output[t] = softmax(q_t K^T * scale) V`` over each query's causal context (``query [T, Hq, D]``,
         ``output [>= T, Hq, D]`` written in rows ``< query_start_loc[R]`` only): the fused split-K
-        ``paged_attention_triton`` (``"triton"``), or ``rotkv_paged_tiles.attend_tiles`` over the step's tiles."""
+        ``paged_attention_triton`` (``"triton"``), the C++ ``paged_attention_cpu`` (``"cpp"``), or
+        ``rotkv_paged_tiles.attend_tiles`` over the step's tiles (``"torch"``)."""
         records, sinks = self._cache_views(kv_cache)
+        if md.attention_impl == "cpp":
+            p = self.runtime.kernel_params(layer_idx, kv_cache.device)
+            t = query.shape[0]
+            paged_attention_cpu(query, records, md.block_table, md.seq_lens, md.query_start_loc, spec=p.spec,
+                                scale=self.scale, sinks=sinks, rope_cos=p.rope_cos, rope_sin=p.rope_sin,
+                                key_perm=p.key_perm, key_mean=p.key_mean, out_dtype=output.dtype, out=output[:t])
+            return
         if md.attention_impl == "triton":
             p = self.runtime.kernel_params(layer_idx, kv_cache.device)
             t = query.shape[0]

@@ -208,8 +208,9 @@ def _check_selector_signature(fn: Any) -> None:
 def platform_reasons(platform: Any, head_size: int) -> list[str]:
     """Why ``platform`` cannot serve a RotateKV cache for heads of ``head_size`` (empty: it can).
 
-    CPU: the PyTorch path (or the fused kernels under ``TRITON_INTERPRET=1``), any head size the backend
-    accepts. CUDA: the fused Triton kernels, which need Triton and a power-of-two ``head_size`` in
+    CPU: the fused C++ kernels (``ROTKV_ATTENTION_IMPL=auto``/``cpp``; ``auto`` announces the PyTorch path in
+    one warning when they are not built), the PyTorch path, or the Triton kernels under ``TRITON_INTERPRET=1``,
+    any head size the backend accepts. CUDA: the fused Triton kernels, which need Triton and a power-of-two ``head_size`` in
     ``[32, 256]``; ``ROTKV_ATTENTION_IMPL`` must allow them. Anything else is not supported.
     """
     import torch

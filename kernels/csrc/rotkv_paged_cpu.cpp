@@ -248,10 +248,13 @@ void paged_attention_cpu(const at::Tensor& query, const at::Tensor& records, con
   int64_t ns = num_splits;
   if (ns <= 0) {
     // enough items for the threads to balance under the dynamic schedule (16 per thread: other processes
-    // may slow one thread down), with at least 1024 positions per split
+    // may slow one thread down), with at least kMinSplit positions per split: a split's fixed cost (its
+    // partial rows and their merge) is a few tiles' work, and one decoding sequence of 1-2K positions
+    // still gets every thread
+    constexpr int64_t kMinSplit = 256;
     const int64_t n = std::max<int64_t>(1, base_items.size());
     const int64_t want = (16 * threads + n - 1) / n;
-    ns = std::max<int64_t>(1, std::min<int64_t>(want, (max_ctx + 1023) / 1024));
+    ns = std::max<int64_t>(1, std::min<int64_t>(want, (max_ctx + kMinSplit - 1) / kMinSplit));
   }
   int64_t split = (std::max<int64_t>(max_ctx, 1) + ns - 1) / ns;
   split = std::max<int64_t>(split, ly.sink_tokens);  // the sinks belong to split 0

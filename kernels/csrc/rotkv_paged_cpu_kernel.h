@@ -33,6 +33,7 @@
 #include <memory>
 #include <new>
 #include <type_traits>
+#include <utility>
 
 #include "rotkv_paged_cpu.h"
 #include "rotkv_paged_cpu_vec.h"
@@ -152,6 +153,61 @@ inline void core_tile(const float* core, int p, float* X) {
   }
 }
 
+// The order-12 core rotkv_kernels.hadamard generates (Paley I), row-major [j][a] like the kernel's `core`.
+constexpr signed char kCore12[12][12] = {
+    {1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1},         {-1, 1, 1, -1, 1, 1, 1, -1, -1, -1, 1, -1},
+    {-1, -1, 1, 1, -1, 1, 1, 1, -1, -1, -1, 1},   {-1, 1, -1, 1, 1, -1, 1, 1, 1, -1, -1, -1},
+    {-1, -1, 1, -1, 1, 1, -1, 1, 1, 1, -1, -1},   {-1, -1, -1, 1, -1, 1, 1, -1, 1, 1, 1, -1},
+    {-1, -1, -1, -1, 1, -1, 1, 1, -1, 1, 1, 1},   {-1, 1, -1, -1, -1, 1, -1, 1, 1, -1, 1, 1},
+    {-1, 1, 1, -1, -1, -1, 1, -1, 1, 1, -1, 1},   {-1, 1, 1, 1, -1, -1, -1, 1, -1, 1, 1, -1},
+    {-1, -1, 1, 1, 1, -1, -1, -1, 1, -1, 1, 1},   {-1, 1, -1, 1, 1, 1, -1, -1, -1, 1, -1, 1}};
+
+inline bool is_core12(const float* core) {
+  for (int j = 0; j < 12; ++j)
+    for (int a = 0; a < 12; ++a)
+      if (core[j * 12 + a] != static_cast<float>(kCore12[j][a])) return false;
+  return true;
+}
+
+// One term acc[A] +-= x of the known core: signs are compile-time, so each term is one add or subtract.
+// Even outputs run on the FMA pipes (x * 1 +- acc), odd ones on the add pipes: cores with separate pipes
+// (AMD Zen) do both at once. Every form rounds like fma(+-1, x, acc), so the sums equal core_tile<12>'s.
+template <int J, int A>
+inline void core12_term(typename Vec::F* acc, typename Vec::F x) {
+  using V = Vec;
+  constexpr bool neg = kCore12[J][A] < 0;
+  if constexpr (A % 2 == 0)
+    acc[A] = neg ? V::fnmadd1(x, acc[A]) : V::fmadd1(x, acc[A]);
+  else
+    acc[A] = neg ? V::sub(acc[A], x) : V::add(acc[A], x);
+}
+
+template <int J, int... A>
+inline void core12_row(typename Vec::F* acc, typename Vec::F x, std::integer_sequence<int, A...>) {
+  (core12_term<J, A>(acc, x), ...);
+}
+
+template <int... J>
+inline void core12_column(const float* X, int p, int b, typename Vec::F* acc, std::integer_sequence<int, J...>) {
+  using V = Vec;
+  constexpr int N = V::N;
+  (core12_row<J>(acc, V::load(X + (static_cast<size_t>(J) * p + b) * N), std::make_integer_sequence<int, 12>()), ...);
+}
+
+// core_tile<12> for the core kCore12 (same results, no multiplies, both pipe pairs busy)
+inline void core_tile12(int p, float* X) {
+  using V = Vec;
+  constexpr int N = V::N;
+  for (int b = 0; b < p; ++b) {
+    typename V::F acc[12];
+#pragma GCC unroll 12
+    for (int a = 0; a < 12; ++a) acc[a] = V::zero();
+    core12_column(X, p, b, acc, std::make_integer_sequence<int, 12>());
+#pragma GCC unroll 12
+    for (int a = 0; a < 12; ++a) V::store(X + (static_cast<size_t>(a) * p + b) * N, acc[a]);
+  }
+}
+
 inline void core_tile_any(const float* core, int m, int p, float* X) {
   using V = Vec;
   constexpr int N = V::N;
@@ -167,7 +223,7 @@ inline void core_tile_any(const float* core, int m, int p, float* X) {
 }
 
 // inverse kron(H_m, H_p) over X[rw][N] (unnormalized: 1/sqrt(rw) is folded into the key scales)
-inline void inverse_hadamard_tile(const AttnParams& P, float* X) {
+inline void inverse_hadamard_tile(const AttnParams& P, bool core12, float* X) {
   using V = Vec;
   constexpr int N = V::N;
   // stages per pass over memory: 4 with 32 vector registers (AVX-512), 3 otherwise
@@ -193,7 +249,10 @@ inline void inverse_hadamard_tile(const AttnParams& P, float* X) {
   if (m > 1) {
     switch (m) {  // the orders rotkv_kernels.hadamard generates below 64 get their accumulators in registers
       case 2: core_tile<2>(P.key_core, p, X); break;
-      case 12: core_tile<12>(P.key_core, p, X); break;
+      case 12:
+        if (core12) core_tile12(p, X);
+        else core_tile<12>(P.key_core, p, X);
+        break;
       case 20: core_tile<20>(P.key_core, p, X); break;
       case 28: core_tile<28>(P.key_core, p, X); break;
       default: core_tile_any(P.key_core, m, p, X); break;
@@ -393,6 +452,7 @@ void attend_item_t(const AttnParams& P, const WorkItem& w) {
   alignas(64) float posf[N];
   alignas(64) float okf[N];
   const float c_rot = static_cast<float>(1.0 / std::sqrt(static_cast<double>(rw)));
+  const bool core12 = P.key_m == 12 && is_core12(P.key_core);
   const uint8_t* trow[N];
   const float* crow[N];
   const float* srow[N];
@@ -496,13 +556,19 @@ void attend_item_t(const AttnParams& P, const WorkItem& w) {
     }
     // 2-3. keys of the rotation block, natural order, inverse Hadamard
     decode_keys<KB, CPG>(P, w.rot, tbase, trow, lane_off, ks, kz, X);
-    inverse_hadamard_tile(P, X);
+    inverse_hadamard_tile(P, core12, X);
     // RoPE tables of the tile, transposed to [D][N]
     const float* CTp = nullptr;
     const float* STp = nullptr;
     if (P.rope_t) {
       CTp = P.rope_t + (p0 / N) * 2 * P.rope_width * N;
       STp = CTp + P.rope_width * N;
+      // the next tile's cos / sin (2 * rope_width * N floats, read once per item): a context's tables are
+      // larger than L2, and without this the scores wait on them
+      if (p0 + N < hi) {
+        const char* nt = reinterpret_cast<const char*>(CTp + 2 * P.rope_width * N);
+        for (int o = 0; o < 2 * P.rope_width * N * 4; o += 64) __builtin_prefetch(nt + o);
+      }
     } else if (P.rope_cos) {
       for (int i = 0; i < N; ++i) {
         const bool ok = i >= lane_lo && i < nv;

@@ -3,7 +3,8 @@
 //
 //   N                     lanes (fp32)
 //   F / I                 float / int32 vector
-//   load, store, set1, add, sub, mul, fmadd(a, b, c) = a * b + c, fnmadd1(b, a) = a - b (on the FMA pipes), max
+//   load, store, set1, add, sub, mul, fmadd(a, b, c) = a * b + c, max
+//   fnmadd1(b, a), fmadd1(b, a)  a - b and a + b on the FMA pipes (same rounding as sub / add)
 //   hmax, hsum            horizontal max / sum (to a scalar)
 //   exp2                  2^x per lane, relative error below 2^-22 for x >= -126, exactly 0 below
 //   mask_gt(pos, lim, s)  s where pos <= lim, -inf elsewhere
@@ -97,6 +98,7 @@ struct Vec {
   static inline F mul(F a, F b) { return _mm512_mul_ps(a, b); }
   static inline F fmadd(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
   static inline F fnmadd1(F b, F a) { return _mm512_fnmadd_ps(b, _mm512_set1_ps(1.0f), a); }
+  static inline F fmadd1(F b, F a) { return _mm512_fmadd_ps(b, _mm512_set1_ps(1.0f), a); }
   static inline F max(F a, F b) { return _mm512_max_ps(a, b); }
   static inline float hmax(F a) { return _mm512_reduce_max_ps(a); }
   static inline float hsum(F a) { return _mm512_reduce_add_ps(a); }
@@ -213,6 +215,7 @@ struct Vec {
   static inline F mul(F a, F b) { return _mm256_mul_ps(a, b); }
   static inline F fmadd(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
   static inline F fnmadd1(F b, F a) { return _mm256_fnmadd_ps(b, _mm256_set1_ps(1.0f), a); }
+  static inline F fmadd1(F b, F a) { return _mm256_fmadd_ps(b, _mm256_set1_ps(1.0f), a); }
   static inline F max(F a, F b) { return _mm256_max_ps(a, b); }
   static inline float hmax(F a) {
     __m128 m = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
@@ -333,6 +336,7 @@ struct Vec {
   static inline F mul(F a, F b) { return a * b; }
   static inline F fmadd(F a, F b, F c) { return a * b + c; }
   static inline F fnmadd1(F b, F a) { return a - b; }
+  static inline F fmadd1(F b, F a) { return a + b; }
   static inline F max(F a, F b) { return a > b ? a : b; }
   static inline float hmax(F a) { return a; }
   static inline float hsum(F a) { return a; }

@@ -5,7 +5,8 @@
 JOB: {"llm": {LLM(...) keyword arguments}, "env": {...}, "tasks": [...]}; each task is one of
     {"kind": "capacity"}
     {"kind": "ppl", "windows": [[token ids], ...]}                       -> exp(mean NLL of tokens 1..)
-    {"kind": "greedy", "prompts": [[ids], ...], "max_new": n}            -> token ids and their logprobs
+    {"kind": "greedy", "prompts": [[ids], ...], "max_new": n, "top": k}  -> token ids, their logprobs (and
+                                                                            each step's k best with "top")
     {"kind": "batched", "prompts": [...], "max_new": n}                  -> greedy, and preemptions during it
     {"kind": "prefix_repeat", "prompt": [...], "max_new": n}             -> cold run, warm run, cache hits
 A separate process per engine keeps the tests free of engine state and lets each set its environment.
@@ -27,15 +28,21 @@ def _metric(llm, needle: str) -> float:
     return total
 
 
-def _greedy(llm, prompts, max_new):
+def _greedy(llm, prompts, max_new, top: int = 0):
+    """Greedy continuations: token ids, their logprobs and, with ``top``, each step's ``top`` best
+    ``[token, logprob]`` pairs."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    sp = SamplingParams(max_tokens=max_new, temperature=0.0, ignore_eos=True, logprobs=0)
+    sp = SamplingParams(max_tokens=max_new, temperature=0.0, ignore_eos=True, logprobs=top)
     outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], sp, use_tqdm=False)
     ids = [list(o.outputs[0].token_ids) for o in outs]
     lps = [[step[t].logprob for step, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)] for o in outs]
-    return ids, lps
+    if not top:
+        return ids, lps
+    best = [[sorted(([t, lp.logprob] for t, lp in step.items()), key=lambda x: -x[1])[:top]
+             for step in o.outputs[0].logprobs] for o in outs]
+    return ids, lps, best
 
 
 def main() -> None:
@@ -59,7 +66,10 @@ def main() -> None:
             nll = -sum(o.prompt_logprobs[i][w[i]].logprob for w, o in zip(ws, outs) for i in range(1, len(w)))
             result["ppl"] = math.exp(nll / sum(len(w) - 1 for w in ws))
         elif kind == "greedy":
-            result["greedy"], result["greedy_logprobs"] = _greedy(llm, task["prompts"], task["max_new"])
+            got = _greedy(llm, task["prompts"], task["max_new"], task.get("top", 0))
+            result["greedy"], result["greedy_logprobs"] = got[:2]
+            if task.get("top"):
+                result["greedy_top"] = got[2]
         elif kind == "batched":
             before = _metric(llm, "num_preemptions")
             result["batched"], result["batched_logprobs"] = _greedy(llm, task["prompts"], task["max_new"])

@@ -146,6 +146,39 @@ def test_attention_matches_reference(name, isa, num_splits):
     assert (err <= bound).all(), f"max err {err.max():.3g}, at bound {bound[err > bound].min():.3g}"
 
 
+# Decodes long enough for the default plan to split the context (up to 16 items per thread, at least 256
+# positions per split before rounding): one sequence alone gets several splits, sinks in split 0.
+LONG_DECODES = PagedCase(_spec(3, 64, 3, 64, 192, 2, "fp8", sinks=1), torch.bfloat16, 16, 48,
+                         ctx=[300, 257, 40], q_lens=[1] * 3, hq=9, dyadic=False, rope="real", seed=8)
+
+
+@functools.lru_cache(maxsize=None)
+def _prepared_long():
+    case = LONG_DECODES.build("cpu")
+    cache = case.new_cache()
+    # the C++ write (faster than the reference here; the bound is computed from the bytes it wrote)
+    cpu.paged_write_cpu(*case.write_args(cache), **case.write_kwargs(cache))
+    ref = paged_attention_ref(*case.attn_args(cache), **case.attn_kwargs(cache))
+    bound = attention_bound(case, cache, ref, lowp=False, num_splits=64, block_n=1,
+                            kernel_hadamard_terms=cpu_hadamard_terms)
+    return case, cache, ref, bound
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_default_splits_long_decodes(isa):
+    """The default plan (context splits sized from the thread count, merged by the last item of each row)
+    on one and on several sequences, against the reference."""
+    case, cache, ref, bound = _prepared_long()
+    args, kw = case.attn_args(cache), case.attn_kwargs(cache)
+    got = cpu.paged_attention_cpu(*args, **kw, isa=isa)
+    assert ((got.double() - ref.double()).abs() <= bound).all()
+    # one sequence alone (the batch-1 decode plan: its context split over the threads)
+    t = case.t
+    one = cpu.paged_attention_cpu(t["query"][:1], cache.records, t["tables"][:1], t["seq_lens"][:1], t["qsl"][:2],
+                                  **kw, isa=isa)
+    assert ((one.double() - ref[:1].double()).abs() <= bound[:1]).all()
+
+
 @pytest.mark.parametrize("isa", ISAS)
 def test_rope_tables_with_different_halves(isa):
     """Tables whose two halves differ (not Hugging Face's [c | c]) take the kernel's full-width RoPE path."""

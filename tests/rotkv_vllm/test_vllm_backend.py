@@ -200,12 +200,16 @@ CONFIGS = {
 }
 
 
+@pytest.mark.parametrize("impl", ["cpp", "torch"])
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_mixed_steps_match_kernel_references(name):
+def test_mixed_steps_match_kernel_references(name, impl, monkeypatch):
     """Prefill chunks, decodes and new requests in one batch; many scattered blocks; every output equals
-    attention over what the references decode from the same records."""
+    attention over what the references decode from the same records (the fused C++ kernels and the PyTorch
+    path, each forced by ``ROTKV_ATTENTION_IMPL``)."""
+    monkeypatch.setenv(vb.ATTENTION_IMPL_ENV, impl)
     rt, _ = _runtime(CONFIGS[name])
     eng = Engine(rt, num_blocks=48, block_size=16)
+    assert eng.builder.attention_impl == impl
     _check(eng, *eng.step({"a": 37, "b": 5}))  # two prefills (a spans 3 blocks)
     _check(eng, *eng.step({"a": 1, "b": 12, "c": 20}))  # decode + chunked prefill + new prefill
     _check(eng, *eng.step({"c": 1, "a": 1, "b": 1, "d": 2}))  # decodes and a tiny prefill

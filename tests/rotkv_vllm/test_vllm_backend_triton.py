@@ -301,13 +301,18 @@ def test_token_positions_match_the_torch_builder():
 
 def test_selection_env_and_errors(monkeypatch):
     monkeypatch.delenv(vb.ATTENTION_IMPL_ENV, raising=False)
-    assert vb.select_attention_impl("cpu") == "torch"  # the CPU default, whatever TRITON_INTERPRET says
+    # the CPU default, whatever TRITON_INTERPRET says: the fused C++ kernels (scripts/setup.sh builds them)
+    assert vb.select_attention_impl("cpu") == "cpp"
     monkeypatch.setenv(vb.ATTENTION_IMPL_ENV, "cuda-please")
-    with pytest.raises(ValueError, match=r"ROTKV_ATTENTION_IMPL='cuda-please': expected one of auto, torch, triton"):
+    with pytest.raises(ValueError,
+                       match=r"ROTKV_ATTENTION_IMPL='cuda-please': expected one of auto, cpp, torch, triton"):
         vb.select_attention_impl("cpu")
     monkeypatch.setenv(vb.ATTENTION_IMPL_ENV, "torch")
     with pytest.raises(ValueError, match="CPU caches only"):
         vb.select_attention_impl(torch.device("cuda", 0))  # no CUDA needed: only the device type is read
+    monkeypatch.setenv(vb.ATTENTION_IMPL_ENV, "cpp")
+    with pytest.raises(ValueError, match="ROTKV_ATTENTION_IMPL=cpp: the C.. kernels serve CPU caches only"):
+        vb.select_attention_impl("cuda")
     monkeypatch.setenv(vb.ATTENTION_IMPL_ENV, "Triton")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):

@@ -1,0 +1,54 @@
+"""One vLLM engine per process for the serving and accuracy benchmarks, and the KV-cache dtypes they compare.
+
+vLLM 0.32 ships quantized KV caches of its own; a RotateKV figure means something only beside them. Each engine
+runs in a fresh process (``python -m MODULE --worker JOB``, the module prints ``RESULT {json}``), so a dtype
+that fails to start or crashes mid-run becomes a row that says so instead of ending the benchmark, and no
+engine inherits another's state.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+__all__ = ["BUILTIN_KV_DTYPES", "ROTKV_KV_DTYPES", "DEFAULT_KV_DTYPES", "run_worker", "failure_reason"]
+
+# vLLM 0.32's own cache dtypes other than the model dtype, in order of bits per element (the names of
+# vllm.config.cache.CacheDType; MLA-only and NVFP4 layouts are left out). Which of them start on a given
+# platform is what the benchmarks measure: a dtype that does not is reported with its error.
+BUILTIN_KV_DTYPES = (
+    "fp8",
+    "fp8_e5m2",
+    "int8_per_token_head",
+    "fp8_per_token_head",
+    "turboquant_k8v4",
+    "int4_per_token_head",
+    "turboquant_4bit_nc",
+    "turboquant_k3v4_nc",
+    "turboquant_3bit_nc",
+)
+ROTKV_KV_DTYPES = ("rotkv2", "rotkv4")
+DEFAULT_KV_DTYPES = ("auto", *BUILTIN_KV_DTYPES, *ROTKV_KV_DTYPES)
+
+
+def failure_reason(stdout: str, stderr: str, returncode: int) -> str:
+    """The most telling line of a failed engine process: the last ``...Error: ...`` line, else the last line."""
+    lines = [ln.strip() for ln in (stderr + "\n" + stdout).splitlines() if ln.strip()]
+    errors = [ln for ln in lines if "Error:" in ln or "Exception:" in ln]
+    why = (errors or lines or [f"exit status {returncode}"])[-1]
+    return why if len(why) <= 300 else why[:297] + "..."
+
+
+def run_worker(module: str, job: dict, timeout: float = 3600) -> dict:
+    """Run ``python -m module --worker JSON(job)`` and return its ``RESULT`` object, or ``{"error": reason}``
+    when the process fails or times out (the reason is one line taken from its output)."""
+    try:
+        p = subprocess.run([sys.executable, "-m", module, "--worker", json.dumps(job)], capture_output=True,
+                           text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
+    for line in p.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    return {"error": failure_reason(p.stdout, p.stderr, p.returncode)}

@@ -1,0 +1,27 @@
+"""The benchmarks' engine runner: a failing engine process becomes a row with its error line, not a crash."""
+
+from __future__ import annotations
+
+from benchmarks.engine_runs import DEFAULT_KV_DTYPES, failure_reason, run_worker
+
+
+def test_failure_reason_picks_the_last_error_line():
+    stderr = "INFO starting\nTraceback (most recent call last):\n  File x\nValueError: kv_cache_dtype nvfp4 needs CUDA\n"
+    assert failure_reason("", stderr, 1) == "ValueError: kv_cache_dtype nvfp4 needs CUDA"
+    assert failure_reason("last words\n", "", 3) == "last words"
+    assert failure_reason("", "", -9) == "exit status -9"
+    assert len(failure_reason("", "RuntimeError: " + "x" * 1000, 1)) == 300
+
+
+def test_run_worker_returns_the_result_or_the_error():
+    ok = run_worker("tests.benchmarks.engine_echo", {"x": [1, 2]}, timeout=120)
+    assert ok == {"echo": {"x": [1, 2]}}
+    bad = run_worker("tests.benchmarks.engine_echo", {"fail": "no engine for this dtype"}, timeout=120)
+    assert bad == {"error": "ValueError: no engine for this dtype"}
+    missing = run_worker("benchmarks.no_such_module", {}, timeout=120)
+    assert "No module named benchmarks.no_such_module" in missing["error"]
+
+
+def test_default_dtypes_put_auto_first_and_each_once():
+    assert DEFAULT_KV_DTYPES[0] == "auto" and len(set(DEFAULT_KV_DTYPES)) == len(DEFAULT_KV_DTYPES)
+    assert {"rotkv2", "fp8", "int4_per_token_head", "turboquant_3bit_nc"} <= set(DEFAULT_KV_DTYPES)
