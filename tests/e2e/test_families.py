@@ -95,8 +95,8 @@ def _reference_greedy(model, prompts: list[list[int]], max_new: int) -> list[lis
 
 
 # Which engine checks rotkv4, and on how many ranks. Every engine but a TP=2 one runs inside the job's process
-# (VLLM_ENABLE_V1_MULTIPROCESSING=0: ~12 s a start on this machine instead of ~60 s); a TP=2 engine spawns its two
-# workers (70-90 s), so TP=2 runs for gemma3, where a family's attention meets tensor parallelism most differently
+# (VLLM_ENABLE_V1_MULTIPROCESSING=0: 4-12 s a start on this machine instead of ~60 s); a TP=2 engine spawns its two
+# workers (36-90 s), so TP=2 runs for gemma3, where a family's attention meets tensor parallelism most differently
 # (k_norm on each rank's heads, head size 256, one query head per rank; qwen3's k_norm is the same computation;
 # a qwen2 TP=2 engine passed too, ratio 1.00000, and was dropped for time). llama's TP=2 is
 # tests/e2e/test_vllm_rotkv.py::test_tensor_parallel_two_ranks_match_one; vLLM's mistral model is its llama model.
