@@ -1,7 +1,8 @@
 """RotateKV calibration: grouped-head Hadamard channel statistics of pre-RoPE keys -> channel order.
 
-For each layer, pre-RoPE keys ``k`` (``[tokens, H * D]``, the output of ``k_proj``) are rotated by the
-block-diagonal normalized Hadamard of width ``W = g * D`` (``g`` KV heads per group). The signed sum of
+For each layer, pre-RoPE keys ``k`` (``[tokens, H * D]``: the key the attention rotates with RoPE, i.e.
+``k_proj``'s output with its bias, then the family's per-head ``k_norm`` for Qwen3 and Gemma 3; see
+:func:`rotkv_vllm.model_support.register_pre_rope_key_hook`) are rotated by the block-diagonal normalized Hadamard of width ``W = g * D`` (``g`` KV heads per group). The signed sum of
 each rotated channel over the calibration tokens (sink tokens excluded, they stay full precision) is
 sorted ascending within each group, so channels with similar means share a quantization group:
 
@@ -38,7 +39,7 @@ import torch
 from rotkv_kernels.hadamard import hadamard_transform
 from rotkv_vllm.config import RotateKVConfig, RotateKVLayout
 from rotkv_vllm.fingerprint import check_fingerprint, model_fingerprint
-from rotkv_vllm.model_support import decoder_layers, describe_model
+from rotkv_vllm.model_support import decoder_layers, describe_model, register_pre_rope_key_hook
 from rotkv_vllm.sinks import sink_token_mask
 
 __all__ = [
@@ -173,7 +174,8 @@ def calibrate(
     """Run ``model`` over calibration text and compute each layer's key channel order.
 
     Args:
-        model: a transformers Llama-architecture causal LM (any dtype; statistics in fp32).
+        model: a transformers causal LM of a supported family (:mod:`rotkv_vllm.model_support`; any dtype,
+            statistics in fp32).
         tokenizer: its tokenizer.
         config: the RotateKV config to calibrate for (default ``RotateKVConfig()``).
         text / text_file / dataset: the calibration text (exactly one).
@@ -206,7 +208,7 @@ def calibrate(
         return hook
 
     def k_hook(idx):
-        def hook(module, inputs, out):
+        def hook(out):
             k = out.detach().to(torch.float32)  # [B, T, H*D] pre-RoPE keys
             y = hadamard_transform(k, block_size=layout.group_width)
             keep = torch.ones(k.shape[:2], dtype=torch.bool, device=k.device)
@@ -222,7 +224,7 @@ def calibrate(
 
     for i, layer in enumerate(layers):
         handles.append(layer.register_forward_pre_hook(layer_pre_hook(i), with_kwargs=True))
-        handles.append(layer.self_attn.k_proj.register_forward_hook(k_hook(i)))
+        handles.append(register_pre_rope_key_hook(layer, k_hook(i)))
     device = next(model.parameters()).device
     try:
         from tqdm.auto import tqdm

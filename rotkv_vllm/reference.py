@@ -15,8 +15,10 @@ method so that comparisons come from one run:
               calibrated channel order for keys, per-head Hadamard for values, attention sinks (and the
               extensions: recent full-precision window, boosted layers, K/V at different bits)
 
-Mechanics: a forward hook on ``k_proj`` stashes pre-RoPE keys, a forward pre-hook on each decoder layer
-stashes its input residual (for sinks) and ``(cos, sin)``, and an attention function registered with
+Mechanics: a forward hook stashes each layer's pre-RoPE keys (``k_proj``'s output, or ``k_norm``'s for the
+families with a key norm: ``model_support.register_pre_rope_key_hook``), a forward pre-hook on each decoder
+layer stashes its input residual (for sinks) and ``(cos, sin)`` (the layer's own: Gemma 3's local and global
+layers differ), and an attention function registered with
 transformers' ``AttentionInterface`` as ``"rotkv_ref"`` builds the dequantized K/V. Tokens kept in full
 precision (sinks, recent window, KIVI's residual) are handled exactly: scores and values for key ``s``
 seen from query ``t`` use full-precision K/V where ``fp_mask[t, s]``, quantized K/V elsewhere.
@@ -43,7 +45,7 @@ from rotkv_kernels.quant import bits_per_element, fake_quantize_groupwise
 from rotkv_kernels.rotkv_cache import apply_rope
 from rotkv_vllm.calibration import RotateKVCalibration
 from rotkv_vllm.config import RotateKVConfig, RotateKVLayout, config_for_cache_dtype
-from rotkv_vllm.model_support import decoder_layers, describe_model
+from rotkv_vllm.model_support import decoder_layers, describe_model, register_pre_rope_key_hook
 from rotkv_vllm.sinks import sink_token_mask
 
 __all__ = ["KVMethod", "method_from_name", "quantized_kv", "perplexity", "windowed_nll", "KVStats", "METHOD_NAMES",
@@ -391,7 +393,7 @@ def _register_attention() -> None:
 @contextlib.contextmanager
 def quantized_kv(model, method: KVMethod | str, calibration: RotateKVCalibration | None = None,
                  stats: KVStats | None = None) -> Iterator[KVStats]:
-    """Within the block, ``model`` (a transformers Llama-architecture causal LM, teacher-forced, no
+    """Within the block, ``model`` (a transformers causal LM of a supported family, teacher-forced, no
     KV cache reuse) attends over K/V stored with ``method``. Yields the bits accounting.
 
     Raises:
@@ -429,7 +431,7 @@ def quantized_kv(model, method: KVMethod | str, calibration: RotateKVCalibration
         return hook
 
     def k_hook(idx):
-        def hook(module, inputs, out):
+        def hook(out):
             st.pre_k[idx] = out
         return hook
 
@@ -437,7 +439,7 @@ def quantized_kv(model, method: KVMethod | str, calibration: RotateKVCalibration
         layer.self_attn._rotkv_state = st
         if method.kind == "rotkv":
             handles.append(layer.register_forward_pre_hook(layer_hook(i), with_kwargs=True))
-            handles.append(layer.self_attn.k_proj.register_forward_hook(k_hook(i)))
+            handles.append(register_pre_rope_key_hook(layer, k_hook(i)))
     previous = model.config._attn_implementation
     model.set_attn_implementation(ATTN_NAME)
     try:

@@ -30,7 +30,7 @@ from rotkv_kernels.rotkv_paged import PagedCacheSpec
 from rotkv_kernels.rotkv_paged_tiles import CpuReadTables, interleave_order
 from rotkv_kernels.rotkv_paged_triton import PRECISIONS
 from rotkv_vllm.config import KV_CACHE_DTYPES, RotateKVConfig, RotateKVLayout
-from rotkv_vllm.model_support import describe_model
+from rotkv_vllm.model_support import describe_model, vllm_refusal
 
 __all__ = [
     "CALIBRATE_HINT",
@@ -446,11 +446,15 @@ def check_servable(config: RotateKVConfig) -> None:
 
 def check_served_model(hf_config, kv_cache_dtype: str) -> None:
     """Raise ``ValueError`` unless the backend serves ``hf_config``'s model family (the shared list of
-    :mod:`rotkv_vllm.model_support`), with the reason and ``--kv-cache-dtype auto`` as the way out."""
+    :mod:`rotkv_vllm.model_support`, and its ``vllm_refusal``: sliding windows, per-layer RoPE), with the reason
+    and ``--kv-cache-dtype auto`` as the way out."""
     try:
         describe_model(hf_config)
+        why = vllm_refusal(hf_config)
     except ValueError as e:
-        raise ValueError(f"--kv-cache-dtype {kv_cache_dtype}: {e}; serve it with --kv-cache-dtype auto") from None
+        why = str(e)
+    if why is not None:
+        raise ValueError(f"--kv-cache-dtype {kv_cache_dtype}: {why}; serve it with --kv-cache-dtype auto")
 
 
 def find_served_calibration(model: str, revision: str | None, hf_config, kv_cache_dtype: str):

@@ -111,6 +111,7 @@ from rotkv_kernels.rotkv_paged_triton import (
     plan_paged_attention,
 )
 from rotkv_vllm.config import DEFAULT_BLOCK_SIZE, KV_CACHE_DTYPES
+from rotkv_vllm.model_support import served_rope_parameters
 from rotkv_vllm.runtime import (
     ATTENTION_IMPL_ENV,
     TRITON_PRECISION_ENV,  # noqa: F401  (re-exported: the backend's environment variables)
@@ -165,7 +166,7 @@ def resolve_runtime(vllm_config, kv_cache_dtype: str) -> RotateKVRuntime:
     if calib.config.pre_rope:
         rot = get_rope(head_dim, max_position=mc.max_model_len if not hasattr(hf, "max_position_embeddings")
                        else max(hf.max_position_embeddings, mc.max_model_len),
-                       rope_parameters=getattr(hf, "rope_parameters", None), is_neox_style=True, dtype=torch.float32)
+                       rope_parameters=served_rope_parameters(hf), is_neox_style=True, dtype=torch.float32)
         rope = rope_tables(rot)
     rt = RotateKVRuntime.from_calibration(calib, kv_cache_dtype, dtype=mc.dtype, rope=rope,
                                           tp_rank=tp_rank, tp_size=tp_size, key=key)

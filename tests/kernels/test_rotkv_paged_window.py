@@ -15,7 +15,6 @@ block boundaries and mid-block), with the window read from the step's own K/V an
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch

@@ -1,4 +1,6 @@
 import dataclasses
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -134,3 +136,79 @@ def test_perplexity_orders_methods(smollm2, eval_ids, smol_calib):
     i2 = perplexity(model, ids, window=512, method="int2")
     assert fp < r4 < i2
     assert r4 < 1.10 * fp
+
+
+# ---- model families ------------------------------------------------------------------------------------------
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from family_models import FAMILY_NAMES, build_family_model  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def smol_tok(smollm2):
+    return smollm2[1]
+
+
+@pytest.mark.parametrize("name", FAMILY_NAMES)
+def test_each_family_reads_back_the_keys_its_attention_uses(name, smol_tok, calib_text, eval_ids):
+    """In every family's reference, the dequantized post-RoPE keys a layer attends over are the model's own keys up
+    to 4-bit error: the pre-RoPE key (bias, k_norm) and the layer's own RoPE (Gemma 3's local layer with its base,
+    llama3 and linear scaling) are the ones the model uses (a key from the wrong place, or RoPE at another base, is
+    an O(1) error). Models with sliding-window layers (``window=32``) over 96 tokens. (Logits are not compared: these
+    random models amplify any 4-bit error chaotically, 0.45 relative at 4 bits.)"""
+    from rotkv_vllm import reference
+
+    model = build_family_model(name, smol_tok, window=32)
+    cal = calibrate(model, smol_tok, RotateKVConfig.for_bits(4, sink_mode="first", max_sink_tokens=1),
+                    text=calib_text, num_sequences=2, seq_len=64, progress=False)
+    x = eval_ids[:96][None]
+    errs: dict[int, float] = {}
+    orig = reference._transform
+
+    def spy(st, layer, key, value):
+        out = orig(st, layer, key, value)
+        errs[layer] = float((out[0] - key.float()).norm() / key.float().norm())
+        return out
+
+    reference._transform = spy
+    try:
+        with torch.no_grad(), quantized_kv(model, KVMethod.from_config(cal.config), cal):
+            model(x)
+    finally:
+        reference._transform = orig
+    # 4 bits, min-max over groups of G near-Gaussian rotated channels (clip 1.0): the range is ~2 x 2.6 sigma for
+    # G = 128, the step 1/15 of it, the rms error step / sqrt(12) ~ 0.10 sigma (measured 0.07-0.10 here). 0.2 is
+    # twice that and far below a wrong key's error (~1.4 for an unrelated key of the same norm).
+    print(f"\n{name}: 4-bit key error per layer {errs}")
+    assert len(errs) == 2 and max(errs.values()) < 0.2, errs
+
+
+@pytest.mark.parametrize("name", ["qwen3", "gemma3"])
+def test_calibration_without_the_key_norm_is_outside_the_engine_bound(name, smol_tok, calib_text):
+    """What the family tests through vLLM would catch: calibrating Qwen3 / Gemma 3 keys at k_proj's output (before
+    k_norm, what rotkv did before) moves the reference's rotkv2 perplexity on the engine tests' windows by more than
+    3x their bound (tests/e2e/test_families.py PPL_BOUND = 1%; measured 6.0% / 5.1%)."""
+    from rotkv_data import EVAL_TEXT, data_path
+    from rotkv_vllm import model_support
+    from rotkv_vllm.demo import serving_config
+    from rotkv_vllm.runtime import effective_config
+
+    model = build_family_model(name, smol_tok)
+    text = data_path("calib_wikitext2_valid.txt").read_text(encoding="utf-8")[:50_000]
+    ids = smol_tok(data_path(EVAL_TEXT).read_text(encoding="utf-8")[:30_000], add_special_tokens=False).input_ids
+    ids = torch.tensor(ids[:4 * 128])
+
+    def ppl(norm_keys: bool) -> float:
+        orig = model_support._apply_key_norm
+        if not norm_keys:
+            model_support._apply_key_norm = lambda attn, k: k
+        try:
+            cal = calibrate(model, smol_tok, serving_config(2), text=text, num_sequences=4, seq_len=128, tp_size=2,
+                            progress=False)
+        finally:
+            model_support._apply_key_norm = orig
+        method = KVMethod.from_config(effective_config(cal, "rotkv2"), "rotkv2")
+        return perplexity(model, ids, window=128, method=method, calibration=cal)
+
+    ratio = ppl(False) / ppl(True)
+    print(f"\n{name}: rotkv2 perplexity with keys calibrated before k_norm / after: {ratio:.4f}")
+    assert abs(ratio - 1) > 0.03

@@ -358,7 +358,9 @@ def test_resolve_refuses_missing_calibration_with_the_command(tmp_path):
 @pytest.mark.parametrize("model_type,extra,needle", [
     ("mistral", {"sliding_window": 128}, "sliding-window"),
     ("gemma", {}, "not supported"),
-    ("qwen3", {}, "not supported"),
+    ("gpt2", {}, "no RoPE"),
+    ("qwen2", {"use_sliding_window": True, "sliding_window": 64, "layer_types": ["sliding_attention"] * 2},
+     "sliding window of 64 tokens"),
     ("deepseek_v3", {"kv_lora_rank": 512}, "not supported"),
 ])
 def test_resolve_refuses_unsupported_models(tmp_path, model_type, extra, needle):

@@ -198,7 +198,7 @@ class Twin:
     def check_attention(self, li: int, out_torch, out_tri, q, step, cache=None):
         """Both outputs against the float64 reference over ``cache`` (default: the torch backend's), and
         against each other within the sum of their bounds (module docstring)."""
-        rt, t, qsl = self.rt, step["t"], step["qsl"]
+        rt, qsl = self.rt, step["qsl"]
         n_q = int(qsl[-1])
         sp = rt.paged_spec(li)
         cache = cache if cache is not None else self.torch.caches[li]
