@@ -186,7 +186,8 @@ def test_each_family_reads_back_the_keys_its_attention_uses(name, smol_tok, cali
 def test_calibration_without_the_key_norm_is_outside_the_engine_bound(name, smol_tok, calib_text):
     """What the family tests through vLLM would catch: calibrating Qwen3 / Gemma 3 keys at k_proj's output (before
     k_norm, what rotkv did before) moves the reference's rotkv2 perplexity on the engine tests' windows by more than
-    3x their bound (tests/e2e/test_families.py PPL_BOUND = 1%; measured 6.0% / 5.1%)."""
+    2x their bound (tests/e2e/test_families.py PPL_BOUND = 1%). Measured 6.0% / 5.1% without a recent window; the
+    presets' full-precision window of 4 tokens hides part of the key error (2.4% qwen3, 3.5% gemma3)."""
     from rotkv_data import EVAL_TEXT, data_path
     from rotkv_vllm import model_support
     from rotkv_vllm.demo import serving_config
@@ -211,4 +212,4 @@ def test_calibration_without_the_key_norm_is_outside_the_engine_bound(name, smol
 
     ratio = ppl(False) / ppl(True)
     print(f"\n{name}: rotkv2 perplexity with keys calibrated before k_norm / after: {ratio:.4f}")
-    assert abs(ratio - 1) > 0.03
+    assert abs(ratio - 1) > 0.02
