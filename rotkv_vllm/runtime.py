@@ -133,8 +133,9 @@ def check_attention_impl(choice: str, device: torch.device | str, specs: list[Pa
     if dev.type not in ("cpu", "cuda"):
         raise ValueError(f"RotateKV attention runs on CPU and CUDA caches, not on {dev.type}")
     if choice in ("torch", "cpp") and dev.type != "cpu":
-        raise ValueError(f"{ATTENTION_IMPL_ENV}={choice}: the {'PyTorch path' if choice == 'torch' else 'C++ kernels'} "
-                         f"serve CPU caches only; this cache is on {dev}. Use {ATTENTION_IMPL_ENV}=auto or triton")
+        what = "the PyTorch path serves" if choice == "torch" else "the C++ kernels serve"
+        raise ValueError(f"{ATTENTION_IMPL_ENV}={choice}: {what} CPU caches only; this cache is on {dev}. Use "
+                         f"{ATTENTION_IMPL_ENV}=auto or triton")
     if choice == "cpp":
         why = cpp_unavailable_reason(specs)
         if why is not None:
