@@ -27,10 +27,11 @@ hands :meth:`RotateKVCache.update` the step's post-RoPE K/V, which returns them 
 ``rotkv_attention`` with the queries, which writes that K/V into the layer's pages and attends over the pages,
 with the same ops as the vLLM backend (:mod:`rotkv_vllm.vllm_backend`), picked by ``attention_impl``:
 
-- ``"cpu"``: ``rotkv_paged.paged_write_ref`` (the vLLM backend's CPU write: the same bytes) and the fused C++
-  attention ``rotkv_paged_cpu.paged_attention_cpu`` (the CPU default when built, ``python setup.py build_ext
-  --inplace``);
-- ``"torch"``: ``rotkv_paged.paged_write_ref`` and ``rotkv_paged_tiles.attend_tiles`` (the vLLM backend's CPU
+- ``"cpu"``: the fused C++ kernels ``rotkv_paged_cpu.paged_write_cpu`` / ``paged_attention_cpu`` (the vLLM
+  backend's ``cpp`` path; the CPU default when built, ``python setup.py build_ext --inplace``). They agree with
+  the references to fp32 rounding per call, but at 2 bits a rounding difference can flip a code, so a greedy
+  decode can part from the ``"torch"`` path's at a near tie (as in the vLLM backend);
+- ``"torch"``: ``rotkv_paged.paged_write_ref`` and ``rotkv_paged_tiles.attend_tiles`` (the vLLM backend's ``torch``
   path; the CPU default when the C++ kernels are not built);
 - ``"triton"``: ``rotkv_paged_triton.paged_write_triton`` / ``paged_attention_triton`` (the CUDA default).
 
@@ -491,12 +492,9 @@ class RotateKVCache(Cache):
         out = torch.zeros(step.num_tokens, hq, d, dtype=query.dtype, device=query.device)
         if step.num_tokens:
             if self.attention_impl == "cpu":
-                from rotkv_kernels.rotkv_paged_cpu import paged_attention_cpu
+                from rotkv_kernels.rotkv_paged_cpu import paged_attention_cpu, paged_write_cpu
 
-                # The write is the reference's, as in the vLLM backend's CPU path: the records are then the bytes the
-                # backend and the reference harness store (the C++ write can round a code the other way where the
-                # rotation's fp32 sums are inexact, and at 2 bits one such code moves a greedy answer).
-                paged_write_ref(k, v, step.slot_mapping, pages.records, spec=p.spec, positions=step.positions,
+                paged_write_cpu(k, v, step.slot_mapping, pages.records, spec=p.spec, positions=step.positions,
                                 sinks=pages.sinks, **common)
                 paged_attention_cpu(q, pages.records, step.block_table, step.seq_lens, step.query_start_loc,
                                     spec=p.spec, scale=scaling, sinks=pages.sinks, out=out, **common)
