@@ -58,10 +58,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
@@ -73,8 +72,16 @@ from rotkv_vllm.config import RotateKVConfig, RotateKVLayout
 from rotkv_vllm.model_support import describe_model
 from rotkv_vllm.runtime import RotateKVRuntime, servable_reason
 
-__all__ = ["ATTENTION_NAME", "ATTENTION_IMPLS", "RotateKVCache", "RotateKVLayer", "rotkv_attention",
-           "register_rotkv_attention", "rotkv_cache", "tensor_nbytes"]
+__all__ = [
+    "ATTENTION_IMPLS",
+    "ATTENTION_NAME",
+    "RotateKVCache",
+    "RotateKVLayer",
+    "register_rotkv_attention",
+    "rotkv_attention",
+    "rotkv_cache",
+    "tensor_nbytes",
+]
 
 ATTENTION_NAME = "rotkv"
 ATTENTION_IMPLS = ("auto", "cpu", "torch", "triton")
@@ -146,7 +153,7 @@ class RotateKVLayer(DynamicLayer):
     def update(self, key_states, value_states, *args, **kwargs):
         raise RuntimeError("RotateKVLayer is updated through RotateKVCache.update")
 
-    def ensure_pages(self, cache: "RotateKVCache", num_blocks: int) -> PagedCache:
+    def ensure_pages(self, cache: RotateKVCache, num_blocks: int) -> PagedCache:
         """Grow the pool to ``num_blocks`` pages, keeping the bytes of the existing ones."""
         if self.pages is None or self.pages.records.shape[0] < num_blocks:
             spec = cache.runtime.paged_spec(self.layer_idx)
@@ -156,7 +163,7 @@ class RotateKVLayer(DynamicLayer):
             self.pages = new
         return self.pages
 
-    def gather_pages(self, cache: "RotateKVCache", block_ids: torch.Tensor) -> None:
+    def gather_pages(self, cache: RotateKVCache, block_ids: torch.Tensor) -> None:
         """Replace the pool by its pages ``block_ids`` (in that order)."""
         if self.pages is None:
             return

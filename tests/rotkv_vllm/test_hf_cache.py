@@ -223,9 +223,8 @@ def smol_calib_4bit(smollm2, calib_text):
 
 def test_cache_errors(tiny_llama, tiny_calib):
     model, tok = tiny_llama
-    with pytest.raises(ValueError, match="calibration="):
-        with rotkv_cache(model, None, RotateKVConfig()):
-            pass
+    with pytest.raises(ValueError, match="calibration="), rotkv_cache(model, None, RotateKVConfig()):
+        pass
     with pytest.raises(ValueError, match="pre_rope=False"):
         with rotkv_cache(model, tiny_calib, dataclasses.replace(tiny_calib.config, pre_rope=False)):
             pass
