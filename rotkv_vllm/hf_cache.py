@@ -1,249 +1,685 @@
-"""A transformers KV cache that stores RotateKV records, for ``model.generate``.
+"""A transformers KV cache that holds RotateKV's packed pages, for ``model.generate`` and manual forward loops.
 
-    with rotkv_cache(model, calibration) as cache:
-        out = model.generate(input_ids, past_key_values=cache, max_new_tokens=32)
+    with rotkv_cache(model, calibration) as cache:            # rotkv2 with a 2-bit calibration
+        out = model.generate(input_ids, attention_mask=mask, past_key_values=cache, max_new_tokens=32)
 
-Each layer keeps, per token, the packed record of its pre-RoPE key (grouped-head Hadamard, calibrated
-channel order, group quantization; ``rotkv_write``) and of its value (per-head Hadamard), plus the
-token's RoPE ``cos``/``sin`` so the key can be re-rotated at read time (``rotkv_read`` applies RoPE at
-each key's own position). The record maths is ``rotkv_kernels.rotkv_cache``'s (``rotkv_write`` / ``rotkv_read``,
-the references beside their Triton kernels); this module only keeps the records of a transformers cache. Sink tokens (chosen at prefill) and the recent window keep their
-full-precision K/V in a side store. Every ``update`` returns the whole dequantized cache, so attention
-sees exactly what a quantized cache holds.
+What the cache holds (every tensor it owns; :meth:`RotateKVCache.quantized_nbytes` sums exactly these):
 
-transformers' Llama attention hands the cache only post-RoPE keys, so two hooks feed it: one on
-``k_proj`` (pre-RoPE keys) and one on each decoder layer (``cos``/``sin`` and, for ``sink_mode="topk"``,
-the layer's input residual). The context manager installs and removes them.
+- per layer, one pool of pages in the vLLM backend's layout (``rotkv_kernels.rotkv_paged``)::
+
+      page = [ block_size slots of C bytes | sink area: S tokens x (K, V) x H x D in the model dtype ]
+      slot = K record (pre-RoPE key, grouped-head Hadamard, calibrated channel order, 2-4 bit groups)
+             | V record (per-head Hadamard) | padding up to C
+
+  so ``C + S * 4 * H * D / block_size`` bytes per token in bf16 (104 + 6 at 2 bits, ``block_size=128``, for
+  SmolLM2-135M, against 768 for a bf16 ``DynamicCache``); pools hold exactly the pages handed out (a row's last page is partly used);
+- per batch row: its length and its count of left-padding columns, and the block table (``int64 [B, blocks]``),
+  which together give every stored token's position, i.e. what RoPE is re-applied at on read.
+
+Nothing else is kept between steps: no full-precision copy of any token beyond the sink tokens, no cos/sin per
+token, no dequantized K/V. A recent full-precision window (``recent_window``) is not in the paged layout yet
+and is refused (``_check_storable``); it belongs in the pages beside the sink area when the layout has it.
+
+How attention reads it. ``rotkv_cache`` switches the model to the attention function ``"rotkv"``
+(:func:`rotkv_attention`, registered with ``transformers.AttentionInterface`` and a 2-D padding mask with
+``AttentionMaskInterface``) for the duration of the ``with`` block. Per layer and step the model's attention
+hands :meth:`RotateKVCache.update` the step's post-RoPE K/V, which returns them untouched, and then calls
+``rotkv_attention`` with the queries, which writes that K/V into the layer's pages and attends over the pages,
+with the same ops as the vLLM backend (:mod:`rotkv_vllm.vllm_backend`), picked by ``attention_impl``:
+
+- ``"cpu"``: the fused C++ kernels ``rotkv_paged_cpu.paged_write_cpu`` / ``paged_attention_cpu`` (the vLLM
+  backend's ``cpp`` path; the CPU default when built, ``python setup.py build_ext --inplace``). They agree with
+  the references to fp32 rounding per call, but at 2 bits a rounding difference can flip a code, so a greedy
+  decode can part from the ``"torch"`` path's at a near tie (as in the vLLM backend);
+- ``"torch"``: ``rotkv_paged.paged_write_ref`` and ``rotkv_paged_tiles.attend_tiles`` (the vLLM backend's ``torch``
+  path; the CPU default when the C++ kernels are not built);
+- ``"triton"``: ``rotkv_paged_triton.paged_write_triton`` / ``paged_attention_triton`` (the CUDA default).
+
+Per-layer parameters (spec, key order, key mean, RoPE tables) come from one
+:class:`rotkv_vllm.runtime.RotateKVRuntime`, shared by every cache of the same model and calibration (it is a
+model constant like the weights and is not counted in the cache's bytes). Prefill attends over the packed
+records too (the tokens of the step are written before the read, as in the vLLM backend), so a prefill and a
+decode see exactly what the cache holds.
+
+Batches and positions. Rows may be left-padded (``generate`` with a tokenizer's ``padding_side="left"``):
+padding columns are not stored, and a row's ``i``-th stored token sits at position ``i``, which is what the
+model's ``position_ids`` are in ``generate`` (``cumsum(attention_mask) - 1``). A step whose ``position_ids``
+disagree (a manual loop over left-padded rows without ``position_ids``) is refused with a ``ValueError``, as is
+padding after a row's first token. ``crop``, ``reorder_cache`` (beam search), ``batch_select_indices`` and
+``batch_repeat_interleave`` work on whole rows (their pages are gathered into a fresh pool).
+
+``generate(..., cache_implementation="rotkv")`` is not offered: transformers 5.19 validates
+``cache_implementation`` against a fixed tuple (``generation.configuration_utils.ALL_CACHE_IMPLEMENTATIONS``)
+and builds the cache in ``GenerationMixin._prepare_cache_for_generation`` from a fixed ``if`` chain, with no
+registry a package can add to; doing it would mean patching both. Pass ``past_key_values=cache`` instead.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Iterator
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-from rotkv_kernels.rotkv_cache import apply_rope, record_bytes, rotkv_read, rotkv_write
+from rotkv_kernels.rotkv_paged import PagedCache, alloc_paged_cache, paged_write_ref
+from rotkv_kernels.rotkv_paged_tiles import AttentionTile, attend_tiles, build_tile, plan_tiles
 from rotkv_vllm.calibration import RotateKVCalibration
 from rotkv_vllm.config import RotateKVConfig, RotateKVLayout
-from rotkv_vllm.model_support import decoder_layers, describe_model
-from rotkv_vllm.sinks import sink_token_mask
+from rotkv_vllm.model_support import describe_model
+from rotkv_vllm.runtime import RotateKVRuntime, servable_reason
 
-__all__ = ["RotateKVCache", "RotateKVLayer", "rotkv_cache"]
+__all__ = [
+    "ATTENTION_IMPLS",
+    "ATTENTION_NAME",
+    "RotateKVCache",
+    "RotateKVLayer",
+    "register_rotkv_attention",
+    "rotkv_attention",
+    "rotkv_cache",
+    "tensor_nbytes",
+]
+
+ATTENTION_NAME = "rotkv"
+ATTENTION_IMPLS = ("auto", "cpu", "torch", "triton")
+DEFAULT_BLOCK_SIZE = 128
+
+
+def tensor_nbytes(tensors) -> int:
+    """Bytes of the distinct storages behind ``tensors`` (views of one storage count once)."""
+    seen: dict[int, int] = {}
+    for t in tensors:
+        if isinstance(t, torch.Tensor):
+            st = t.untyped_storage()
+            seen[st.data_ptr()] = max(seen.get(st.data_ptr(), 0), st.nbytes())
+    return sum(seen.values())
+
+
+# ---- the step: what every layer of one forward shares ---------------------------------------------------------
+
+
+@dataclass
+class _Step:
+    """The bookkeeping of one forward (built by layer 0's attention call, shared by every layer).
+
+    Attributes:
+        q_len: columns of the step (padding included); batch: rows.
+        tok: ``int64 [T]`` index of each stored token in the step's ``[B * q_len]`` tokens, or None when all are
+            stored (no padding).
+        slot_mapping / positions: ``int64 [T]`` (on the cache's device); query_start_loc ``[B + 1]``,
+        seq_lens ``[B]``, block_table ``[B, blocks]`` (device copies for the kernels, CPU ones for planning).
+        tiles: the ``"torch"`` path's attention tiles; plans: the ``"triton"`` path's work lists.
+    """
+
+    q_len: int
+    batch: int
+    num_tokens: int
+    tok: torch.Tensor | None
+    slot_mapping: torch.Tensor
+    positions: torch.Tensor
+    query_start_loc: torch.Tensor
+    seq_lens: torch.Tensor
+    block_table: torch.Tensor
+    query_start_loc_cpu: torch.Tensor
+    seq_lens_cpu: torch.Tensor
+    tiles: list[AttentionTile] | None = None
+    plans: dict | None = None
+    next_layer: int = 0
+
+
+_PENDING = threading.local()  # (cache, layer index, key tensor) of the last ``update``, consumed by the attention
 
 
 class RotateKVLayer(DynamicLayer):
-    """One layer's RotateKV cache. ``keys``/``values`` hold only the full-precision side store."""
+    """One layer's pages (``pages``: a :class:`rotkv_kernels.rotkv_paged.PagedCache`, or None before the first
+    write). ``keys``/``values`` stay None: nothing in full precision is kept per token."""
 
-    def __init__(self, layer_idx: int, config: RotateKVConfig, layout: RotateKVLayout, key_order: torch.Tensor | None,
-                 key_mean: torch.Tensor | None = None):
+    def __init__(self, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
-        self.config = config
-        self.layout = layout
-        self.key_bits, self.value_bits = config.bits_for_layer(layer_idx)
-        self.key_clip, self.value_clip = config.clip_ratios(self.key_bits, self.value_bits)
-        # Values: a per-head Hadamard, or none with rotate_values=False (as in the reference and the vLLM backend).
-        self.value_rot_width = layout.head_dim if config.rotate_values else 1
-        self.key_order = key_order
-        # Calibrated pre-RoPE key mean [H, D] (center_keys): stored keys are k - mean.
-        self.key_mean = None if key_mean is None else key_mean.reshape(layout.num_kv_heads, layout.head_dim)
-        self.key_records: torch.Tensor | None = None  # uint8 [B, S, key record bytes]
-        self.value_records: torch.Tensor | None = None
-        self.cos: torch.Tensor | None = None  # [B, S, D]
-        self.sin: torch.Tensor | None = None
-        self.fp_keys: torch.Tensor | None = None  # [B, H, S, D] post-RoPE, valid where fp_mask
-        self.fp_values: torch.Tensor | None = None
-        self.sink_mask: torch.Tensor | None = None  # [B, S] bool
-        # Set by the hooks right before ``update``.
-        self.pending_pre_k: torch.Tensor | None = None
-        self.pending_rope: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.pending_hidden: torch.Tensor | None = None
+        self.pages: PagedCache | None = None
 
     def nbytes(self) -> int:
-        """Bytes held by the packed records (the quantized part of the cache)."""
-        if self.key_records is None:
-            return 0
-        return self.key_records.numel() + self.value_records.numel()
+        """Bytes of this layer's pool (records, sink areas and unused slots of allocated pages)."""
+        return 0 if self.pages is None else self.pages.raw.numel()
 
-    def _write(self, x: torch.Tensor, *, key: bool) -> torch.Tensor:
-        b, t, h, d = x.shape
-        lay = self.layout
-        if key and self.key_mean is not None:
-            x = x.to(torch.float32) - self.key_mean
-        rec = rotkv_write(
-            x.reshape(b * t, h, d),
-            bits=self.key_bits if key else self.value_bits,
-            group_size=lay.group_size if key else lay.value_group_size,
-            rot_width=lay.group_width if key else self.value_rot_width,
-            perm=self.key_order if key else None,
-            clip_ratio=self.key_clip if key else self.value_clip,
-            scale_format=self.config.scale_format,
-        )
-        return rec.reshape(b, t, -1)
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.is_initialized = True
 
-    def _read(self, rec: torch.Tensor, *, key: bool, dtype: torch.dtype) -> torch.Tensor:
-        b, s, _ = rec.shape
-        lay = self.layout
-        d = lay.head_dim
-        # With a key mean, RoPE must come after adding it back: RoPE(k^ + mu), so apply it here.
-        rope_in_kernel = key and self.key_mean is None
-        out = rotkv_read(
-            rec.reshape(b * s, -1),
-            num_heads=lay.num_kv_heads,
-            head_dim=d,
-            bits=self.key_bits if key else self.value_bits,
-            group_size=lay.group_size if key else lay.value_group_size,
-            rot_width=lay.group_width if key else self.value_rot_width,
-            perm=self.key_order if key else None,
-            scale_format=self.config.scale_format,
-            cos=self.cos.reshape(b * s, d) if rope_in_kernel else None,
-            sin=self.sin.reshape(b * s, d) if rope_in_kernel else None,
-            out_dtype=torch.float32,
-        )
-        if key and self.key_mean is not None:
-            out = out + self.key_mean
-            cos, sin = self.cos.reshape(b * s, 1, d), self.sin.reshape(b * s, 1, d)
-            out = apply_rope(out, cos, sin)
-        return out.reshape(b, s, lay.num_kv_heads, d).transpose(1, 2).to(dtype)
+    def update(self, key_states, value_states, *args, **kwargs):
+        raise RuntimeError("RotateKVLayer is updated through RotateKVCache.update")
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        """Store the new tokens; return the dequantized cache ``([B, H, S, D], [B, H, S, D])``."""
-        if self.pending_pre_k is None or self.pending_rope is None:
-            raise RuntimeError("RotateKVCache.update called without its hooks: use `with rotkv_cache(model, ...)`")
-        b, h, t, d = key_states.shape
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        pre_k = self.pending_pre_k.reshape(b, t, h, d)
-        cos, sin = self.pending_rope
-        cos, sin = cos.expand(b, t, d).to(torch.float32), sin.expand(b, t, d).to(torch.float32)
-        new_k = self._write(pre_k, key=True)
-        new_v = self._write(value_states.transpose(1, 2), key=False)
-        first = self.key_records is None
-        if first:
-            sinks = sink_token_mask(self.config, b, t, self.pending_hidden, device=key_states.device)
-            self.sink_mask = sinks if sinks is not None else torch.zeros(b, t, dtype=torch.bool, device=key_states.device)
-            self.key_records, self.value_records, self.cos, self.sin = new_k, new_v, cos, sin
-            self.fp_keys, self.fp_values = key_states, value_states
-        else:
-            # Sinks are chosen at prefill; later tokens are never sinks.
-            self.sink_mask = torch.cat([self.sink_mask, self.sink_mask.new_zeros(b, t)], dim=1)
-            self.key_records = torch.cat([self.key_records, new_k], dim=1)
-            self.value_records = torch.cat([self.value_records, new_v], dim=1)
-            self.cos, self.sin = torch.cat([self.cos, cos], dim=1), torch.cat([self.sin, sin], dim=1)
-            self.fp_keys = torch.cat([self.fp_keys, key_states], dim=2)
-            self.fp_values = torch.cat([self.fp_values, value_states], dim=2)
-        s = self.key_records.shape[1]
-        keep = self.sink_mask.clone()
-        if self.config.recent_window:
-            keep[:, max(0, s - self.config.recent_window):] = True
-        # The side store only needs the kept tokens; drop the full-precision copies of the others.
-        self.fp_keys = self.fp_keys * keep[:, None, :, None]
-        self.fp_values = self.fp_values * keep[:, None, :, None]
-        self.pending_pre_k = self.pending_rope = self.pending_hidden = None
-        k = self._read(self.key_records, key=True, dtype=key_states.dtype)
-        v = self._read(self.value_records, key=False, dtype=value_states.dtype)
-        m = keep[:, None, :, None]
-        return torch.where(m, self.fp_keys, k), torch.where(m, self.fp_values, v)
+    def ensure_pages(self, cache: RotateKVCache, num_blocks: int) -> PagedCache:
+        """Grow the pool to ``num_blocks`` pages, keeping the bytes of the existing ones."""
+        if self.pages is None or self.pages.records.shape[0] < num_blocks:
+            spec = cache.runtime.paged_spec(self.layer_idx)
+            new = alloc_paged_cache(spec, num_blocks, cache.block_size, cache.runtime.dtype, device=cache.device)
+            if self.pages is not None:
+                new.raw[: self.pages.raw.numel()].copy_(self.pages.raw)
+            self.pages = new
+        return self.pages
+
+    def gather_pages(self, cache: RotateKVCache, block_ids: torch.Tensor) -> None:
+        """Replace the pool by its pages ``block_ids`` (in that order)."""
+        if self.pages is None:
+            return
+        spec = cache.runtime.paged_spec(self.layer_idx)
+        page = spec.page_bytes(cache.block_size, cache.runtime.dtype)
+        old = self.pages.raw.view(-1, page)
+        new = alloc_paged_cache(spec, max(1, block_ids.numel()), cache.block_size, cache.runtime.dtype,
+                                device=cache.device)
+        if block_ids.numel():
+            new.raw.view(-1, page).copy_(old.index_select(0, block_ids.to(old.device)))
+        self.pages = new
 
     def get_seq_length(self) -> int:
-        return 0 if self.key_records is None else self.key_records.shape[1]
+        raise RuntimeError("ask RotateKVCache.get_seq_length (the lengths are kept per cache)")
 
     def reset(self) -> None:
-        self.key_records = self.value_records = self.cos = self.sin = None
-        self.fp_keys = self.fp_values = self.sink_mask = None
-        self.keys = self.values = None
+        self.pages = None
         self.is_initialized = False
-
-    def crop(self, max_length: int) -> None:
-        raise NotImplementedError("RotateKVCache does not support cropping (assisted decoding)")
 
 
 class RotateKVCache(Cache):
-    """A transformers ``Cache`` of :class:`RotateKVLayer`; build it with :func:`rotkv_cache`."""
+    """A transformers ``Cache`` whose layers hold RotateKV pages (see the module docstring).
 
-    def __init__(self, layers: list[RotateKVLayer]):
-        super().__init__(layers=layers)
+    Build it with :func:`rotkv_cache` (which also switches the model's attention to ``"rotkv"``), or directly
+    and then run the model with ``attn_implementation="rotkv"`` (:func:`register_rotkv_attention` first).
+
+    Args:
+        model: a transformers causal LM of a supported family (:mod:`rotkv_vllm.model_support`).
+        calibration: from :func:`rotkv_vllm.calibration.calibrate` / ``load_calibration``; required when the
+            config reorders or centres keys.
+        config: default ``calibration.config`` (its bits), else ``RotateKVConfig()``.
+        block_size: tokens per page (a page also carries the sink area, so larger pages cost less per token).
+        attention_impl: ``"auto"`` (``"triton"`` on CUDA; ``"cpu"`` when the C++ kernels are built, else
+            ``"torch"``), ``"cpu"``, ``"torch"`` or ``"triton"``.
+        runtime: a runtime to share (:meth:`runtime_for`); built from the other arguments when None.
+    Raises:
+        ValueError: an unsupported model or setting (named), a calibration for another model, an unknown or
+            impossible ``attention_impl``.
+    """
+
+    def __init__(self, model, calibration: RotateKVCalibration | None = None, config: RotateKVConfig | None = None,
+                 *, block_size: int = DEFAULT_BLOCK_SIZE, attention_impl: str = "auto",
+                 runtime: RotateKVRuntime | None = None):
+        info = describe_model(model)
+        n_layers = info["num_hidden_layers"]
+        super().__init__(layers=[RotateKVLayer(i) for i in range(n_layers)])
+        if not isinstance(block_size, int) or block_size < 16 or block_size % 16:
+            raise ValueError(f"block_size={block_size!r}: must be a positive multiple of 16")
+        self.block_size = block_size
+        self.model_config = model.config
+        self.device = next(model.parameters()).device
+        self.runtime = runtime if runtime is not None else self.runtime_for(model, calibration, config)
+        self.attention_impl = _select_impl(attention_impl, self.device, self.runtime)
+        self._rotary = _rotary_module(model)
+        # Per-row state: real tokens stored, left-padding columns seen, block table; and columns seen in all.
+        self.lengths: torch.Tensor | None = None  # int64 [B] (CPU)
+        self.left_padding: torch.Tensor | None = None  # int64 [B] (CPU)
+        self.block_table: torch.Tensor | None = None  # int64 [B, blocks] (CPU)
+        self.seen = 0
+        self.num_blocks = 0  # pages handed out (every layer's pool has at least this many)
+        self._step: _Step | None = None
+
+    # ---- construction ---------------------------------------------------------------------------------------
+    @staticmethod
+    def runtime_for(model, calibration: RotateKVCalibration | None = None, config: RotateKVConfig | None = None,
+                    max_position: int | None = None) -> RotateKVRuntime:
+        """The :class:`RotateKVRuntime` of ``model`` + ``calibration`` (+ ``config``'s bits and settings), with
+        the model's own RoPE tables (``fp32 [max_position, D]``, attention scaling folded in).
+
+        Raises:
+            ValueError: an unsupported model or setting, a calibration for another model, a config that needs
+                calibrated statistics without a calibration.
+        """
+        info = describe_model(model)
+        if calibration is not None:
+            calibration.check_model(model)
+            config = config or calibration.config
+            config = dataclasses.replace(config, head_group_size=calibration.head_group_size)
+        config = config or RotateKVConfig()
+        if (config.reorder or config.center_keys) and calibration is None:
+            raise ValueError("this RotateKV config uses calibrated key statistics: pass "
+                             "calibration=load_calibration(MODEL_DIR)")
+        if not config.pre_rope:
+            raise ValueError("the RotateKV cache stores pre-RoPE keys: pre_rope=False is only for the reference "
+                             "ablation")
+        _check_storable(config)
+        layout = RotateKVLayout.resolve(config, info["num_key_value_heads"], info["head_dim"])
+        n_layers = info["num_hidden_layers"]
+        device = next(model.parameters()).device
+        orders = means = None
+        if config.reorder:
+            orders = [calibration.key_orders[i].to(torch.int64) for i in range(n_layers)]
+        if config.center_keys:
+            means = [m.to(torch.float32).reshape(-1).contiguous() for m in calibration.key_means]
+        n = max_position or int(getattr(model.config, "max_position_embeddings", 0) or 4096)
+        cos, sin = _rope_tables(_rotary_module(model), n, device)
+        dtype = next(model.parameters()).dtype
+        return RotateKVRuntime(config=config, layout=layout, num_layers=n_layers, key_orders=orders, dtype=dtype,
+                               key_means=means, rope_cos=cos.cpu(), rope_sin=sin.cpu())
+
+    # ---- sizes ----------------------------------------------------------------------------------------------
+    @property
+    def config(self) -> RotateKVConfig:
+        return self.runtime.config
+
+    def owned_tensors(self) -> list[torch.Tensor]:
+        """Every tensor the cache holds between steps (pools and per-row state)."""
+        out = [t for t in (self.lengths, self.left_padding, self.block_table) if t is not None]
+        out += [layer.pages.raw for layer in self.layers if layer.pages is not None]
+        return out
 
     def quantized_nbytes(self) -> int:
-        return sum(layer.nbytes() for layer in self.layers)
+        """Bytes of every tensor the cache holds: the layers' pools (records, sink areas, unused slots of the last
+        pages) and the per-row lengths, left padding and block table. The runtime's tables are model constants
+        shared by all caches of a model (:meth:`runtime_for`) and not counted."""
+        return tensor_nbytes(self.owned_tensors())
 
     def bits_per_element(self) -> float:
-        """Average stored bits per cached K/V element, counting the full-precision tokens at 16 bits."""
-        total_bits, elements = 0.0, 0
+        """Stored bits per cached K/V element of the tokens held: their records, with the sink tokens at the model
+        dtype's width (unused slots of the last pages and the per-row state not counted)."""
+        if self.lengths is None or int(self.lengths.sum()) == 0:
+            return 0.0
+        rt = self.runtime
+        lay = rt.layout
+        n_tok = int(self.lengths.sum())
+        n_sink = int(self.lengths.clamp(max=rt.sink_tokens).sum())
+        itemsize = torch.empty((), dtype=rt.dtype).element_size()
+        bits = 0.0
+        for i in range(rt.num_layers):
+            c = rt.codec(i)
+            bits += (n_tok - n_sink) * (c.key_bytes + c.value_bytes) * 8 + n_sink * 2 * lay.kv_width * itemsize * 8
+        return bits / (n_tok * 2 * lay.kv_width * rt.num_layers)
+
+    # ---- transformers Cache API -------------------------------------------------------------------------------
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        """Hand the step's K/V (``[B, H, T, D]``, K post-RoPE) to the ``"rotkv"`` attention, which stores them and
+        attends over the pages; returns them unchanged.
+
+        Raises:
+            ValueError: the model's attention is not ``"rotkv"`` (another attention would read only the new
+                tokens); RuntimeError: the previous layer's K/V were never consumed.
+        """
+        impl = getattr(self.model_config, "_attn_implementation", None)
+        if impl != ATTENTION_NAME:
+            raise ValueError(f"RotateKVCache needs the model's attention to be {ATTENTION_NAME!r}, not {impl!r}: use "
+                             "`with rotkv_cache(model, calibration) as cache:` or "
+                             f"model.set_attn_implementation({ATTENTION_NAME!r}) after register_rotkv_attention()")
+        layer = self.layers[layer_idx]
+        if not layer.is_initialized:
+            layer.lazy_initialization(key_states, value_states)
+        _PENDING.value = (self, layer_idx, key_states, value_states)
+        return key_states, value_states
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Columns seen (left padding included): what transformers' positions and masks count."""
+        return self.seen
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        return self.seen + query_length, 0
+
+    def get_max_length(self, layer_idx: int | None = None) -> int:
+        return -1
+
+    @property
+    def is_compileable(self) -> bool:
+        return False
+
+    @property
+    def batch_size(self) -> int:
+        return -1 if self.lengths is None else int(self.lengths.numel())
+
+    def reset(self) -> None:
         for layer in self.layers:
-            if layer.key_records is None:
-                continue
-            b, s, rk = layer.key_records.shape
-            rv = layer.value_records.shape[2]
-            width = layer.layout.kv_width
-            n_fp = int(layer.sink_mask.sum())
-            if layer.config.recent_window:
-                n_fp = int((layer.sink_mask | _recent(layer.sink_mask, layer.config.recent_window)).sum())
-            total_bits += (b * s - n_fp) * (rk + rv) * 8 + n_fp * 2 * width * 16
-            elements += b * s * 2 * width
-        return total_bits / max(elements, 1)
+            layer.reset()
+        self.lengths = self.left_padding = self.block_table = None
+        self.seen = self.num_blocks = 0
+        self._step = None
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Drop the last ``-tokens_to_remove`` columns (a positive value is the length to keep, the legacy
+        convention of ``DynamicLayer.crop``)."""
+        if tokens_to_remove > 0:
+            tokens_to_remove = max(0, self.seen - tokens_to_remove)
+        k = abs(tokens_to_remove)
+        if k == 0 or self.lengths is None:
+            return
+        self.seen = max(0, self.seen - k)
+        self.left_padding = self.left_padding.clamp(max=self.seen)
+        self.lengths = (self.seen - self.left_padding).clamp(min=0)
+        self._regather(torch.arange(self.lengths.numel()))
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Row ``i`` becomes row ``beam_idx[i]`` (beam search)."""
+        if self.lengths is not None:
+            self._regather(beam_idx.to("cpu", torch.int64))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.lengths is not None:
+            self._regather(indices.to("cpu", torch.int64))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.lengths is not None:
+            self._regather(torch.arange(self.lengths.numel()).repeat_interleave(repeats))
+
+    def _regather(self, rows: torch.Tensor) -> None:
+        """Rebuild every pool with the pages of ``rows`` (in that order), exactly as many as their lengths need."""
+        bs = self.block_size
+        lengths, pad = self.lengths[rows], self.left_padding[rows]
+        need = (lengths + bs - 1) // bs
+        ids = [self.block_table[r, : int(n)] for r, n in zip(rows.tolist(), need.tolist())]
+        ids = torch.cat(ids) if ids else torch.zeros(0, dtype=torch.int64)
+        for layer in self.layers:
+            layer.gather_pages(self, ids)
+        width = max(1, int(need.max()) if need.numel() else 1)
+        starts = torch.cumsum(need, 0) - need
+        table = starts.unsqueeze(1) + torch.arange(width).unsqueeze(0)
+        self.block_table = torch.where(torch.arange(width).unsqueeze(0) < need.unsqueeze(1), table, 0)
+        self.lengths, self.left_padding = lengths.clone(), pad.clone()
+        self.num_blocks = int(need.sum())
+        self._step = None
+
+    # ---- one step ---------------------------------------------------------------------------------------------
+    def _begin_step(self, batch: int, q_len: int, attention_mask: torch.Tensor | None,
+                    position_ids: torch.Tensor | None) -> _Step:
+        """Account the step's columns, allocate its pages and build what every layer's write and read share."""
+        if self.lengths is None:
+            self.lengths = torch.zeros(batch, dtype=torch.int64)
+            self.left_padding = torch.zeros(batch, dtype=torch.int64)
+            self.block_table = torch.zeros(batch, 1, dtype=torch.int64)
+        if batch != self.lengths.numel():
+            raise ValueError(f"a step of {batch} rows on a cache of {self.lengths.numel()} rows")
+        valid = _new_columns(attention_mask, batch, q_len)  # bool [B, q_len] (CPU)
+        n_pad = q_len - valid.sum(1)
+        cols = torch.arange(q_len)
+        if not torch.equal(valid, cols.unsqueeze(0) >= n_pad.unsqueeze(1)):
+            raise ValueError("attention_mask: RotateKVCache takes left padding only (a row's padding before its first "
+                             "token); tokenize with padding_side='left'")
+        if bool(((n_pad > 0) & (self.lengths > 0)).any()):
+            raise ValueError("attention_mask: padding after a row's first token (RotateKVCache takes left padding "
+                             "only)")
+        before = self.lengths
+        pos = before.unsqueeze(1) + cols.unsqueeze(0) - n_pad.unsqueeze(1)  # position of each stored token
+        if position_ids is not None:
+            given = position_ids.to("cpu", torch.int64).expand(batch, q_len)
+            if not torch.equal(given[valid], pos[valid]):
+                raise ValueError(
+                    "position_ids: RotateKVCache re-applies RoPE at each token's index among its row's stored "
+                    "(non-padding) tokens; pass position_ids = attention_mask.cumsum(-1) - 1 (what generate does)")
+        lengths = before + (q_len - n_pad)
+        self._ensure_blocks(lengths)
+        self.lengths = lengths
+        self.left_padding = self.left_padding + n_pad
+        self.seen += q_len
+        if self.seen > self.runtime.rope_cos.shape[0]:
+            self._grow_rope(self.seen)
+
+        flat_valid = valid.reshape(-1)
+        tok = None if bool(flat_valid.all()) else flat_valid.nonzero().squeeze(1)
+        rows = torch.arange(batch).unsqueeze(1).expand(batch, q_len).reshape(-1)
+        p = pos.reshape(-1)
+        if tok is not None:
+            rows, p = rows[tok], p[tok]
+        bs = self.block_size
+        slots = self.block_table[rows, p // bs] * bs + p % bs
+        q_real = q_len - n_pad
+        qsl = torch.zeros(batch + 1, dtype=torch.int64)
+        qsl[1:] = torch.cumsum(q_real, 0)
+        dev = self.device
+        step = _Step(q_len=q_len, batch=batch, num_tokens=int(p.numel()), tok=None if tok is None else tok.to(dev),
+                     slot_mapping=slots.to(dev), positions=p.to(dev), query_start_loc=qsl.to(dev),
+                     seq_lens=lengths.to(dev), block_table=self.block_table.to(dev), query_start_loc_cpu=qsl,
+                     seq_lens_cpu=lengths.clone())
+        if self.attention_impl == "torch":
+            step.tiles = [build_tile(torch.tensor(reqs), q_lo, q_hi, qsl, q_real, lengths, self.block_table, bs)
+                          for reqs, q_lo, q_hi in plan_tiles(q_real.tolist(), lengths.tolist())]
+        elif self.attention_impl == "triton":
+            step.plans = {}
+        return step
+
+    def _ensure_blocks(self, lengths: torch.Tensor) -> None:
+        """Give every row the pages its new length needs (the layers' pools grow when they next write)."""
+        bs = self.block_size
+        need = (lengths + bs - 1) // bs
+        have = (self.lengths + bs - 1) // bs
+        width = max(int(need.max()), self.block_table.shape[1])
+        if width > self.block_table.shape[1]:
+            pad = torch.zeros(self.block_table.shape[0], width - self.block_table.shape[1], dtype=torch.int64)
+            self.block_table = torch.cat([self.block_table, pad], dim=1)
+        for r in (need > have).nonzero().squeeze(1).tolist():
+            n_new = int(need[r] - have[r])
+            self.block_table[r, int(have[r]): int(need[r])] = torch.arange(self.num_blocks, self.num_blocks + n_new)
+            self.num_blocks += n_new
+
+    def _grow_rope(self, needed: int) -> None:
+        """Rebuild the runtime with RoPE tables covering ``needed`` positions (doubling)."""
+        n = self.runtime.rope_cos.shape[0]
+        while n < needed:
+            n *= 2
+        cos, sin = _rope_tables(self._rotary, n, self.device)
+        self.runtime = dataclasses.replace(self.runtime, rope_cos=cos.cpu(), rope_sin=sin.cpu())
+
+    def _attend(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                attention_mask: torch.Tensor | None, scaling: float, position_ids: torch.Tensor | None
+                ) -> torch.Tensor:
+        """Write layer ``layer_idx``'s step K/V into its pages, then attend. ``query [B, Hq, T, D]``,
+        ``key/value [B, H, T, D]`` (post-RoPE); returns ``[B, T, Hq, D]`` (zeros at padding columns)."""
+        b, hq, t, d = query.shape
+        if layer_idx == 0:
+            self._step = self._begin_step(b, t, attention_mask, position_ids)
+        step = self._step
+        if step is None or step.next_layer != layer_idx or step.q_len != t or step.batch != b:
+            raise RuntimeError(f"layer {layer_idx} attends out of order (the step began at layer 0 with "
+                               f"{None if step is None else (step.batch, step.q_len)} rows x columns)")
+        step.next_layer += 1
+        if step.next_layer == len(self.layers):
+            self._step = None  # per-step scratch: nothing of it is kept between steps
+        layer = self.layers[layer_idx]
+        pages = layer.pages
+        if pages is None or pages.records.shape[0] < self.num_blocks:
+            # Exactly the pages handed out: a pool is reallocated (one copy) when a row crosses into a new page,
+            # every block_size steps of decoding, and holds no spare pages.
+            pages = layer.ensure_pages(self, self.num_blocks)
+        p = self.runtime.kernel_params(layer_idx, self.device)
+        h = key.shape[1]
+
+        def flat(x, heads):
+            x = x.transpose(1, 2).reshape(b * t, heads, d)
+            return x if step.tok is None else x.index_select(0, step.tok)
+
+        k, v = flat(key, h), flat(value, h)
+        q = flat(query, hq).contiguous()
+        common = dict(rope_cos=p.rope_cos, rope_sin=p.rope_sin, key_perm=p.key_perm, key_mean=p.key_mean)
+        out = torch.zeros(step.num_tokens, hq, d, dtype=query.dtype, device=query.device)
+        if step.num_tokens:
+            if self.attention_impl == "cpu":
+                from rotkv_kernels.rotkv_paged_cpu import paged_attention_cpu, paged_write_cpu
+
+                paged_write_cpu(k, v, step.slot_mapping, pages.records, spec=p.spec, positions=step.positions,
+                                sinks=pages.sinks, **common)
+                paged_attention_cpu(q, pages.records, step.block_table, step.seq_lens, step.query_start_loc,
+                                    spec=p.spec, scale=scaling, sinks=pages.sinks, out=out, **common)
+            elif self.attention_impl == "triton":
+                from rotkv_kernels.rotkv_paged_triton import (
+                    paged_attention_triton,
+                    paged_write_triton,
+                    plan_paged_attention,
+                )
+
+                paged_write_triton(k, v, step.slot_mapping, pages.records, spec=p.spec, positions=step.positions,
+                                   sinks=pages.sinks, **common)
+                key_ = (hq, p.spec.num_kv_heads, p.spec.key_rot_width, p.spec.sink_tokens)
+                if key_ not in step.plans:
+                    step.plans[key_] = plan_paged_attention(step.query_start_loc_cpu, step.seq_lens_cpu, spec=p.spec,
+                                                            num_query_heads=hq, device=query.device)
+                paged_attention_triton(q, pages.records, step.block_table, step.seq_lens, step.query_start_loc,
+                                       spec=p.spec, scale=scaling, sinks=pages.sinks, out_dtype=query.dtype, out=out,
+                                       plan=step.plans[key_], inv_perm=p.inv_perm, **common)
+            else:
+                paged_write_ref(k, v, step.slot_mapping, pages.records, spec=p.spec, positions=step.positions,
+                                sinks=pages.sinks, **common)
+                attend_tiles(q, pages.records, pages.sinks, step.tiles, self.runtime.cpu_tables(layer_idx),
+                             scale=scaling, output=out)
+        if step.tok is None:
+            return out.view(b, t, hq, d)
+        full = torch.zeros(b * t, hq, d, dtype=query.dtype, device=query.device)
+        full.index_copy_(0, step.tok, out)
+        return full.view(b, t, hq, d)
 
 
-def _recent(mask: torch.Tensor, window: int) -> torch.Tensor:
-    r = torch.zeros_like(mask)
-    r[:, -window:] = True
-    return r
+# ---- the attention function -----------------------------------------------------------------------------------
+
+
+def rotkv_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                    attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                    **kwargs) -> tuple[torch.Tensor, None]:
+    """transformers attention function ``"rotkv"``: store the step's K/V in the :class:`RotateKVCache` that just
+    received them (:meth:`RotateKVCache.update`) and attend over its pages.
+
+    Args:
+        query: ``[B, Hq, T, D]`` post-RoPE; key / value: ``[B, H, T, D]`` as returned by ``update``.
+        attention_mask: the 2-D padding mask ``[B, >= T]`` (bool), or None (no padding).
+        scaling: softmax scale (``D ** -0.5`` by default).
+    Returns:
+        ``([B, T, Hq, D], None)``.
+    Raises:
+        ValueError: the model ran without a RotateKVCache, with dropout, or with a mask this cache cannot take.
+    """
+    pending = getattr(_PENDING, "value", None)
+    if pending is None or pending[2] is not key:
+        raise ValueError(f"attn_implementation={ATTENTION_NAME!r} attends over a RotateKVCache: pass "
+                         "past_key_values=cache (from rotkv_cache(...)) and use_cache=True")
+    _PENDING.value = None
+    cache, layer_idx = pending[0], pending[1]
+    if dropout:
+        raise ValueError(f"dropout={dropout}: RotateKV attention is for inference (model.eval())")
+    if attention_mask is not None and attention_mask.dim() != 2:
+        raise ValueError(f"attention_mask: expected the 2-D padding mask of the {ATTENTION_NAME!r} mask function, "
+                         f"got {tuple(attention_mask.shape)}")
+    scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
+    out = cache._attend(layer_idx, query, key, value, attention_mask, scale, kwargs.get("position_ids"))
+    return out, None
+
+
+def _padding_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,
+                  mask_function=None, attention_mask: torch.Tensor | None = None, **kwargs):
+    """Mask function of ``"rotkv"``: the 2-D padding mask ``[B, kv_length]`` (bool), or None without padding
+    (the attention is causal over each row's stored tokens by construction)."""
+    if attention_mask is None:
+        return None
+    attention_mask = attention_mask[:, -kv_length:]
+    return None if bool(attention_mask.all()) else attention_mask
+
+
+def register_rotkv_attention() -> None:
+    """Register ``"rotkv"`` with ``transformers.AttentionInterface`` and ``AttentionMaskInterface`` (idempotent)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(ATTENTION_NAME, rotkv_attention)
+    AttentionMaskInterface.register(ATTENTION_NAME, _padding_mask)
 
 
 @contextlib.contextmanager
-def rotkv_cache(model, calibration: RotateKVCalibration | None = None,
-                config: RotateKVConfig | None = None) -> Iterator[RotateKVCache]:
-    """Install the hooks a :class:`RotateKVCache` needs on ``model`` and yield a fresh cache.
+def rotkv_cache(model, calibration: RotateKVCalibration | None = None, config: RotateKVConfig | None = None, *,
+                block_size: int = DEFAULT_BLOCK_SIZE, attention_impl: str = "auto",
+                runtime: RotateKVRuntime | None = None) -> Iterator[RotateKVCache]:
+    """Yield a fresh :class:`RotateKVCache` for ``model`` and run the model's attention as ``"rotkv"`` until the
+    block ends (the previous attention implementation is restored after).
 
-    Args:
-        calibration: from :func:`rotkv_vllm.calibration.load_calibration`; required when the config
-            reorders channels. Its config is used unless ``config`` is given.
+    Args: as :class:`RotateKVCache`.
     Raises:
-        ValueError: an unsupported model, a calibration for another model, or reordering without one.
+        ValueError: an unsupported model, a calibration for another model, reordering without one, or a setting
+            the paged layout does not store (``sink_mode="topk"``, ``recent_window``).
     """
-    info = describe_model(model)
-    layers = decoder_layers(model)
-    if calibration is not None:
-        calibration.check_model(model)
-        config = config or calibration.config
-        config = dataclasses.replace(config, head_group_size=calibration.head_group_size)
-    config = config or RotateKVConfig()
-    if (config.reorder or config.center_keys) and calibration is None:
-        raise ValueError("this RotateKV config uses calibrated key statistics: pass calibration=load_calibration(MODEL_DIR)")
-    if not config.pre_rope:
-        raise ValueError("the RotateKV cache stores pre-RoPE keys: pre_rope=False is only for the reference ablation")
-    layout = RotateKVLayout.resolve(config, info["num_key_value_heads"], info["head_dim"])
-    record_bytes(layout.kv_width, config.key_bits, layout.group_size, config.scale_format)  # validates early
-    device = next(model.parameters()).device
-    cache_layers = [
-        RotateKVLayer(i, config, layout, calibration.key_orders[i].to(device) if config.reorder else None,
-                      calibration.key_means[i].to(device) if config.center_keys else None)
-        for i in range(info["num_hidden_layers"])
-    ]
-    cache = RotateKVCache(cache_layers)
-    handles = []
-
-    def layer_hook(idx):
-        def hook(module, args, kwargs):
-            cl = cache_layers[idx]
-            cl.pending_rope = kwargs.get("position_embeddings")
-            if config.sink_mode == "topk" and cl.key_records is None:
-                cl.pending_hidden = kwargs.get("hidden_states", args[0] if args else None)
-        return hook
-
-    def k_hook(idx):
-        def hook(module, inputs, out):
-            cache_layers[idx].pending_pre_k = out
-        return hook
-
-    for i, layer in enumerate(layers):
-        handles.append(layer.register_forward_pre_hook(layer_hook(i), with_kwargs=True))
-        handles.append(layer.self_attn.k_proj.register_forward_hook(k_hook(i)))
+    cache = RotateKVCache(model, calibration, config, block_size=block_size, attention_impl=attention_impl,
+                          runtime=runtime)
+    register_rotkv_attention()
+    previous = model.config._attn_implementation
+    model.set_attn_implementation(ATTENTION_NAME)
     try:
         yield cache
     finally:
-        for h in handles:
-            h.remove()
+        _PENDING.value = None
+        model.set_attn_implementation(previous)
+
+
+# ---- helpers ----------------------------------------------------------------------------------------------------
+
+
+def _check_storable(config: RotateKVConfig) -> None:
+    """The settings the paged layout (the vLLM backend's) stores; the others are refused with the reason."""
+    why = servable_reason(config)
+    if why is None:
+        return
+    if config.sink_mode == "topk":
+        raise ValueError("sink_mode='topk': the RotateKV cache stores the vLLM backend's pages, whose sinks are the "
+                         "first max_sink_tokens positions; use a calibration with sink_mode='first' (the reference "
+                         "harness, rotkv_vllm.reference.quantized_kv, evaluates topk sinks)")
+    raise ValueError(f"recent_window={config.recent_window}: the paged layout has no full-precision recent window "
+                     "yet; use recent_window=0 (the reference harness evaluates windows)")
+
+
+def _select_impl(choice: str, device: torch.device, runtime: RotateKVRuntime) -> str:
+    if choice not in ATTENTION_IMPLS:
+        raise ValueError(f"attention_impl={choice!r}: expected one of {ATTENTION_IMPLS}")
+    from rotkv_kernels.rotkv_paged_cpu import check_cpu_limits, cpu_kernels_status
+
+    if choice == "auto":
+        if device.type == "cuda":
+            choice = "triton"
+        else:
+            try:
+                check_cpu_limits(runtime.paged_spec(0))
+                ok = cpu_kernels_status() is None
+            except ValueError:
+                ok = False
+            choice = "cpu" if ok else "torch"
+    if choice == "cpu":
+        if device.type != "cpu":
+            raise ValueError(f"attention_impl='cpu': the C++ kernels take CPU tensors, the model is on {device}")
+        why = cpu_kernels_status()
+        if why is not None:
+            raise ValueError(f"attention_impl='cpu': {why}")
+        for i in range(runtime.num_layers):
+            check_cpu_limits(runtime.paged_spec(i))
+    elif choice == "torch":
+        if device.type != "cpu":
+            raise ValueError(f"attention_impl='torch': the tiled PyTorch path serves CPU caches only, not {device}")
+    else:
+        from rotkv_vllm.runtime import check_attention_impl
+
+        check_attention_impl("triton", device)
+    return choice
+
+
+def _new_columns(attention_mask: torch.Tensor | None, batch: int, q_len: int) -> torch.Tensor:
+    """``bool [B, q_len]``: which of the step's columns are tokens (not padding), on the CPU."""
+    if attention_mask is None:
+        return torch.ones(batch, q_len, dtype=torch.bool)
+    m = attention_mask[:, -q_len:].to("cpu", torch.bool)
+    if m.shape != (batch, q_len):
+        raise ValueError(f"attention_mask: expected [{batch}, >= {q_len}], got {tuple(attention_mask.shape)}")
+    return m
+
+
+def _rotary_module(model):
+    inner = getattr(model, "model", model)
+    rotary = getattr(inner, "rotary_emb", None)
+    if rotary is None:
+        raise ValueError(f"{type(model).__name__} has no model.rotary_emb: RotateKV re-applies the model's RoPE")
+    return rotary
+
+
+@torch.no_grad()
+def _rope_tables(rotary, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's own Hugging Face-convention RoPE tables, ``fp32 [n, D]`` (its attention scaling folded in)."""
+    x = torch.zeros(1, 1, dtype=torch.float32, device=device)
+    cos, sin = rotary(x, torch.arange(n, device=device).unsqueeze(0))
+    return cos[0].to(torch.float32).contiguous(), sin[0].to(torch.float32).contiguous()

@@ -25,11 +25,15 @@ def load_example(name: str):
 
 
 def test_generate_rotkv_answers_like_the_full_precision_cache(capsys):
-    res = load_example("generate_rotkv").main(["--bits", "2", "--max-new-tokens", "8"])
+    # The vLLM backend's PyTorch path (paged_write_ref + attend_tiles): it agrees with the reference harness to ~5e-5
+    # on this prompt. With the C++ kernels (attention within 2e-6 of the reference per call, checked on this
+    # prompt's layer-9 inputs) the 2-bit answer parts here: a ~1e-6 rounding difference upstream flips a 2-bit code.
+    res = load_example("generate_rotkv").main(["--bits", "2", "--max-new-tokens", "8", "--attention-impl", "torch"])
     assert "Paris" in res["full_precision"] and "Paris" in res["rotkv"]
-    # 2-bit records with fp8 scales, plus the full-precision sink token of a ~30-token prompt
-    assert 2.0 < res["bits_per_element"] < 3.0
-    assert res["cache_bytes"] > 0
+    # 2-bit records with fp8 scales (2.17 bits), plus one fp32 sink token (32 bits) among the ~40 tokens held
+    assert 2.0 < res["bits_per_element"] < 3.5
+    # one page of 128 slots of 104 bytes + the fp32 sink area per layer, against 40 fp32 K/V tokens: ~0.24x
+    assert 0 < res["cache_bytes"] < 0.5 * res["dynamic_cache_bytes"]
     assert "rotkv2 cache" in capsys.readouterr().out
 
 

@@ -240,11 +240,23 @@ def test_rotate_values_is_the_same_value_transform_everywhere(tiny_llama, calib_
                     key_mean=p.key_mean)
     vllm_v = cache.records[0, 1:t + 1, spec.key_bytes:spec.key_bytes + spec.value_bytes]
 
-    with rotkv_cache(model, calib_rv) as hf:
-        layer = hf.layers[0]
-        assert layer.value_rot_width == spec.value_rot_width
-        hf_v = layer._write(value.unsqueeze(0), key=False)[0]
-    assert torch.equal(hf_v, vllm_v)
+    # The transformers cache's pages hold the same V bytes for the V the model produced (layer 0's v_proj output).
+    seen = []
+    hook = model.model.layers[0].self_attn.v_proj.register_forward_hook(lambda m, i, o: seen.append(o))
+    try:
+        with torch.no_grad(), rotkv_cache(model, calib_rv, block_size=16, attention_impl="torch") as hf:
+            model(torch.arange(5, 5 + t)[None], past_key_values=hf, use_cache=True)
+    finally:
+        hook.remove()
+    assert hf.runtime.paged_spec(0).value_rot_width == spec.value_rot_width
+    model_v = seen[0].view(t, h, head_dim)
+    check = alloc_paged_cache(spec, 2, 16, torch.float32, fill=0)
+    paged_write_ref(key, model_v, torch.arange(1, t + 1), check.records, spec=spec, positions=torch.arange(1, t + 1),
+                    sinks=check.sinks, rope_cos=p.rope_cos, rope_sin=p.rope_sin, key_perm=p.key_perm,
+                    key_mean=p.key_mean)
+    kv = slice(spec.key_bytes, spec.key_bytes + spec.value_bytes)
+    assert torch.equal(hf.layers[0].pages.records[0, :t, kv], check.records[0, 1:t + 1, kv])
+    assert not torch.equal(vllm_v, check.records[0, 1:t + 1, kv])  # (another V gives other bytes)
 
     # read back: with no rotation the stored basis is the original one; with it, a per-head Hadamard of V
     tile = AttentionTile(tok_idx=torch.zeros(1, 1, dtype=torch.int64), q_valid=torch.ones(1, 1, dtype=torch.bool),
