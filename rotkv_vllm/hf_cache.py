@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -69,7 +70,7 @@ from rotkv_kernels.rotkv_paged import PagedCache, alloc_paged_cache, paged_write
 from rotkv_kernels.rotkv_paged_tiles import AttentionTile, attend_tiles, build_tile, plan_tiles
 from rotkv_vllm.calibration import RotateKVCalibration
 from rotkv_vllm.config import RotateKVConfig, RotateKVLayout
-from rotkv_vllm.model_support import describe_model
+from rotkv_vllm.model_support import describe_model, served_rope_parameters
 from rotkv_vllm.runtime import RotateKVRuntime, servable_reason
 
 __all__ = [
@@ -615,6 +616,10 @@ def rotkv_cache(model, calibration: RotateKVCalibration | None = None, config: R
 
 def _check_storable(config: RotateKVConfig) -> None:
     """The settings the paged layout (the vLLM backend's) stores; the others are refused with the reason."""
+    if config.recent_window:
+        raise ValueError(f"recent_window={config.recent_window}: the transformers cache's pages have no full-precision "
+                         "recent window yet (the vLLM presets' ring is not wired here); use recent_window=0 (the "
+                         "reference harness evaluates windows)")
     why = servable_reason(config)
     if why is None:
         return
@@ -674,6 +679,7 @@ def _rotary_module(model):
     rotary = getattr(inner, "rotary_emb", None)
     if rotary is None:
         raise ValueError(f"{type(model).__name__} has no model.rotary_emb: RotateKV re-applies the model's RoPE")
+    served_rope_parameters(getattr(model.config, "text_config", model.config))  # one RoPE for every layer, or ValueError
     return rotary
 
 
@@ -681,5 +687,11 @@ def _rotary_module(model):
 def _rope_tables(rotary, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """The model's own Hugging Face-convention RoPE tables, ``fp32 [n, D]`` (its attention scaling folded in)."""
     x = torch.zeros(1, 1, dtype=torch.float32, device=device)
-    cos, sin = rotary(x, torch.arange(n, device=device).unsqueeze(0))
+    pos = torch.arange(n, device=device).unsqueeze(0)
+    if "layer_type" in inspect.signature(rotary.forward).parameters:
+        # Gemma 3 keeps one table per layer type; model_support.served_rope_parameters (called when the cache is
+        # built) has refused models whose layers use different RoPE parameters, so the full-attention table is all.
+        cos, sin = rotary(x, pos, layer_type="full_attention")
+    else:
+        cos, sin = rotary(x, pos)
     return cos[0].to(torch.float32).contiguous(), sin[0].to(torch.float32).contiguous()

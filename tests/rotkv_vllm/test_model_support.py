@@ -103,14 +103,7 @@ def test_pre_rope_key_is_what_the_model_rotates(name, tok):
             assert float((bare - hooked[i]).norm() / hooked[i].norm()) > 0.1
 
 
-_CACHE_PENDING = pytest.mark.xfail(strict=True, reason=(
-    "pending helper hfcache: rotkv_vllm/hf_cache.py still hooks k_proj's output, before k_norm; it is to take "
-    "the key from model_support.register_pre_rope_key_hook (then this passes, and strict xfail turns that into a "
-    "failure that says to drop the mark)"))
-
-
-@pytest.mark.parametrize("name", [pytest.param(n, marks=_CACHE_PENDING) if n in ("qwen3", "gemma3") else n
-                                  for n in FAMILY_NAMES])
+@pytest.mark.parametrize("name", FAMILY_NAMES)
 def test_transformers_cache_agrees_with_the_reference(name, tok, calib_text):
     """The transformers cache (``rotkv_cache``, records) and the reference (fake quantization) give the same logits
     for each family: fp32, the same calibration; measured 6e-7 relative where both read the same key, 0.4-0.9 where
