@@ -106,6 +106,18 @@ void decode_keys(const AttnParams& P, int rot, const uint8_t* tb, const uint8_t*
   }
 }
 
+// One full-precision key/value pair into a row's online softmax (base 2): the sinks and the recent window.
+inline void online_softmax_one(const float* q, const float* kk, const float* vv, int D, float& m, float& l,
+                               float* a) {
+  float s = 0.0f;
+  for (int c = 0; c < D; ++c) s += q[c] * kk[c];
+  const float mn = std::max(m, s);
+  const float alpha = std::exp2(m - mn), pj = std::exp2(s - mn);
+  l = l * alpha + pj;
+  for (int c = 0; c < D; ++c) a[c] = a[c] * alpha + pj * vv[c];
+  m = mn;
+}
+
 // LOGR butterfly stages (strides h, 2h, ..., 2^(LOGR-1) h) on 2^LOGR vectors held in registers
 template <int LOGR>
 inline void butterfly_pass(float* y, int p, int h) {
@@ -435,15 +447,7 @@ void attend_item_t(const AttnParams& P, const WorkItem& w) {
           for (int jj = 0; jj < qpk; ++jj) {
             const int k = ti * per_tok + hl * qpk + jj;
             if (static_cast<float>(j) > lim[k]) continue;
-            const float* q = q_row(k);
-            float s = 0.0f;
-            for (int c = 0; c < D; ++c) s += q[c] * kk[c];
-            const float mn = std::max(m[k], s);
-            const float alpha = std::exp2(m[k] - mn), pj = std::exp2(s - mn);
-            l[k] = l[k] * alpha + pj;
-            float* a = acc + static_cast<size_t>(k) * D;
-            for (int c = 0; c < D; ++c) a[c] = a[c] * alpha + pj * vv[c];
-            m[k] = mn;
+            online_softmax_one(q_row(k), kk, vv, D, m[k], l[k], acc + static_cast<size_t>(k) * D);
           }
       }
     }
@@ -460,14 +464,7 @@ void attend_item_t(const AttnParams& P, const WorkItem& w) {
         if (qpos - P.window + 1 + i < 0) continue;
         const float* kk = P.window_kv + ((tok * P.window + i) * 2 * H + (w.rot * g + hl)) * D;
         const float* vv = kk + static_cast<int64_t>(H) * D;
-        float s = 0.0f;
-        for (int c = 0; c < D; ++c) s += q[c] * kk[c];
-        const float mn = std::max(m[k], s);
-        const float alpha = std::exp2(m[k] - mn), pj = std::exp2(s - mn);
-        l[k] = l[k] * alpha + pj;
-        float* a = acc + static_cast<size_t>(k) * D;
-        for (int c = 0; c < D; ++c) a[c] = a[c] * alpha + pj * vv[c];
-        m[k] = mn;
+        online_softmax_one(q, kk, vv, D, m[k], l[k], acc + static_cast<size_t>(k) * D);
       }
     }
   }
