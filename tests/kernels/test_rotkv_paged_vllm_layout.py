@@ -21,6 +21,7 @@ from rotkv_kernels.rotkv_paged import (  # noqa: E402
     paged_attention_ref,
     paged_cache_views,
     paged_write_ref,
+    recent_prev_ref,
 )
 from rotkv_kernels.rotkv_cache import rotate_half  # noqa: E402
 from rotkv_vllm import vllm_backend as vb  # noqa: E402
@@ -56,7 +57,7 @@ def spec_of(rt) -> PagedCacheSpec:
         key_group_size=lay.group_size, value_group_size=lay.value_group_size, key_rot_width=lay.group_width,
         value_rot_width=lay.head_dim if cfg.rotate_values else 1, key_clip=codec.key_clip,
         value_clip=codec.value_clip, scale_format=cfg.scale_format, record_bytes=rt.record_bytes,
-        sink_tokens=rt.sink_tokens,
+        sink_tokens=rt.sink_tokens, recent_window=rt.recent_window,
     )
 
 
@@ -137,11 +138,18 @@ def test_backend_cache_and_outputs_are_the_kernels_layout(name):
         rope = (rt.rope_cos, rt.rope_sin) if rt.config.pre_rope else (None, None)
         kw = dict(spec=sp, sinks=mine.sinks, rope_cos=rope[0], rope_sin=rope[1], key_perm=codec.key_order,
                   key_mean=codec.key_mean)
+        seq_lens = torch.tensor(seq, dtype=torch.int32)
+        window = {}
+        if sp.ring_slots:  # the recent window: rings read around the write, as the backend does
+            before = recent_prev_ref(mine.sinks, table, seq_lens, qsl, spec=sp, block_size=bs)
         paged_write_ref(k, v, slot_mapping, mine.records, positions=positions, **kw)
-        assert torch.equal(mine.raw, cache.raw)  # the whole cache, byte for byte
+        assert torch.equal(mine.raw, cache.raw)  # the whole cache (records, sinks, rings), byte for byte
+        if sp.ring_slots:
+            prev = recent_prev_ref(mine.sinks, table, seq_lens, qsl, spec=sp, block_size=bs, before=before)
+            window = dict(recent_key=k[:t], recent_value=v[:t], recent_prev=prev)
 
-        ref = paged_attention_ref(q[:t], cache.records, table, torch.tensor(seq), qsl, scale=sp.head_dim ** -0.5,
-                                  out_dtype=torch.float32, **dict(kw, sinks=sinks)).double()
+        ref = paged_attention_ref(q[:t], cache.records, table, seq_lens, qsl, scale=sp.head_dim ** -0.5,
+                                  out_dtype=torch.float32, **dict(kw, sinks=sinks), **window).double()
         # Same bytes, same dequantization; the backend then runs fp32 SDPA and rounds to bf16. As in
         # tests/rotkv_vllm/test_vllm_backend.py: bf16 rounding of outputs of magnitude <= max|ref| is at most
         # 2^-8 max|ref|, and the fp32 arithmetic stays far below the 1e-5 added for it.
