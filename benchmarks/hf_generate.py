@@ -21,14 +21,14 @@ HQQ, ``pip install -e .[bench]``); a backend that does not install or run here g
 QuantizedCache attends over the full-precision K/V during the prefill and quantizes them afterwards, so its state
 after a prefill is the DynamicCache prefill's K/V passed through its ``update``: the run does exactly that
 (one prefill for the three kinds) rather than repeat an identical forward. ``rotkv2/4``: :mod:`rotkv_vllm.hf_cache`
-(calibrated once on the bundled calibration text), which attends over its packed pages from the prefill on, so it
-runs its own prefill.
+with the ``--kv-cache-dtype`` preset of that name (its bits and full-precision recent window of 4 tokens, 256-token
+pages; calibrated once on the bundled calibration text), which attends over its packed pages from the prefill on, so
+it runs its own prefill.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import gc
 import json
 import math
@@ -128,9 +128,8 @@ def run_point(model, tok, calib, context: int, batch: int, steps: int, caches: l
                 secs, nll = decode(model, cache, last, cont)
                 held = held_bytes(cache)
             else:
-                bits = int(name[-1])
-                cfg = dataclasses.replace(calib.config, key_bits=bits, value_bits=bits)
-                with rotkv_cache(model, calib, cfg) as cache:
+                # the --kv-cache-dtype preset (its bits and recent window of 4), as vLLM stores it
+                with rotkv_cache(model, calib, kv_cache_dtype=name) as cache:
                     with torch.no_grad():
                         first = model(ctx, past_key_values=cache, use_cache=True).logits[:, -1]
                     gc.collect()

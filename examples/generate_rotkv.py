@@ -5,8 +5,9 @@
 
 Calibrates in memory on the bundled calibration text (use ``python -m rotkv_vllm.calibration`` to keep one
 beside the model), then decodes greedily twice: with transformers' own ``DynamicCache`` and with ``rotkv_cache``,
-whose layers hold only pages of 2-4 bit records (plus the full-precision sink token) and whose attention reads
-them through the vLLM backend's kernels. Prints both answers and the bytes each cache held.
+whose layers hold only pages of 2-4 bit records (plus the full-precision sink token and the ``rotkv{bits}`` preset's
+recent-window ring, as ``vllm serve --kv-cache-dtype rotkv{bits}`` stores them) and whose attention reads them
+through the vLLM backend's kernels. Prints both answers and the bytes each cache held.
 """
 
 from __future__ import annotations

@@ -1,24 +1,42 @@
 """A transformers KV cache that holds RotateKV's packed pages, for ``model.generate`` and manual forward loops.
 
-    with rotkv_cache(model, calibration) as cache:            # rotkv2 with a 2-bit calibration
+    with rotkv_cache(model, calibration) as cache:            # what `vllm serve --kv-cache-dtype rotkv2` stores
         out = model.generate(input_ids, attention_mask=mask, past_key_values=cache, max_new_tokens=32)
+
+Which config. Without ``config=`` or ``kv_cache_dtype=`` the cache stores what vLLM stores for the preset whose
+bits are the calibration's (``rotkv2`` for a 2-bit calibration): :func:`rotkv_vllm.runtime.effective_config`, the
+calibration's settings with the preset's key/value bits and its recent window ``R = 4``, in pages of
+``config.DEFAULT_BLOCK_SIZE = 256`` tokens (:func:`resolve_config`). ``kv_cache_dtype="rotkv_k3v2"`` picks another
+preset; ``config=`` stores exactly that config (``recent_window=0`` included). (Before the window was wired here the
+default was the calibration's own config, usually without a window, in pages of 128.)
 
 What the cache holds (every tensor it owns; :meth:`RotateKVCache.quantized_nbytes` sums exactly these):
 
 - per layer, one pool of pages in the vLLM backend's layout (``rotkv_kernels.rotkv_paged``)::
 
-      page = [ block_size slots of C bytes | sink area: S tokens x (K, V) x H x D in the model dtype ]
+      page = [ block_size slots of C bytes | S sink tokens, then R - 1 ring slots: (K, V) x H x D, model dtype ]
       slot = K record (pre-RoPE key, grouped-head Hadamard, calibrated channel order, 2-4 bit groups)
              | V record (per-head Hadamard) | padding up to C
 
-  so ``C + S * 4 * H * D / block_size`` bytes per token in bf16 (104 + 6 at 2 bits, ``block_size=128``, for
-  SmolLM2-135M, against 768 for a bf16 ``DynamicCache``); pools hold exactly the pages handed out (a row's last page is partly used);
+  so ``C + (S + R - 1) * 4 * H * D / block_size`` bytes per token in bf16 (104 + 12 = 116 at 2 bits with the
+  ``rotkv2`` preset, S = 1, R = 4, 256-token pages, for SmolLM2-135M, against 768 for a bf16 ``DynamicCache``);
+  pools hold exactly the pages handed out (a row's last page is partly used);
 - per batch row: its length and its count of left-padding columns, and the block table (``int64 [B, blocks]``),
   which together give every stored token's position, i.e. what RoPE is re-applied at on read.
 
-Nothing else is kept between steps: no full-precision copy of any token beyond the sink tokens, no cos/sin per
-token, no dequantized K/V. A recent full-precision window (``recent_window``) is not in the paged layout yet
-and is refused (``_check_storable``); it belongs in the pages beside the sink area when the layout has it.
+Nothing else is kept between steps: no full-precision copy of any token beyond the sink tokens and the rings, no
+cos/sin per token, no dequantized K/V.
+
+Recent window (``R``, as in the vLLM backend, :mod:`rotkv_vllm.vllm_backend`): each query reads its last ``R``
+positions, itself included, in full precision. The token at in-page offset ``o`` stores its K/V (as the model gave
+them) in ring slot ``o % (R - 1)`` of its page as well as its record (the writers below do both), so the ``R - 1``
+positions before a step are in the rings of the row's last one or two pages: ``rotkv_paged.recent_prev_ref`` reads
+them before the step's write and again after it, and the step's own positions come from its K/V. Ring slots are
+part of each page, so they move with the pages in ``reorder_cache`` and friends and are counted in the bytes. A
+``crop`` to a length ``L`` needs positions ``L - R + 1 .. L - 1`` in the rings, but the removed tokens' ring writes
+have replaced some of them unless the cut is at (or just after) a page start: such a crop is refused, the cache
+unchanged (:meth:`RotateKVCache.crop` derives the condition); build the cache with ``recent_window=0`` for
+assisted generation, which crops rejected candidates.
 
 How attention reads it. ``rotkv_cache`` switches the model to the attention function ``"rotkv"``
 (:func:`rotkv_attention`, registered with ``transformers.AttentionInterface`` and a 2-D padding mask with
@@ -33,7 +51,11 @@ with the same ops as the vLLM backend (:mod:`rotkv_vllm.vllm_backend`), picked b
   decode can part from the ``"torch"`` path's at a near tie (as in the vLLM backend);
 - ``"torch"``: ``rotkv_paged.paged_write_ref`` and ``rotkv_paged_tiles.attend_tiles`` (the vLLM backend's ``torch``
   path; the CPU default when the C++ kernels are not built);
-- ``"triton"``: ``rotkv_paged_triton.paged_write_triton`` / ``paged_attention_triton`` (the CUDA default).
+- ``"triton"``: ``rotkv_paged_triton.paged_write_triton`` / ``paged_attention_triton`` (the CUDA default; the
+  product precision from ``ROTKV_TRITON_PRECISION`` as in the vLLM backend, ``fp16`` by default).
+
+With a recent window every path passes the window's K/V (``recent_key/recent_value/recent_prev``) to its attention
+op, as the vLLM backend does; the ``"torch"`` path gathers it with ``rotkv_paged.recent_window_kv``.
 
 Per-layer parameters (spec, key order, key mean, RoPE tables) come from one
 :class:`rotkv_vllm.runtime.RotateKVRuntime`, shared by every cache of the same model and calibration (it is a
@@ -46,7 +68,7 @@ padding columns are not stored, and a row's ``i``-th stored token sits at positi
 model's ``position_ids`` are in ``generate`` (``cumsum(attention_mask) - 1``). A step whose ``position_ids``
 disagree (a manual loop over left-padded rows without ``position_ids``) is refused with a ``ValueError``, as is
 padding after a row's first token. ``crop``, ``reorder_cache`` (beam search), ``batch_select_indices`` and
-``batch_repeat_interleave`` work on whole rows (their pages are gathered into a fresh pool).
+``batch_repeat_interleave`` work on whole rows (their pages, rings included, are gathered into a fresh pool).
 
 ``generate(..., cache_implementation="rotkv")`` is not offered: transformers 5.19 validates
 ``cache_implementation`` against a fixed tuple (``generation.configuration_utils.ALL_CACHE_IMPLEMENTATIONS``)
@@ -66,12 +88,19 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-from rotkv_kernels.rotkv_paged import PagedCache, alloc_paged_cache, paged_write_ref
+from rotkv_kernels.rotkv_layout import check_block_size
+from rotkv_kernels.rotkv_paged import PagedCache, alloc_paged_cache, paged_write_ref, recent_prev_ref, recent_window_kv
 from rotkv_kernels.rotkv_paged_tiles import AttentionTile, attend_tiles, build_tile, plan_tiles
 from rotkv_vllm.calibration import RotateKVCalibration
-from rotkv_vllm.config import RotateKVConfig, RotateKVLayout
+from rotkv_vllm.config import (
+    DEFAULT_BLOCK_SIZE,
+    KV_CACHE_DTYPES,
+    RotateKVConfig,
+    RotateKVLayout,
+    config_for_cache_dtype,
+)
 from rotkv_vllm.model_support import describe_model, served_rope_parameters
-from rotkv_vllm.runtime import RotateKVRuntime, servable_reason
+from rotkv_vllm.runtime import RotateKVRuntime, effective_config, servable_reason, triton_precision
 
 __all__ = [
     "ATTENTION_IMPLS",
@@ -79,6 +108,7 @@ __all__ = [
     "RotateKVCache",
     "RotateKVLayer",
     "register_rotkv_attention",
+    "resolve_config",
     "rotkv_attention",
     "rotkv_cache",
     "tensor_nbytes",
@@ -86,7 +116,6 @@ __all__ = [
 
 ATTENTION_NAME = "rotkv"
 ATTENTION_IMPLS = ("auto", "cpu", "torch", "triton")
-DEFAULT_BLOCK_SIZE = 128
 
 
 def tensor_nbytes(tensors) -> int:
@@ -195,8 +224,13 @@ class RotateKVCache(Cache):
         model: a transformers causal LM of a supported family (:mod:`rotkv_vllm.model_support`).
         calibration: from :func:`rotkv_vllm.calibration.calibrate` / ``load_calibration``; required when the
             config reorders or centres keys.
-        config: default ``calibration.config`` (its bits), else ``RotateKVConfig()``.
-        block_size: tokens per page (a page also carries the sink area, so larger pages cost less per token).
+        config: the exact config to store with (its recent window included); exclusive with ``kv_cache_dtype``.
+        kv_cache_dtype: a vLLM ``--kv-cache-dtype`` preset name (``"rotkv2"``, ``"rotkv_k3v2"``, ...): the
+            calibration's config with the preset's bits and recent window, exactly what vLLM stores
+            (:func:`rotkv_vllm.runtime.effective_config`). Default (neither given): the preset whose key/value bits
+            are the calibration's, e.g. ``rotkv2`` (recent window 4) for a 2-bit calibration.
+        block_size: tokens per page (a page also carries the sink area and the window's ``R - 1`` ring slots, so
+            larger pages cost less per token); default the vLLM presets' 256 (``config.DEFAULT_BLOCK_SIZE``).
         attention_impl: ``"auto"`` (``"triton"`` on CUDA; ``"cpu"`` when the C++ kernels are built, else
             ``"torch"``), ``"cpu"``, ``"torch"`` or ``"triton"``.
         runtime: a runtime to share (:meth:`runtime_for`); built from the other arguments when None.
@@ -206,8 +240,8 @@ class RotateKVCache(Cache):
     """
 
     def __init__(self, model, calibration: RotateKVCalibration | None = None, config: RotateKVConfig | None = None,
-                 *, block_size: int = DEFAULT_BLOCK_SIZE, attention_impl: str = "auto",
-                 runtime: RotateKVRuntime | None = None):
+                 *, kv_cache_dtype: str | None = None, block_size: int = DEFAULT_BLOCK_SIZE,
+                 attention_impl: str = "auto", runtime: RotateKVRuntime | None = None):
         info = describe_model(model)
         n_layers = info["num_hidden_layers"]
         super().__init__(layers=[RotateKVLayer(i) for i in range(n_layers)])
@@ -216,8 +250,16 @@ class RotateKVCache(Cache):
         self.block_size = block_size
         self.model_config = model.config
         self.device = next(model.parameters()).device
-        self.runtime = runtime if runtime is not None else self.runtime_for(model, calibration, config)
+        if runtime is None:
+            runtime = self.runtime_for(model, calibration, config, kv_cache_dtype=kv_cache_dtype)
+        self.runtime = runtime
+        try:
+            check_block_size(runtime.paged_spec(0), block_size)
+        except ValueError as e:
+            raise ValueError(f"block_size={block_size}: {e}") from None
         self.attention_impl = _select_impl(attention_impl, self.device, self.runtime)
+        # The fused attention's product precision, as the vLLM backend's (ROTKV_TRITON_PRECISION, default fp16).
+        self.triton_precision = triton_precision() if self.attention_impl == "triton" else None
         self._rotary = _rotary_module(model)
         # Per-row state: real tokens stored, left-padding columns seen, block table; and columns seen in all.
         self.lengths: torch.Tensor | None = None  # int64 [B] (CPU)
@@ -230,20 +272,18 @@ class RotateKVCache(Cache):
     # ---- construction ---------------------------------------------------------------------------------------
     @staticmethod
     def runtime_for(model, calibration: RotateKVCalibration | None = None, config: RotateKVConfig | None = None,
-                    max_position: int | None = None) -> RotateKVRuntime:
-        """The :class:`RotateKVRuntime` of ``model`` + ``calibration`` (+ ``config``'s bits and settings), with
+                    max_position: int | None = None, *, kv_cache_dtype: str | None = None) -> RotateKVRuntime:
+        """The :class:`RotateKVRuntime` of ``model`` + ``calibration`` + the config (:func:`resolve_config`), with
         the model's own RoPE tables (``fp32 [max_position, D]``, attention scaling folded in).
 
         Raises:
             ValueError: an unsupported model or setting, a calibration for another model, a config that needs
-                calibrated statistics without a calibration.
+                calibrated statistics without a calibration, both ``config`` and ``kv_cache_dtype``.
         """
         info = describe_model(model)
         if calibration is not None:
             calibration.check_model(model)
-            config = config or calibration.config
-            config = dataclasses.replace(config, head_group_size=calibration.head_group_size)
-        config = config or RotateKVConfig()
+        config = resolve_config(calibration, config, kv_cache_dtype)
         if (config.reorder or config.center_keys) and calibration is None:
             raise ValueError("this RotateKV config uses calibrated key statistics: pass "
                              "calibration=load_calibration(MODEL_DIR)")
@@ -284,18 +324,23 @@ class RotateKVCache(Cache):
 
     def bits_per_element(self) -> float:
         """Stored bits per cached K/V element of the tokens held: their records, with the sink tokens at the model
-        dtype's width (unused slots of the last pages and the per-row state not counted)."""
+        dtype's width, plus the recent window's filled ring slots (``min(R - 1, tokens in the page)`` full-precision
+        copies per page in use; every token keeps its record too). Unused slots of the last pages and the per-row
+        state are not counted."""
         if self.lengths is None or int(self.lengths.sum()) == 0:
             return 0.0
         rt = self.runtime
         lay = rt.layout
         n_tok = int(self.lengths.sum())
         n_sink = int(self.lengths.clamp(max=rt.sink_tokens).sum())
+        bs, n = self.block_size, rt.ring_slots
+        n_ring = int((self.lengths // bs * n + (self.lengths % bs).clamp(max=n)).sum())
         itemsize = torch.empty((), dtype=rt.dtype).element_size()
+        fp_token_bits = 2 * lay.kv_width * itemsize * 8
         bits = 0.0
         for i in range(rt.num_layers):
             c = rt.codec(i)
-            bits += (n_tok - n_sink) * (c.key_bytes + c.value_bytes) * 8 + n_sink * 2 * lay.kv_width * itemsize * 8
+            bits += (n_tok - n_sink) * (c.key_bytes + c.value_bytes) * 8 + (n_sink + n_ring) * fp_token_bits
         return bits / (n_tok * 2 * lay.kv_width * rt.num_layers)
 
     # ---- transformers Cache API -------------------------------------------------------------------------------
@@ -345,16 +390,50 @@ class RotateKVCache(Cache):
 
     def crop(self, tokens_to_remove: int) -> None:
         """Drop the last ``-tokens_to_remove`` columns (a positive value is the length to keep, the legacy
-        convention of ``DynamicLayer.crop``)."""
+        convention of ``DynamicLayer.crop``).
+
+        With a recent window the next query at position ``L`` (the new length) reads positions ``L - R + 1 ..
+        L - 1`` from the rings, but a removed position ``p >= L`` has overwritten ring slot ``(p % bs) % (R - 1)``
+        of its page, which position ``p - (R - 1)`` held. So position ``q`` of the window is lost iff
+        ``q + R - 1`` was stored (``< old length``) in the same page (``q % bs + R - 1 < bs``); its full-precision
+        K/V exist nowhere else, and such a crop is refused (:meth:`lost_ring_positions`), the cache unchanged.
+
+        Raises:
+            ValueError: a crop that loses window positions (see above).
+        """
         if tokens_to_remove > 0:
             tokens_to_remove = max(0, self.seen - tokens_to_remove)
         k = abs(tokens_to_remove)
         if k == 0 or self.lengths is None:
             return
-        self.seen = max(0, self.seen - k)
-        self.left_padding = self.left_padding.clamp(max=self.seen)
-        self.lengths = (self.seen - self.left_padding).clamp(min=0)
+        seen = max(0, self.seen - k)
+        left_padding = self.left_padding.clamp(max=seen)
+        lengths = (seen - left_padding).clamp(min=0)
+        lost = self.lost_ring_positions(lengths)
+        if lost:
+            r, q = lost[0]
+            raise ValueError(
+                f"crop({tokens_to_remove}): row {r} would keep {int(lengths[r])} tokens, but the removed tokens' ring "
+                f"writes replaced the full-precision K/V of position(s) {q} that the recent window "
+                f"(recent_window={self.runtime.recent_window}) reads next; only its {self.runtime.ring_slots} "
+                "ring slots per page held them. Crop only to lengths whose window is intact, or build the cache "
+                "with a config of recent_window=0 for assisted generation")
+        self.seen, self.left_padding, self.lengths = seen, left_padding, lengths
         self._regather(torch.arange(self.lengths.numel()))
+
+    def lost_ring_positions(self, lengths: torch.Tensor) -> list[tuple[int, list[int]]]:
+        """``[(row, positions)]``: for a crop to ``lengths`` (``int64 [B]``, at most the current ones), the
+        positions ``L - R + 1 .. L - 1`` of each row whose ring slot a removed position has overwritten (see
+        :meth:`crop`); empty without ring slots or when every window is intact."""
+        n, bs = self.runtime.ring_slots, self.block_size
+        out = []
+        if n == 0 or self.lengths is None:
+            return out
+        for r, (new, old) in enumerate(zip(lengths.tolist(), self.lengths.tolist())):
+            lost = [q for q in range(max(0, new - n), new) if q + n < old and q % bs + n < bs]
+            if lost:
+                out.append((r, lost))
+        return out
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Row ``i`` becomes row ``beam_idx[i]`` (beam search)."""
@@ -458,6 +537,16 @@ class RotateKVCache(Cache):
             self.block_table[r, int(have[r]): int(need[r])] = torch.arange(self.num_blocks, self.num_blocks + n_new)
             self.num_blocks += n_new
 
+    def _recent_prev(self, pages: PagedCache, step: _Step, before: torch.Tensor | None = None
+                     ) -> torch.Tensor | None:
+        """``[B, R - 1, 2, H, D]``: the full-precision K/V of the ``R - 1`` positions before each row's step, read
+        from the rings (``rotkv_paged.recent_prev_ref``, as the vLLM backend's ``_recent_prev``); None without
+        ring slots."""
+        if self.runtime.ring_slots == 0:
+            return None
+        return recent_prev_ref(pages.sinks, step.block_table, step.seq_lens, step.query_start_loc,
+                               spec=self.runtime.paged_spec(0), block_size=self.block_size, before=before)
+
     def _grow_rope(self, needed: int) -> None:
         """Rebuild the runtime with RoPE tables covering ``needed`` positions (doubling)."""
         n = self.runtime.rope_cos.shape[0]
@@ -499,34 +588,45 @@ class RotateKVCache(Cache):
         common = dict(rope_cos=p.rope_cos, rope_sin=p.rope_sin, key_perm=p.key_perm, key_mean=p.key_mean)
         out = torch.zeros(step.num_tokens, hq, d, dtype=query.dtype, device=query.device)
         if step.num_tokens:
-            if self.attention_impl == "cpu":
-                from rotkv_kernels.rotkv_paged_cpu import paged_attention_cpu, paged_write_cpu
-
-                paged_write_cpu(k, v, step.slot_mapping, pages.records, spec=p.spec, positions=step.positions,
-                                sinks=pages.sinks, **common)
-                paged_attention_cpu(q, pages.records, step.block_table, step.seq_lens, step.query_start_loc,
-                                    spec=p.spec, scale=scaling, sinks=pages.sinks, out=out, **common)
-            elif self.attention_impl == "triton":
+            impl = self.attention_impl
+            if impl == "cpu":
+                from rotkv_kernels.rotkv_paged_cpu import paged_attention_cpu, paged_write_cpu as write
+            elif impl == "triton":
                 from rotkv_kernels.rotkv_paged_triton import (
                     paged_attention_triton,
-                    paged_write_triton,
                     plan_paged_attention,
                 )
-
-                paged_write_triton(k, v, step.slot_mapping, pages.records, spec=p.spec, positions=step.positions,
-                                   sinks=pages.sinks, **common)
+                from rotkv_kernels.rotkv_paged_triton import paged_write_triton as write
+            else:
+                write = paged_write_ref
+            # The recent window (as the vLLM backend's forward): the R - 1 positions before each row's step come
+            # from the rings, read before the write (the step's own ring writes may replace those in the block it
+            # continues) and after it; the step's own positions come from its K/V as given.
+            before = self._recent_prev(pages, step)
+            write(k, v, step.slot_mapping, pages.records, spec=p.spec, positions=step.positions, sinks=pages.sinks,
+                  **common)
+            wkw = {}
+            if self.runtime.recent_window:
+                wkw = dict(recent_key=k, recent_value=v, recent_prev=self._recent_prev(pages, step, before))
+            if impl == "cpu":
+                paged_attention_cpu(q, pages.records, step.block_table, step.seq_lens, step.query_start_loc,
+                                    spec=p.spec, scale=scaling, sinks=pages.sinks, out=out, **common, **wkw)
+            elif impl == "triton":
                 key_ = (hq, p.spec.num_kv_heads, p.spec.key_rot_width, p.spec.sink_tokens)
                 if key_ not in step.plans:
                     step.plans[key_] = plan_paged_attention(step.query_start_loc_cpu, step.seq_lens_cpu, spec=p.spec,
                                                             num_query_heads=hq, device=query.device)
                 paged_attention_triton(q, pages.records, step.block_table, step.seq_lens, step.query_start_loc,
                                        spec=p.spec, scale=scaling, sinks=pages.sinks, out_dtype=query.dtype, out=out,
-                                       plan=step.plans[key_], inv_perm=p.inv_perm, **common)
+                                       plan=step.plans[key_], inv_perm=p.inv_perm, precision=self.triton_precision,
+                                       **common, **wkw)
             else:
-                paged_write_ref(k, v, step.slot_mapping, pages.records, spec=p.spec, positions=step.positions,
-                                sinks=pages.sinks, **common)
+                recent = None
+                if wkw:
+                    recent = recent_window_kv(k, v, wkw["recent_prev"], step.query_start_loc, step.seq_lens,
+                                              step.num_tokens, self.runtime.recent_window)
                 attend_tiles(q, pages.records, pages.sinks, step.tiles, self.runtime.cpu_tables(layer_idx),
-                             scale=scaling, output=out)
+                             scale=scaling, output=out, recent=recent)
         if step.tok is None:
             return out.view(b, t, hq, d)
         full = torch.zeros(b * t, hq, d, dtype=query.dtype, device=query.device)
@@ -589,18 +689,22 @@ def register_rotkv_attention() -> None:
 
 @contextlib.contextmanager
 def rotkv_cache(model, calibration: RotateKVCalibration | None = None, config: RotateKVConfig | None = None, *,
-                block_size: int = DEFAULT_BLOCK_SIZE, attention_impl: str = "auto",
+                kv_cache_dtype: str | None = None, block_size: int = DEFAULT_BLOCK_SIZE, attention_impl: str = "auto",
                 runtime: RotateKVRuntime | None = None) -> Iterator[RotateKVCache]:
     """Yield a fresh :class:`RotateKVCache` for ``model`` and run the model's attention as ``"rotkv"`` until the
     block ends (the previous attention implementation is restored after).
 
+    Without ``config``/``kv_cache_dtype`` the cache stores what ``vllm serve --kv-cache-dtype rotkv{bits}`` stores
+    with this calibration (:func:`resolve_config`): the preset's bits and its recent window of 4 full-precision
+    tokens, in pages of 256 tokens.
+
     Args: as :class:`RotateKVCache`.
     Raises:
-        ValueError: an unsupported model, a calibration for another model, reordering without one, or a setting
-            the paged layout does not store (``sink_mode="topk"``, ``recent_window``).
+        ValueError: an unsupported model, a calibration for another model, reordering without one, a setting
+            the paged layout does not store (``sink_mode="topk"``), a block size below the window's ring.
     """
-    cache = RotateKVCache(model, calibration, config, block_size=block_size, attention_impl=attention_impl,
-                          runtime=runtime)
+    cache = RotateKVCache(model, calibration, config, kv_cache_dtype=kv_cache_dtype, block_size=block_size,
+                          attention_impl=attention_impl, runtime=runtime)
     register_rotkv_attention()
     previous = model.config._attn_implementation
     model.set_attn_implementation(ATTENTION_NAME)
@@ -614,12 +718,44 @@ def rotkv_cache(model, calibration: RotateKVCalibration | None = None, config: R
 # ---- helpers ----------------------------------------------------------------------------------------------------
 
 
+def resolve_config(calibration: RotateKVCalibration | None, config: RotateKVConfig | None = None,
+                   kv_cache_dtype: str | None = None) -> RotateKVConfig:
+    """The config a :class:`RotateKVCache` stores with.
+
+    - ``config`` given: that config (with the calibration's head grouping), its ``recent_window`` as written;
+    - ``kv_cache_dtype`` given: what vLLM's ``--kv-cache-dtype kv_cache_dtype`` stores with this calibration
+      (:func:`rotkv_vllm.runtime.effective_config`: the preset's bits and recent window, R = 4);
+    - neither: ``kv_cache_dtype`` is the preset whose (key, value) bits are the calibration's (``rotkv2`` for a
+      2-bit calibration), so the default cache is the vLLM default, recent window included;
+    - no calibration: ``config_for_cache_dtype(kv_cache_dtype or "rotkv2")`` (which needs a calibration unless
+      it turns reordering and centring off).
+
+    Raises:
+        ValueError: both ``config`` and ``kv_cache_dtype``; an unknown preset; a calibration whose bits match no
+            preset (pass ``config=`` then).
+    """
+    if config is not None and kv_cache_dtype is not None:
+        raise ValueError(f"config and kv_cache_dtype={kv_cache_dtype!r}: pass one (the preset is a config)")
+    if config is not None:
+        if calibration is not None:
+            config = dataclasses.replace(config, head_group_size=calibration.head_group_size)
+        return config
+    if calibration is None:
+        return config_for_cache_dtype(kv_cache_dtype or "rotkv2")
+    if kv_cache_dtype is None:
+        cfg = calibration.config
+        bits = (cfg.key_bits, cfg.value_bits)
+        names = [n for n, p in KV_CACHE_DTYPES.items() if (p.key_bits, p.value_bits) == bits]
+        if not names:
+            raise ValueError(f"the calibration stores K{cfg.key_bits}/V{cfg.value_bits}, which no --kv-cache-dtype "
+                             f"preset does ({sorted(KV_CACHE_DTYPES)}): pass kv_cache_dtype=NAME, or "
+                             "config=calibration.config to store exactly its config")
+        kv_cache_dtype = names[0]
+    return effective_config(calibration, kv_cache_dtype)
+
+
 def _check_storable(config: RotateKVConfig) -> None:
     """The settings the paged layout (the vLLM backend's) stores; the others are refused with the reason."""
-    if config.recent_window:
-        raise ValueError(f"recent_window={config.recent_window}: the transformers cache's pages have no full-precision "
-                         "recent window yet (the vLLM presets' ring is not wired here); use recent_window=0 (the "
-                         "reference harness evaluates windows)")
     why = servable_reason(config)
     if why is None:
         return
@@ -627,8 +763,7 @@ def _check_storable(config: RotateKVConfig) -> None:
         raise ValueError("sink_mode='topk': the RotateKV cache stores the vLLM backend's pages, whose sinks are the "
                          "first max_sink_tokens positions; use a calibration with sink_mode='first' (the reference "
                          "harness, rotkv_vllm.reference.quantized_kv, evaluates topk sinks)")
-    raise ValueError(f"recent_window={config.recent_window}: the paged layout has no full-precision recent window "
-                     "yet; use recent_window=0 (the reference harness evaluates windows)")
+    raise ValueError(f"this RotateKV config is not stored by the paged layout: {why}")
 
 
 def _select_impl(choice: str, device: torch.device, runtime: RotateKVRuntime) -> str:

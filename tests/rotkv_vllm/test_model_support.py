@@ -113,9 +113,9 @@ def test_transformers_cache_agrees_with_the_reference(name, tok, calib_text):
                     text=calib_text, num_sequences=2, seq_len=64, progress=False)
     ids = tok("The quick brown fox jumps over the lazy dog because it was bored of the same old",
               return_tensors="pt").input_ids
-    with torch.no_grad(), rotkv_cache(model, cal) as cache:
+    with torch.no_grad(), rotkv_cache(model, cal) as cache:  # the rotkv2 preset: recent window 4
         cached = model(ids, past_key_values=cache, use_cache=True).logits[0]
-    with torch.no_grad(), quantized_kv(model, KVMethod.from_config(cal.config), cal):
+    with torch.no_grad(), quantized_kv(model, KVMethod.from_config(cache.config), cal):
         ref = model(ids).logits[0]
     assert float((cached - ref).norm() / ref.norm()) < 1e-4
 
@@ -269,7 +269,7 @@ def test_rotate_values_is_the_same_value_transform_everywhere(tiny_llama, calib_
 def test_reference_and_cache_agree_with_and_without_value_rotation(tiny_llama, calib_rv):
     model, tok = tiny_llama
     ids = tok("The quick brown fox jumps over the lazy dog because", return_tensors="pt").input_ids
-    with torch.no_grad(), rotkv_cache(model, calib_rv) as cache:
+    with torch.no_grad(), rotkv_cache(model, calib_rv, calib_rv.config) as cache:  # its own config: no window
         cached = model(ids, past_key_values=cache, use_cache=True).logits[0]
     with torch.no_grad(), quantized_kv(model, KVMethod.from_config(calib_rv.config), calib_rv):
         ref = model(ids).logits[0]
