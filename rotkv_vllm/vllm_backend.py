@@ -160,6 +160,14 @@ def resolve_runtime(vllm_config, kv_cache_dtype: str) -> RotateKVRuntime:
         return installed
     hf = mc.hf_text_config
     check_served_model(hf, kv_cache_dtype)
+    window = KV_CACHE_DTYPES[kv_cache_dtype].recent_window
+    if window and getattr(vllm_config, "speculative_config", None) is not None:
+        # A draft token writes its K/V into ring slot (position % (R - 1)) of its page before it is verified;
+        # a rejected draft at position p overwrites the slot of accepted position p - (R - 1), which the next
+        # step reads as full-precision K/V.
+        raise ValueError(f"--kv-cache-dtype {kv_cache_dtype} keeps the last {window} tokens in per-page ring slots "
+                         "that rejected speculative tokens would overwrite: speculative decoding is not supported "
+                         "with RotateKV's recent window (serve without --speculative-config)")
     calib = find_served_calibration(str(mc.model), mc.revision, hf, kv_cache_dtype)
     head_dim = calib.model_info["head_dim"]
     rope = None

@@ -370,6 +370,18 @@ def test_resolve_refuses_unsupported_models(tmp_path, model_type, extra, needle)
         vb.resolve_runtime(_vllm_config(tmp_path, hf), "rotkv2")
 
 
+def test_resolve_refuses_speculative_decoding_with_the_recent_window(tmp_path):
+    # The refusal comes before the calibration lookup: this folder has none.
+    hf = _llama_config()
+    cfg = _vllm_config(tmp_path, hf)
+    cfg.speculative_config = object()
+    with pytest.raises(ValueError, match="speculative decoding is not supported"):
+        vb.resolve_runtime(cfg, "rotkv2")
+    cfg.speculative_config = None
+    with pytest.raises(ValueError, match="no RotateKV calibration"):
+        vb.resolve_runtime(cfg, "rotkv2")
+
+
 def test_resolve_calibrated_folder_and_rope_tables_match_transformers(tmp_path):
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
