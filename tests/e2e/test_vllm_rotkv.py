@@ -32,7 +32,10 @@ def run_job(llm: dict, tasks: list[dict], env: dict | None = None, timeout: floa
 
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump({"llm": llm, "tasks": tasks, "env": env or {}}, f)
-    full_env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=str(KV_GIB), **(env or {}))
+    # A single-rank engine runs its core inside the job's process (VLLM_ENABLE_V1_MULTIPROCESSING=0: a start of
+    # seconds instead of ~a minute on this machine; the server tests keep vLLM's multiprocess layout).
+    inproc = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"} if llm.get("tensor_parallel_size", 1) == 1 else {}
+    full_env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=str(KV_GIB), **inproc, **(env or {}))
     p = subprocess.run([sys.executable, str(JOB), f.name], capture_output=True, text=True, timeout=timeout,
                        env=full_env)
     os.unlink(f.name)
