@@ -58,10 +58,11 @@ class Steps:
     """The scheduled requests' history: original K (post-RoPE) and V per position, block tables, and the
     tensors of each step in vLLM's conventions (tokens of a request consecutive, padding rows with slot -1)."""
 
-    def __init__(self, spec: PagedCacheSpec, seed: int = 0, num_blocks: int = 40):
+    def __init__(self, spec: PagedCacheSpec, seed: int = 0, num_blocks: int = 40,
+                 schedule: list[list[int]] = SCHEDULE):
         gen = torch.Generator().manual_seed(seed)
         self.spec, self.gen = spec, gen
-        total = [sum(c[r] for c in SCHEDULE) for r in range(len(SCHEDULE[0]))]
+        total = [sum(c[r] for c in schedule) for r in range(len(schedule[0]))]
         self.cos, self.sin = quarter_turn_tables(max(total) + 1, D, gen)
         free = torch.randperm(num_blocks, generator=gen).tolist()
         width = max(-(-n // BS) for n in total)
