@@ -163,7 +163,7 @@ def check_cpu_limits(spec: PagedCacheSpec) -> None:
 def _layout(spec: PagedCacheSpec) -> list[int]:
     return [spec.num_kv_heads, spec.head_dim, spec.key_bits, spec.value_bits, spec.key_group_size,
             spec.value_group_size, spec.key_rot_width, int(spec.value_rot_width != 1),
-            int(spec.scale_format == "fp8"), spec.sink_tokens, spec.key_bytes, spec.value_bytes]
+            int(spec.scale_format == "fp8"), spec.sink_tokens, spec.key_bytes, spec.value_bytes, spec.sliding_window]
 
 
 def _value_core(spec: PagedCacheSpec) -> torch.Tensor:
