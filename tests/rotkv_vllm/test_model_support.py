@@ -140,28 +140,30 @@ def test_layer_attention_describes_each_family(name, tok):
 
 
 @pytest.mark.parametrize("name", ["mistral", "qwen2", "qwen3", "gemma3"])
-def test_vllm_refuses_sliding_windows_with_the_reason(name, tok):
-    """Calibration and the reference accept windows (the model's mask applies them); the vLLM backend, which
-    attends over every cached token, refuses them at start-up (``check_served_model``, called by
-    ``vllm_backend.resolve_runtime`` before anything is loaded) and names the way out."""
-    cfg = build_family_model(name, tok, window=16).config
+def test_vllm_serves_sliding_windows_and_refuses_one_shorter_than_the_recent_window(name, tok):
+    """The vLLM backend serves sliding-window layers (their own KV-cache group and window); it refuses at start-up
+    (``check_served_model``, called by ``vllm_backend.resolve_runtime`` before anything is loaded) a window shorter
+    than the preset's full-precision recent window (4 for the rotkv presets), naming the layers and the way out."""
+    check_served_model(build_family_model(name, tok, window=16).config, "rotkv2")
+    cfg = build_family_model(name, tok, window=3).config
     describe_model(cfg)
     layers = {"mistral": r"2 of 2 layers \(0, 1\)", "gemma3": r"1 of 2 layers \(0\)"}.get(name, r"1 of 2 layers \(1\)")
     with pytest.raises(ValueError, match=rf"--kv-cache-dtype rotkv2: {name}: {layers} attend over a sliding window "
-                                         r"of 16 tokens[\s\S]*--kv-cache-dtype auto"):
+                                         r"of 3 tokens, shorter than[\s\S]*--kv-cache-dtype auto"):
         check_served_model(cfg, "rotkv2")
 
 
-def test_vllm_refuses_per_layer_rope_with_the_reason(tok):
-    """Gemma 3's local layers have their own RoPE base: the backend's one RoPE table cannot serve them even where
-    their window is longer than any context (the refusal names the window first, then the RoPE)."""
+def test_per_layer_rope_is_served_by_vllm_and_refused_by_the_one_table_cache(tok):
+    """Gemma 3's local layers have their own RoPE base: the vLLM backend keeps one table per layer (served), the
+    transformers cache keeps one for all layers and refuses (``served_rope_parameters``), naming both."""
     cfg = build_family_model("gemma3", tok).config
     check_served_model(cfg, "rotkv2")  # all layers global: one RoPE
     cfg.layer_types = ["full_attention", "sliding_attention"]
     cfg.sliding_window = 100_000
-    assert "sliding window of 100000 tokens" in vllm_refusal(cfg)
+    assert vllm_refusal(cfg, 4) is None
+    check_served_model(cfg, "rotkv2")
     with pytest.raises(ValueError, match=r"layers use different RoPE parameters \(layer 0: .*1000000.0.*layer 1: "
-                                         r".*10000.0"):
+                                         r".*10000.0.*transformers cache"):
         served_rope_parameters(cfg)
 
 
