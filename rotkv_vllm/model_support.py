@@ -24,8 +24,8 @@ the same place:
   KV-cache group from vLLM and the backend attends over their window only; the backend checks that vLLM's
   window of each layer is this description's. :func:`vllm_refusal` refuses a window shorter than the preset's
   full-precision recent window.
-- The transformers cache (``hf_cache``) keeps one RoPE table for all layers: :func:`served_rope_parameters`
-  refuses models whose layers use different RoPE parameters there.
+- The transformers cache (``hf_cache``) does the same with the model's own rotary embedding per layer type and
+  the windows of :func:`layer_attention`.
 
 Families out of reach are refused everywhere with the reason (:data:`REFUSED_FAMILIES`, and the checks of
 :func:`describe_model` for MLA, ALiBi and models without RoPE). Every entry point calls :func:`describe_model`
@@ -53,7 +53,6 @@ __all__ = [
     "layer_attention",
     "pre_rope_key",
     "register_pre_rope_key_hook",
-    "served_rope_parameters",
     "vllm_refusal",
 ]
 
@@ -242,24 +241,6 @@ def layer_attention(model_or_config, layer: int) -> LayerAttention:
     scalar = getattr(cfg, fam.query_scale_attr) if fam.query_scale_attr else info["head_dim"]
     return LayerAttention(layer_type=layer_type, sliding_window=window, rope_parameters=_rope_parameters(cfg, layer),
                           query_scale=float(scalar) ** -0.5)
-
-
-def served_rope_parameters(model_or_config) -> dict:
-    """The one RoPE parameter dict every layer uses (what the transformers cache, ``hf_cache``, builds its one
-    table from; the vLLM backend takes each layer's own, :func:`layer_attention`).
-
-    Raises:
-        ValueError: layers with different RoPE parameters (Gemma 3's local and global layers), naming them.
-    """
-    cfg = _text_config(model_or_config)
-    n = describe_model(cfg)["num_hidden_layers"]
-    per_layer = [layer_attention(cfg, i).rope_parameters for i in range(n)]
-    others = [i for i, r in enumerate(per_layer) if r != per_layer[0]]
-    if others:
-        raise ValueError(f"layers use different RoPE parameters (layer 0: {per_layer[0]}, layer {others[0]}: "
-                         f"{per_layer[others[0]]}); the RotateKV transformers cache keeps one RoPE table for all "
-                         "layers (the vLLM backend serves them)")
-    return per_layer[0]
 
 
 def vllm_refusal(model_or_config, recent_window: int = 0) -> str | None:
