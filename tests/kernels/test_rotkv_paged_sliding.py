@@ -17,9 +17,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rotkv_kernels.rotkv_paged import PagedCacheSpec, _decode_context, alloc_paged_cache, recent_window_kv
+from rotkv_kernels.rotkv_paged import PagedCacheSpec, alloc_paged_cache, recent_window_kv
 from rotkv_kernels.rotkv_paged_tiles import CpuReadTables, attend_tiles, build_tile, interleave_order, plan_tiles
-from test_rotkv_paged_window import BS, D, H, HQ, Steps, _on_device, _ref, _write
+from test_rotkv_paged_window import BS, D, H, HQ, Steps, _on_device, _oracle, _ref, _write
 
 # Chunk lengths per step (0: not scheduled): long enough that windows of 5-20 positions free several blocks,
 # chunks that start mid-block and on block boundaries (16, 32, 48), decode steps at the end.
@@ -68,32 +68,6 @@ class SlidingSteps(Steps):
         return super().step(chunks)
 
 
-def _oracle(spec, cache, steps, st) -> torch.Tensor:
-    """Dense attention with the sliding window and the recent window masked here (keys from the original K/V in
-    the recent window, from the decoded records elsewhere; the records read from the never-freed copy)."""
-    out = torch.zeros(st["query"].shape, dtype=torch.float64)
-    qsl = st["qsl"].tolist()
-    rep = HQ // H
-    sw, win = spec.sliding_window, spec.recent_window
-    for r, length in enumerate(st["seq_lens"].tolist()):
-        lo, hi = qsl[r], qsl[r + 1]
-        if hi == lo:
-            continue
-        k, v = _decode_context(spec, cache.records, cache.sinks, steps.full_tables[r], length, steps.cos, steps.sin,
-                               steps.perm, steps.mean)
-        k, v = k.double().repeat_interleave(rep, 1), v.double().repeat_interleave(rep, 1)
-        kt = steps.keys[r][:length].double().repeat_interleave(rep, 1)
-        vt = steps.values[r][:length].double().repeat_interleave(rep, 1)
-        for i in range(lo, hi):
-            t = length - (hi - lo) + (i - lo)
-            j = torch.arange(max(0, t - sw + 1), t + 1)
-            fp = (j > t - win)[:, None, None]
-            kk, vv = torch.where(fp, kt[j], k[j]), torch.where(fp, vt[j], v[j])
-            p = (torch.einsum("hd,jhd->hj", st["query"][i].double(), kk) * D ** -0.5).softmax(-1)
-            out[i] = torch.einsum("hj,jhd->hd", p, vv)
-    return out
-
-
 def _run(spec: PagedCacheSpec, seed: int, check):
     """Drive the schedule; ``check(steps, cache, st, prev, ref)`` after each step's write."""
     steps = SlidingSteps(spec, seed)
@@ -133,7 +107,9 @@ def test_reference_equals_dense_oracle_and_never_reads_freed_blocks(sw, window, 
     def check(steps, cache, st, prev, ref):
         n = st["num_tokens"]
         # Same decoded records and original K/V on both sides in fp64; one fp32 rounding of |out| < 8.
-        torch.testing.assert_close(ref[:n].double(), _oracle(spec, cache, steps, st)[:n], rtol=0, atol=5e-7)
+        # The oracle reads the records through the never-freed tables and masks the window itself.
+        want = _oracle(spec, cache, steps, st, tables=steps.full_tables)
+        torch.testing.assert_close(ref[:n].double(), want[:n], rtol=0, atol=5e-7)
 
     _run(spec, sw + window, check)
 
