@@ -102,8 +102,9 @@ def test_pre_rope_key_is_what_the_model_rotates(name, tok):
             assert float((bare - hooked[i]).norm() / hooked[i].norm()) > 0.1
 
 
-@pytest.mark.parametrize("name,window", [(n, None) for n in FAMILY_NAMES] + [("mistral", 8), ("gemma3", 8)])
-@pytest.mark.parametrize("impl", ["auto", "torch"])
+@pytest.mark.parametrize("name,window,impl", [pytest.param(n, None, "auto", id=n) for n in FAMILY_NAMES] + [
+    pytest.param(n, 8, impl, id=f"{n}-window" + ("-torch" if impl == "torch" else ""))
+    for n in ("mistral", "gemma3") for impl in ("auto", "torch")])
 def test_transformers_cache_agrees_with_the_reference(name, window, impl, tok, calib_text):
     """The transformers cache (``rotkv_cache``, records) and the reference (fake quantization) give the same logits
     for each family: fp32, the same calibration; measured 6e-7 relative where both read the same key, 0.4-0.9 where
