@@ -35,7 +35,8 @@ with the same ops as the vLLM backend (:mod:`rotkv_vllm.vllm_backend`), picked b
   path; the CPU default when the C++ kernels are not built);
 - ``"triton"``: ``rotkv_paged_triton.paged_write_triton`` / ``paged_attention_triton`` (the CUDA default).
 
-Per-layer parameters (spec, key order, key mean, RoPE tables) come from one
+Per-layer parameters (spec with the layer's sliding window, key order, key mean, the layer's RoPE tables: Gemma 3's
+local layers their own base) come from one
 :class:`rotkv_vllm.runtime.RotateKVRuntime`, shared by every cache of the same model and calibration (it is a
 model constant like the weights and is not counted in the cache's bytes). Prefill attends over the packed
 records too (the tokens of the step are written before the read, as in the vLLM backend), so a prefill and a
