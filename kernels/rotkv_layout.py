@@ -182,6 +182,10 @@ class PagedCacheSpec:
         sink_tokens: ``S``, positions kept in full precision in each sequence's first block (0: none).
         recent_window: ``R``, each query reads its last ``R`` keys (itself included) in full precision; every
             page keeps ``R - 1`` ring slots after its sinks (0: no window; 1: the step's own token only).
+        sliding_window: ``SW``, the layer's attention window: a query at position ``t`` attends keys
+            ``t - SW < j <= t`` only (vLLM's and transformers' convention; 0: every earlier key). The sinks fall
+            out of the window like any other position; ``SW >= R`` (the recent window lies inside it). Blocks
+            wholly before the window of a step's first query may be vLLM's null block: no path reads them.
         version: schema version.
     """
 
@@ -199,6 +203,7 @@ class PagedCacheSpec:
     record_bytes: int = 0
     sink_tokens: int = 0
     recent_window: int = 0
+    sliding_window: int = 0
     version: int = PAGED_SPEC_VERSION
 
     def __post_init__(self) -> None:
@@ -245,6 +250,12 @@ class PagedCacheSpec:
             raise ValueError(f"sink_tokens={self.sink_tokens!r}: must be a non-negative int")
         if not isinstance(self.recent_window, int) or self.recent_window < 0:
             raise ValueError(f"recent_window={self.recent_window!r}: must be a non-negative int")
+        if not isinstance(self.sliding_window, int) or self.sliding_window < 0:
+            raise ValueError(f"sliding_window={self.sliding_window!r}: must be a non-negative int (0: no window)")
+        if self.sliding_window and self.sliding_window < self.recent_window:
+            raise ValueError(f"sliding_window={self.sliding_window} is shorter than recent_window="
+                             f"{self.recent_window}: the full-precision recent window must lie inside the layer's "
+                             "attention window")
         if self.version != PAGED_SPEC_VERSION:
             raise ValueError(f"PagedCacheSpec version {self.version} is not supported (expects {PAGED_SPEC_VERSION})")
 

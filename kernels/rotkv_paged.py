@@ -30,7 +30,8 @@ Write (token ``t`` with ``slot_mapping[t] = s >= 0``, ``blk, off = divmod(s, blo
 
 Attention (request ``r`` owns query tokens ``query_start_loc[r] .. query_start_loc[r+1]-1``; it has
 ``L = seq_lens[r]`` cached tokens including its new ones, so query ``i`` sits at position
-``L - q_len + i`` and attends to positions ``0 .. its own``)::
+``L - q_len + i`` and attends to positions ``0 .. its own``, or with ``spec.sliding_window = SW`` to
+``its own - SW + 1 .. its own``)::
 
     K_j = RoPE_j(read(K record of position j) + key_mean)      V_j = read(V record of position j)
     K_j, V_j = sinks[block_tables[r, 0], j]                       for j < S (full precision)
@@ -249,11 +250,13 @@ def recent_prev_ref(
 
 
 def _decode_context(spec: PagedCacheSpec, records, sinks, table_row, length, rope_cos, rope_sin, key_perm,
-                    key_mean) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 ``[L, H, D]`` K (post-RoPE) and V of positions ``0..L-1`` of one sequence, sinks substituted."""
+                    key_mean, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 ``[L - start, H, D]`` K (post-RoPE) and V of positions ``start..L-1`` of one sequence, sinks
+    substituted. Positions before ``start`` (out of every query's sliding window) are never read: their blocks
+    may be vLLM's null block."""
     h, d = spec.num_kv_heads, spec.head_dim
     bs = records.shape[1]
-    pos = torch.arange(length, device=records.device)
+    pos = torch.arange(start, length, device=records.device)
     rec = records[table_row[pos // bs].to(torch.int64), pos % bs]
     k = rotkv_read_ref(rec[:, : spec.key_bytes], num_heads=h, head_dim=d, bits=spec.key_bits,
                        group_size=spec.key_group_size, rot_width=spec.key_rot_width, perm=key_perm,
@@ -266,10 +269,10 @@ def _decode_context(spec: PagedCacheSpec, records, sinks, table_row, length, rop
                        bits=spec.value_bits, group_size=spec.value_group_size, rot_width=spec.value_rot_width,
                        scale_format=spec.scale_format)
     n_sink = min(spec.sink_tokens, length)
-    if n_sink:
-        full = sinks[int(table_row[0]), :n_sink].to(torch.float32)
-        k[:n_sink] = full[:, 0]
-        v[:n_sink] = full[:, 1]
+    if n_sink > start:
+        full = sinks[int(table_row[0]), start:n_sink].to(torch.float32)
+        k[: n_sink - start] = full[:, 0]
+        v[: n_sink - start] = full[:, 1]
     return k, v
 
 
@@ -315,7 +318,9 @@ def paged_attention_ref(
         ``[T, Hq, D]``: each key decoded by ``rotkv_read_ref`` (fp32), sinks and the recent window in full
         precision (the window per query: score and value of key ``j`` of query ``t`` are full precision when
         ``t - R < j <= t``), the softmax and
-        the weighted sum in float64, one rounding to ``out_dtype`` at the end; zeros for padding tokens.
+        the weighted sum in float64, one rounding to ``out_dtype`` at the end; zeros for padding tokens. With
+        ``spec.sliding_window = SW > 0`` query ``t`` attends keys ``t - SW < j <= t`` only, and positions before
+        the first query's window are not read at all.
     Raises:
         ValueError: any argument that does not fit (see the messages).
     """
@@ -336,26 +341,31 @@ def paged_attention_ref(
             continue
         if n_q > length:
             raise ValueError(f"request {r}: {n_q} queries but seq_lens={length} (the queries' own tokens count)")
+        p0 = length - n_q
+        # the first position any query of the request attends (its first query's window start)
+        lo = max(0, p0 - spec.sliding_window + 1) if spec.sliding_window else 0
         k, v = _decode_context(spec, records, sinks, block_tables[r], length, rope_cos, rope_sin, key_perm,
-                               key_mean)
-        k = k.double().repeat_interleave(rep, dim=1)  # [L, Hq, D]
+                               key_mean, lo)
+        k = k.double().repeat_interleave(rep, dim=1)  # [L - lo, Hq, D]
         v = v.double().repeat_interleave(rep, dim=1)
         q = query[q_lo:q_hi].double()  # [n_q, Hq, D]
         s = torch.einsum("qhd,lhd->hql", q, k) * scale
-        q_pos = torch.arange(length - n_q, length, device=query.device)
-        kpos = torch.arange(length, device=query.device)
-        causal = kpos[None, :] <= q_pos[:, None]  # [n_q, L]
+        q_pos = torch.arange(p0, length, device=query.device)
+        kpos = torch.arange(lo, length, device=query.device)
+        causal = kpos[None, :] <= q_pos[:, None]  # [n_q, L - lo]
+        if spec.sliding_window:
+            causal &= kpos[None, :] > q_pos[:, None] - spec.sliding_window
         if win:
-            # The full-precision keys of positions p0 - (R - 1) .. L - 1: before the step, then the step's own.
-            p0 = length - n_q
+            # The full-precision keys of positions p0 - (R - 1) .. L - 1: before the step, then the step's own
+            # (all at or after lo: the sliding window is at least R long).
             k_fp, v_fp = k.clone(), v.clone()
-            k_fp[p0:] = recent_key[q_lo:q_hi].double().repeat_interleave(rep, dim=1)
-            v_fp[p0:] = recent_value[q_lo:q_hi].double().repeat_interleave(rep, dim=1)
+            k_fp[p0 - lo:] = recent_key[q_lo:q_hi].double().repeat_interleave(rep, dim=1)
+            v_fp[p0 - lo:] = recent_value[q_lo:q_hi].double().repeat_interleave(rep, dim=1)
             n_prev = min(win - 1, p0)
             if n_prev:
                 prev = recent_prev[r, win - 1 - n_prev:].double()  # positions p0 - n_prev .. p0 - 1
-                k_fp[p0 - n_prev: p0] = prev[:, 0].repeat_interleave(rep, dim=1)
-                v_fp[p0 - n_prev: p0] = prev[:, 1].repeat_interleave(rep, dim=1)
+                k_fp[p0 - n_prev - lo: p0 - lo] = prev[:, 0].repeat_interleave(rep, dim=1)
+                v_fp[p0 - n_prev - lo: p0 - lo] = prev[:, 1].repeat_interleave(rep, dim=1)
             band = causal & (kpos[None, :] > q_pos[:, None] - win)  # [n_q, L]
             s = torch.where(band, torch.einsum("qhd,lhd->hql", q, k_fp) * scale, s)
             p = s.masked_fill(~causal, float("-inf")).softmax(-1)

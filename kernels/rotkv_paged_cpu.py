@@ -44,6 +44,10 @@ Recent window (``spec.recent_window = R``): the write stores the records and sin
 (``rotkv_paged.recent_window_kv``, values rotated here into the accumulators' basis) as one more source of
 keys and values in split 0, like the sinks, and leaves those positions out of the packed tiles.
 
+Sliding window (``spec.sliding_window = SW``, layout entry 13): a work item's context and its splits start at its
+first query's window (``max(0, pos - SW + 1)``), each row's scores are masked below its own first key, and the sinks
+are read only while inside the window, so no page before the window (vLLM's null block) is touched.
+
 Limits (``ValueError`` otherwise): ``head_dim`` a multiple of 16, quantization groups multiples of 8,
 Hadamard cores of order <= 64 (all orders ``m * 2^k`` that ``rotkv_kernels.hadamard`` generates up to 64).
 """
@@ -163,7 +167,7 @@ def check_cpu_limits(spec: PagedCacheSpec) -> None:
 def _layout(spec: PagedCacheSpec) -> list[int]:
     return [spec.num_kv_heads, spec.head_dim, spec.key_bits, spec.value_bits, spec.key_group_size,
             spec.value_group_size, spec.key_rot_width, int(spec.value_rot_width != 1),
-            int(spec.scale_format == "fp8"), spec.sink_tokens, spec.key_bytes, spec.value_bytes]
+            int(spec.scale_format == "fp8"), spec.sink_tokens, spec.key_bytes, spec.value_bytes, spec.sliding_window]
 
 
 def _value_core(spec: PagedCacheSpec) -> torch.Tensor:

@@ -172,11 +172,16 @@ class AttentionTile:
     Attributes:
         tok_idx: ``int64 [G, Q]`` index of each query in the step's token array (0 where padded).
         q_valid: ``bool [G, Q]``.
-        ctx_blk / ctx_off: ``int64 [G, L]`` block id and offset of context position ``j`` (0 where padded).
-        ctx_valid: ``bool [G, L]`` position ``j`` < the request's sequence length.
-        mask: ``bool [G, 1, Q, L]``: query attends key (causal and valid; padded queries see key 0).
+        ctx_blk / ctx_off: ``int64 [G, L]`` block id and offset of context column ``j`` (0 where padded).
+        ctx_valid: ``bool [G, L]`` column ``j`` holds a position before the end of the tile's context.
+        mask: ``bool [G, 1, Q, L]``: query attends key (causal, inside its sliding window and valid; padded
+            queries see key 0).
         first_blk: ``int64 [G]`` the block holding each request's first positions (its sink area).
         q_pos: ``int64 [G, Q]`` position of each query in its sequence (for the recent window's band).
+        ctx_start: with a sliding window, ``int64 [G]``: column ``j`` is position ``ctx_start + j`` (the window
+            start of the tile's first query: earlier positions, whose blocks may be vLLM's null block, are not
+            gathered); None: column ``j`` is position ``j``.
+        sliding_window: the window the mask was built for (0: none); ``attend_tiles`` checks it against the spec.
     """
 
     tok_idx: torch.Tensor
@@ -187,21 +192,32 @@ class AttentionTile:
     mask: torch.Tensor
     first_blk: torch.Tensor
     q_pos: torch.Tensor | None = None
+    ctx_start: torch.Tensor | None = None
+    sliding_window: int = 0
 
     @property
     def length(self) -> int:
         return self.ctx_blk.shape[1]
 
+    @property
+    def ctx_pos(self) -> torch.Tensor:
+        """``int64 [G, L]`` (or ``[1, L]`` without a sliding window): the position of each context column."""
+        cols = torch.arange(self.length).unsqueeze(0)
+        return cols if self.ctx_start is None else self.ctx_start.unsqueeze(1) + cols
+
 
 def plan_tiles(q_lens: list[int], seq_lens: list[int], *, context_budget: int = TILE_CONTEXT_TOKENS,
-               score_budget: int = TILE_SCORES) -> list[tuple[list[int], int, int]]:
+               score_budget: int = TILE_SCORES, sliding_window: int = 0) -> list[tuple[list[int], int, int]]:
     """Group requests into tiles ``(request ids, q_lo, q_hi)``.
 
     Requests are sorted by (query length, sequence length) and packed greedily while
     ``G * L <= context_budget`` and ``G * Q * L <= score_budget`` (``G`` requests, ``Q`` padded query
     rows, ``L`` padded context). A request too large alone is split into query ranges ``[q_lo, q_hi)``
-    (its queries beyond ``q_lo`` only, context up to the range's last position).
+    (its queries beyond ``q_lo`` only, context up to the range's last position). With a sliding window ``SW``
+    a request's context is at most ``q + SW - 1`` positions (:func:`build_tile` gathers no earlier ones).
     """
+    if sliding_window:
+        seq_lens = [min(s, q + sliding_window - 1) for q, s in zip(q_lens, seq_lens)]
     order = sorted(range(len(q_lens)), key=lambda r: (q_lens[r] > 1, q_lens[r], seq_lens[r]))
     tiles: list[tuple[list[int], int, int]] = []
     cur: list[int] = []
@@ -230,29 +246,37 @@ def plan_tiles(q_lens: list[int], seq_lens: list[int], *, context_budget: int = 
 
 
 def build_tile(reqs: torch.Tensor, q_lo: int, q_hi: int, query_start_loc: torch.Tensor, q_lens: torch.Tensor,
-               seq_lens: torch.Tensor, block_table: torch.Tensor, block_size: int) -> AttentionTile:
+               seq_lens: torch.Tensor, block_table: torch.Tensor, block_size: int, sliding_window: int = 0
+               ) -> AttentionTile:
     """The index tensors of one planned tile (``reqs`` ``int64 [G]``; the other tensors int64 on the CPU:
     ``query_start_loc [R + 1]``, ``q_lens [R]``, ``seq_lens [R]`` new tokens included, ``block_table
-    [R, max_blocks]``)."""
+    [R, max_blocks]``). With ``sliding_window = SW > 0`` query ``t`` attends keys ``t - SW < j <= t`` and the
+    tile's context starts at its first query's window (``AttentionTile.ctx_start``)."""
     before = seq_lens - q_lens
     n_q = q_hi - q_lo
     qi = torch.arange(n_q)
     q_valid = qi.unsqueeze(0) < (q_lens[reqs] - q_lo).unsqueeze(1)
     tok_idx = torch.where(q_valid, query_start_loc[reqs].unsqueeze(1) + q_lo + qi, 0)
     q_pos = before[reqs].unsqueeze(1) + q_lo + qi  # [G, Q]
-    # Context needed: up to the last query's position (the whole sequence unless split).
-    ctx_len = torch.minimum(seq_lens[reqs], before[reqs] + q_hi)
-    length = int(ctx_len.max())
-    kpos = torch.arange(length)
-    ctx_valid = kpos.unsqueeze(0) < ctx_len.unsqueeze(1)
-    blk_col = (kpos // block_size).unsqueeze(0).expand(len(reqs), -1)
+    # Context needed: up to the last query's position (the whole sequence unless split), from the first query's
+    # window start with a sliding window.
+    ctx_end = torch.minimum(seq_lens[reqs], before[reqs] + q_hi)
+    start = (before[reqs] + q_lo - sliding_window + 1).clamp(min=0) if sliding_window else None
+    length = int((ctx_end if start is None else ctx_end - start).max())
+    cols = torch.arange(length)
+    kpos = cols.unsqueeze(0) if start is None else start.unsqueeze(1) + cols  # [G or 1, L] positions
+    ctx_valid = kpos < ctx_end.unsqueeze(1)
+    blk_col = (kpos // block_size).expand(len(reqs), -1)
     ctx_blk = torch.where(ctx_valid, block_table[reqs].gather(1, blk_col.clamp(max=block_table.shape[1] - 1)), 0)
-    ctx_off = torch.where(ctx_valid, (kpos % block_size).unsqueeze(0), 0)
-    mask = (kpos.view(1, 1, -1) <= q_pos.unsqueeze(2)) & ctx_valid.unsqueeze(1) & q_valid.unsqueeze(2)
+    ctx_off = torch.where(ctx_valid, kpos % block_size, 0)
+    mask = (kpos.unsqueeze(1) <= q_pos.unsqueeze(2)) & ctx_valid.unsqueeze(1) & q_valid.unsqueeze(2)
+    if sliding_window:
+        mask &= kpos.unsqueeze(1) > (q_pos - sliding_window).unsqueeze(2)
     # A padded query row attends key 0 only, so no row is all -inf (NaN-free softmax).
-    mask |= (~q_valid).unsqueeze(2) & (kpos == 0).view(1, 1, -1)
+    mask |= (~q_valid).unsqueeze(2) & (cols == 0).view(1, 1, -1)
     return AttentionTile(tok_idx=tok_idx, q_valid=q_valid, ctx_blk=ctx_blk, ctx_off=ctx_off,
-                         ctx_valid=ctx_valid, mask=mask.unsqueeze(1), first_blk=block_table[reqs, 0], q_pos=q_pos)
+                         ctx_valid=ctx_valid, mask=mask.unsqueeze(1), first_blk=block_table[reqs, 0], q_pos=q_pos,
+                         ctx_start=start, sliding_window=sliding_window)
 
 
 def read_tile(records: torch.Tensor, sinks: torch.Tensor | None, tile: AttentionTile, tables: CpuReadTables
@@ -275,18 +299,30 @@ def read_tile(records: torch.Tensor, sinks: torch.Tensor | None, tile: Attention
     k = k.view(g, length, h, d)
     if tables.rope is not None:
         kc = torch.view_as_complex(k.view(g, length, h, d // 2, 2))
-        k = torch.view_as_real(kc * tables.rope[:length].view(1, length, 1, d // 2)).view(g, length, h, d)
+        if tile.ctx_start is None:
+            rope = tables.rope[:length].view(1, length, 1, d // 2)
+        else:  # columns past the context clamp to a valid row (their keys are exact zeros)
+            rope = tables.rope[tile.ctx_pos.clamp(max=tables.rope.shape[0] - 1)].view(g, length, 1, d // 2)
+        k = torch.view_as_real(kc * rope).view(g, length, h, d)
     vrec = rec[:, spec.key_bytes: spec.key_bytes + spec.value_bytes]
     v = dequantize_records(vrec, spec.value_bits, w, spec.value_group_size, spec.scale_format, valid)
     v = v.view(g, length, h, d)
     if spec.sink_tokens:
         s = min(spec.sink_tokens, length)
-        full = sinks[tile.first_blk, :s].to(torch.float32)  # [G, s, 2, H, D], K post-RoPE, V original
+        if tile.ctx_start is None:
+            full = sinks[tile.first_blk, :s]
+            keep = tile.ctx_valid[:, :s, None, None]
+        else:
+            # sink positions start .. S - 1 sit in the first columns; a request whose window has left the sinks
+            # keeps none (its first block may be the null block: its bytes are read but never selected)
+            pos = tile.ctx_pos[:, :s]
+            full = sinks[tile.first_blk.unsqueeze(1), pos.clamp(max=spec.sink_tokens - 1)]
+            keep = (tile.ctx_valid[:, :s] & (pos < spec.sink_tokens))[:, :, None, None]
+        full = full.to(torch.float32)  # [G, s, 2, H, D], K post-RoPE, V original
         sk = full[:, :, 0].reshape(g, s, w)[..., tables.channel_order].view(g, s, h, d)
         sv = full[:, :, 1]
         if spec.value_rot_width > 1:
             sv = hadamard_transform(sv, block_size=spec.value_rot_width)
-        keep = tile.ctx_valid[:, :s, None, None]
         k[:, :s] = torch.where(keep, sk, k[:, :s])
         v[:, :s] = torch.where(keep, sv, v[:, :s])
     return k, v
@@ -312,9 +348,8 @@ def _attend_with_window(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tile:
     g, hq, nq, d = q.shape
     h, r = k.shape[2], wk.shape[2]
     rep = hq // h
-    kpos = torch.arange(k.shape[1])
     # Packed keys older than the window; a padded query keeps its key 0 (no all -inf row).
-    older = (kpos.view(1, 1, -1) <= (tile.q_pos - r).unsqueeze(2)) | ~tile.q_valid.unsqueeze(2)
+    older = (tile.ctx_pos.unsqueeze(1) <= (tile.q_pos - r).unsqueeze(2)) | ~tile.q_valid.unsqueeze(2)
     mask = tile.mask & older.unsqueeze(1)  # [G, 1, Q, L]
     kk = k.repeat_interleave(rep, dim=2).permute(0, 2, 3, 1)  # [G, Hq, D, L]
     s = (q @ kk) * scale
@@ -342,9 +377,14 @@ def attend_tiles(query: torch.Tensor, records: torch.Tensor, sinks: torch.Tensor
             from ``rotkv_paged.recent_window_kv``: key ``j`` of query ``t`` is read from it when
             ``pos_t - R < j <= pos_t`` (as ``rotkv_paged.paged_attention_ref``).
     Raises:
-        ValueError: ``recent`` missing with a window, or given without one.
+        ValueError: ``recent`` missing with a window, or given without one; a tile built for another sliding
+            window than ``spec.sliding_window``.
     """
     spec = tables.spec
+    for tile in tiles:
+        if tile.sliding_window != spec.sliding_window:
+            raise ValueError(f"tiles: built for sliding_window={tile.sliding_window}, the layer's spec has "
+                             f"{spec.sliding_window} (build_tile(..., sliding_window=spec.sliding_window))")
     d, hq = spec.head_dim, query.shape[1]
     if (recent is None) != (spec.recent_window == 0):
         raise ValueError(f"recent: recent_window={spec.recent_window} needs the step's window (recent_window_kv), "

@@ -36,6 +36,10 @@ context positions. Per tile of ``BLOCK_N`` cached positions a program:
    ``sum_j p_j H^T v_j = H^T sum_j p_j v_j``, so the value Hadamard runs once per output row, in the reduce
    pass, not once per cached token.
 
+With a sliding window ``SW`` (``spec.sliding_window``) a query block's splits start at its first query's window
+(``max(0, pos - SW + 1)``) and the mask also drops keys at or before ``row_pos - SW``: no position before the window
+is loaded (vLLM frees those blocks to its null block), the sinks included once they leave it.
+
 The split owning position 0 also attends the sink tokens from the full-precision side store (keys used
 as stored; values rotated into the same basis by a forward per-head Hadamard). With a recent window of ``R``
 the splits leave each query's last ``R`` positions out (causal mask shifted by ``R``) and the window's
@@ -126,6 +130,7 @@ class PagedAttentionPlan:
         split_size: context positions per split (a multiple of ``block_n``).
         block_n: cached positions per tile.
         num_tokens: query tokens covered (``query_start_loc[-1]``).
+        sliding_window: the spec's sliding window the splits were sized for (0: none; the attention checks it).
     """
 
     qb_req: torch.Tensor
@@ -135,6 +140,7 @@ class PagedAttentionPlan:
     split_size: int
     block_n: int
     num_tokens: int
+    sliding_window: int = 0
 
 
 def _default_target_programs(device: torch.device) -> int:
@@ -164,7 +170,8 @@ def plan_paged_attention(
         tokens_per_block: ``M``; default 1 when every request has one query (decode), else
             ``max(1, 16 // (Hq / H))`` so one query block fills the 16 rows a ``tl.dot`` needs.
         num_splits: default: enough programs to reach ``target_programs`` (4 per SM on CUDA), with at least
-            ``min_split_tokens`` positions per split.
+            ``min_split_tokens`` positions per split. With ``spec.sliding_window = SW`` a query block's context
+            starts at its first query's window, so the splits cover at most ``M + SW - 1`` positions.
     Raises:
         ValueError: bad sizes, or more queries than cached tokens in a request.
     """
@@ -189,6 +196,8 @@ def plan_paged_attention(
     qb_req = torch.repeat_interleave(torch.arange(len(q_lens)), nqb)
     first = torch.cumsum(nqb, 0) - nqb
     qb_start = (torch.arange(total) - first[qb_req]) * tokens_per_block
+    if spec.sliding_window:
+        seq = torch.minimum(seq, torch.full_like(seq, tokens_per_block + spec.sliding_window - 1))
     max_ctx = int(seq.max()) if seq.numel() else 0
     dev = torch.device(device) if device is not None else query_start_loc.device
     n_rot = spec.width // spec.key_rot_width
@@ -206,6 +215,7 @@ def plan_paged_attention(
         qb_req=qb_req.to(dev, torch.int32), qb_start=qb_start.to(dev, torch.int32),
         tokens_per_block=int(tokens_per_block), num_splits=int(num_splits), split_size=int(split),
         block_n=int(block_n), num_tokens=int(qsl[-1]) if qsl.numel() else 0,
+        sliding_window=spec.sliding_window,
     )
 
 
@@ -538,9 +548,11 @@ if HAS_TRITON:
         return z
 
     @triton.jit
-    def _attend(q1, q2, k1, k2, v, pos, kvalid, row_pos, m_i, l_i, acc, LOWP: tl.constexpr, WIN: tl.constexpr):
+    def _attend(q1, q2, k1, k2, v, pos, kvalid, row_pos, m_i, l_i, acc, LOWP: tl.constexpr, WIN: tl.constexpr,
+                SW: tl.constexpr):
         """Online-softmax update with one tile: ``k1/k2 [G, N, D/2]`` (halves), ``v [G, N, D]``, scores in log2.
-        Keys of a row's last ``WIN`` positions are left to the recent window's partial."""
+        Keys of a row's last ``WIN`` positions are left to the recent window's partial; with a sliding window
+        ``SW > 0`` keys at or before ``row_pos - SW`` are masked."""
         if LOWP:
             s = tl.dot(q1, tl.permute(k1.to(tl.float16), (0, 2, 1)))
             s += tl.dot(q2, tl.permute(k2.to(tl.float16), (0, 2, 1)))
@@ -548,6 +560,8 @@ if HAS_TRITON:
             s = tl.dot(q1, tl.permute(k1, (0, 2, 1)), input_precision="ieee")
             s += tl.dot(q2, tl.permute(k2, (0, 2, 1)), input_precision="ieee")
         mask = kvalid[None, :] & (pos[None, :] <= row_pos[:, None] - WIN)
+        if SW > 0:
+            mask = mask & (pos[None, :] > row_pos[:, None] - SW)
         s = tl.where(mask[None, :, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 2))
         alpha = tl.exp2(m_i - m_new)
@@ -574,7 +588,7 @@ if HAS_TRITON:
         A_PAD: tl.constexpr, B_PAD: tl.constexpr, TWO_STAGE: tl.constexpr,
         VA_PAD: tl.constexpr, VB_PAD: tl.constexpr, V_TWO_STAGE: tl.constexpr, V_ROT: tl.constexpr,
         SCALE_FP8: tl.constexpr, HAS_PERM: tl.constexpr, HAS_MEAN: tl.constexpr, HAS_ROPE: tl.constexpr,
-        S_SINK: tl.constexpr, S_PAD: tl.constexpr, LOWP: tl.constexpr, WIN: tl.constexpr,
+        S_SINK: tl.constexpr, S_PAD: tl.constexpr, LOWP: tl.constexpr, WIN: tl.constexpr, SW: tl.constexpr,
     ):
         """Partial attention of one query block x rotation block x context split (see the module docstring)."""
         N: tl.constexpr = H * D
@@ -592,7 +606,12 @@ if HAS_TRITON:
         before = seq_len - q_len
         n_tok = tl.minimum(M_TOK, q_len - i0)
         ctx_end = before + i0 + n_tok
-        lo = sp * split_size
+        # With a sliding window the block's context starts at its first query's window: no earlier position is
+        # read (its block may be vLLM's null block).
+        ctx_start = 0
+        if SW > 0:
+            ctx_start = tl.maximum(before + i0 - SW + 1, 0)
+        lo = ctx_start + sp * split_size
         hi = tl.minimum(lo + split_size, ctx_end)
 
         # Rows of each KV head: (query token mt, query head j of its GQA group).
@@ -641,7 +660,7 @@ if HAS_TRITON:
             if sp == 0:
                 # Sinks: full-precision K (post-RoPE, as stored) and V (rotated here into V's stored basis).
                 sp_ = tl.arange(0, S_PAD)
-                svalid = (sp_ < S_SINK) & (sp_ < ctx_end)
+                svalid = (sp_ < S_SINK) & (sp_ < ctx_end) & (sp_ >= ctx_start)
                 sbase = sink_ptr + first_blk * sn_b + sp_.to(tl.int64) * sn_p
                 hoff = (nb * G + g).to(tl.int64) * sn_h
                 smask = gv[:, None, None] & svalid[None, :, None]
@@ -655,7 +674,7 @@ if HAS_TRITON:
                     svr = _hadamard_tile(tl.reshape(sv, (G_PAD * S_PAD, VA_PAD, VB_PAD)), vf1_ptr, vf2_ptr,
                                          G_PAD * S_PAD, VA_PAD, VB_PAD, V_TWO_STAGE) * v_rot_scale
                     sv = tl.reshape(svr, (G_PAD, S_PAD, D))
-                m_i, l_i, acc = _attend(q1, q2, sk1, sk2, sv, sp_, svalid, row_pos, m_i, l_i, acc, LOWP, WIN)
+                m_i, l_i, acc = _attend(q1, q2, sk1, sk2, sv, sp_, svalid, row_pos, m_i, l_i, acc, LOWP, WIN, SW)
 
         for start in range(lo, hi, BLOCK_N):
             pos = start + tl.arange(0, BLOCK_N)
@@ -691,7 +710,7 @@ if HAS_TRITON:
             # values: dequantize in their rotated basis (the reduce pass rotates the output back)
             v = _dequant_rows(row_ptr + KB, kvalid, P0, BLOCK_N, F, RW, N, V_GS, V_BITS, SCALE_FP8, V_ALIGNED)
             v = tl.permute(tl.reshape(v, (BLOCK_N, G_PAD, D)), (1, 0, 2))
-            m_i, l_i, acc = _attend(q1, q2, k1, k2, v, pos, kvalid, row_pos, m_i, l_i, acc, LOWP, WIN)
+            m_i, l_i, acc = _attend(q1, q2, k1, k2, v, pos, kvalid, row_pos, m_i, l_i, acc, LOWP, WIN, SW)
 
         # Partials of every (token, head) row of this block for split sp (neutral when the split is empty).
         pidx = (tok[None, :] * HQ + hq) * n_split + sp  # [G_PAD, R_PAD], int64 (tok is)
@@ -790,6 +809,9 @@ if HAS_TRITON:
                                         device=query.device, **plan_kw)
         elif plan_kw:
             raise ValueError(f"pass either plan or planning arguments {sorted(plan_kw)}, not both")
+        elif plan.sliding_window != spec.sliding_window:
+            raise ValueError(f"plan: made for sliding_window={plan.sliding_window}, the spec has "
+                             f"{spec.sliding_window} (plan_paged_attention with this layer's spec)")
         nqb = plan.qb_req.numel()
         if nqb == 0 or plan.num_tokens == 0:
             return out
@@ -843,7 +865,7 @@ if HAS_TRITON:
             VA_PAD=vplan.a_pad, VB_PAD=vplan.b_pad, V_TWO_STAGE=vplan.two_stage, V_ROT=spec.value_rot_width != 1,
             SCALE_FP8=spec.scale_format == "fp8", HAS_PERM=key_perm is not None, HAS_MEAN=key_mean is not None,
             HAS_ROPE=has_rope, S_SINK=s_sink, S_PAD=max(_MIN_DOT, _next_pow2(max(s_sink, 1))),
-            LOWP=precision == "fp16", WIN=win, **kw,
+            LOWP=precision == "fp16", WIN=win, SW=spec.sliding_window, **kw,
         )
         _paged_reduce_kernel[(plan.num_tokens,)](
             pm, pl, pacc, out, out.stride(0), out.stride(1), out.stride(2), vi1, vi2, 1.0 / math.sqrt(d), ns_all,

@@ -57,7 +57,8 @@ with the same ops as the vLLM backend (:mod:`rotkv_vllm.vllm_backend`), picked b
 With a recent window every path passes the window's K/V (``recent_key/recent_value/recent_prev``) to its attention
 op, as the vLLM backend does; the ``"torch"`` path gathers it with ``rotkv_paged.recent_window_kv``.
 
-Per-layer parameters (spec, key order, key mean, RoPE tables) come from one
+Per-layer parameters (spec with the layer's sliding window, key order, key mean, the layer's RoPE tables: Gemma 3's
+local layers their own base) come from one
 :class:`rotkv_vllm.runtime.RotateKVRuntime`, shared by every cache of the same model and calibration (it is a
 model constant like the weights and is not counted in the cache's bytes). Prefill attends over the packed
 records too (the tokens of the step are written before the read, as in the vLLM backend), so a prefill and a
@@ -99,7 +100,7 @@ from rotkv_vllm.config import (
     RotateKVLayout,
     config_for_cache_dtype,
 )
-from rotkv_vllm.model_support import describe_model, served_rope_parameters
+from rotkv_vllm.model_support import describe_model, layer_attention
 from rotkv_vllm.runtime import RotateKVRuntime, effective_config, servable_reason, triton_precision
 
 __all__ = [
@@ -141,7 +142,8 @@ class _Step:
             stored (no padding).
         slot_mapping / positions: ``int64 [T]`` (on the cache's device); query_start_loc ``[B + 1]``,
         seq_lens ``[B]``, block_table ``[B, blocks]`` (device copies for the kernels, CPU ones for planning).
-        tiles: the ``"torch"`` path's attention tiles; plans: the ``"triton"`` path's work lists.
+        tiles: the ``"torch"`` path's attention tiles per sliding window (0: none), built by the first layer with
+            that window; plans: the ``"triton"`` path's work lists.
     """
 
     q_len: int
@@ -155,7 +157,7 @@ class _Step:
     block_table: torch.Tensor
     query_start_loc_cpu: torch.Tensor
     seq_lens_cpu: torch.Tensor
-    tiles: list[AttentionTile] | None = None
+    tiles: dict[int, list[AttentionTile]] | None = None
     plans: dict | None = None
     next_layer: int = 0
 
@@ -300,10 +302,13 @@ class RotateKVCache(Cache):
         if config.center_keys:
             means = [m.to(torch.float32).reshape(-1).contiguous() for m in calibration.key_means]
         n = max_position or int(getattr(model.config, "max_position_embeddings", 0) or 4096)
-        cos, sin = _rope_tables(_rotary_module(model), n, device)
+        ropes = _layer_rope_tables(model, _rotary_module(model), n, device)
         dtype = next(model.parameters()).dtype
+        # Each layer's sliding window (the model's mask function is replaced by a padding mask: the kernels apply
+        # the window, t - SW < j <= t in stored positions, which left padding does not shift).
+        windows = [layer_attention(model, i).sliding_window or 0 for i in range(n_layers)]
         return RotateKVRuntime(config=config, layout=layout, num_layers=n_layers, key_orders=orders, dtype=dtype,
-                               key_means=means, rope_cos=cos.cpu(), rope_sin=sin.cpu())
+                               key_means=means, layer_ropes=ropes, sliding_windows=windows if any(windows) else None)
 
     # ---- sizes ----------------------------------------------------------------------------------------------
     @property
@@ -497,7 +502,7 @@ class RotateKVCache(Cache):
         self.lengths = lengths
         self.left_padding = self.left_padding + n_pad
         self.seen += q_len
-        if self.seen > self.runtime.rope_cos.shape[0]:
+        if self.seen > self.runtime.rope(0)[0].shape[0]:
             self._grow_rope(self.seen)
 
         flat_valid = valid.reshape(-1)
@@ -517,11 +522,21 @@ class RotateKVCache(Cache):
                      seq_lens=lengths.to(dev), block_table=self.block_table.to(dev), query_start_loc_cpu=qsl,
                      seq_lens_cpu=lengths.clone())
         if self.attention_impl == "torch":
-            step.tiles = [build_tile(torch.tensor(reqs), q_lo, q_hi, qsl, q_real, lengths, self.block_table, bs)
-                          for reqs, q_lo, q_hi in plan_tiles(q_real.tolist(), lengths.tolist())]
+            step.tiles = {}
         elif self.attention_impl == "triton":
             step.plans = {}
         return step
+
+    def _tiles(self, step: _Step, sliding_window: int) -> list[AttentionTile]:
+        """The step's ``"torch"`` tiles for layers with ``sliding_window`` (0: none), planned once per window."""
+        if sliding_window not in step.tiles:
+            qsl, lengths = step.query_start_loc_cpu, step.seq_lens_cpu
+            q_real = qsl[1:] - qsl[:-1]
+            step.tiles[sliding_window] = [
+                build_tile(torch.tensor(reqs), q_lo, q_hi, qsl, q_real, lengths, self.block_table, self.block_size,
+                           sliding_window=sliding_window)
+                for reqs, q_lo, q_hi in plan_tiles(q_real.tolist(), lengths.tolist(), sliding_window=sliding_window)]
+        return step.tiles[sliding_window]
 
     def _ensure_blocks(self, lengths: torch.Tensor) -> None:
         """Give every row the pages its new length needs (the layers' pools grow when they next write)."""
@@ -549,11 +564,11 @@ class RotateKVCache(Cache):
 
     def _grow_rope(self, needed: int) -> None:
         """Rebuild the runtime with RoPE tables covering ``needed`` positions (doubling)."""
-        n = self.runtime.rope_cos.shape[0]
+        n = self.runtime.rope(0)[0].shape[0]
         while n < needed:
             n *= 2
-        cos, sin = _rope_tables(self._rotary, n, self.device)
-        self.runtime = dataclasses.replace(self.runtime, rope_cos=cos.cpu(), rope_sin=sin.cpu())
+        ropes = _layer_rope_tables(self.model_config, self._rotary, n, self.device)
+        self.runtime = dataclasses.replace(self.runtime, layer_ropes=ropes)
 
     def _attend(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 attention_mask: torch.Tensor | None, scaling: float, position_ids: torch.Tensor | None
@@ -612,7 +627,7 @@ class RotateKVCache(Cache):
                 paged_attention_cpu(q, pages.records, step.block_table, step.seq_lens, step.query_start_loc,
                                     spec=p.spec, scale=scaling, sinks=pages.sinks, out=out, **common, **wkw)
             elif impl == "triton":
-                key_ = (hq, p.spec.num_kv_heads, p.spec.key_rot_width, p.spec.sink_tokens)
+                key_ = (hq, p.spec.num_kv_heads, p.spec.key_rot_width, p.spec.sink_tokens, p.spec.sliding_window)
                 if key_ not in step.plans:
                     step.plans[key_] = plan_paged_attention(step.query_start_loc_cpu, step.seq_lens_cpu, spec=p.spec,
                                                             num_query_heads=hq, device=query.device)
@@ -625,8 +640,8 @@ class RotateKVCache(Cache):
                 if wkw:
                     recent = recent_window_kv(k, v, wkw["recent_prev"], step.query_start_loc, step.seq_lens,
                                               step.num_tokens, self.runtime.recent_window)
-                attend_tiles(q, pages.records, pages.sinks, step.tiles, self.runtime.cpu_tables(layer_idx),
-                             scale=scaling, output=out, recent=recent)
+                attend_tiles(q, pages.records, pages.sinks, self._tiles(step, p.spec.sliding_window),
+                             self.runtime.cpu_tables(layer_idx), scale=scaling, output=out, recent=recent)
         if step.tok is None:
             return out.view(b, t, hq, d)
         full = torch.zeros(b * t, hq, d, dtype=query.dtype, device=query.device)
@@ -663,6 +678,11 @@ def rotkv_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch
     if attention_mask is not None and attention_mask.dim() != 2:
         raise ValueError(f"attention_mask: expected the 2-D padding mask of the {ATTENTION_NAME!r} mask function, "
                          f"got {tuple(attention_mask.shape)}")
+    sw = int(kwargs.get("sliding_window") or 0)
+    if sw != cache.runtime.sliding_window(layer_idx):
+        raise ValueError(f"layer {layer_idx}: the model attends over a sliding window of {sw or 'none'}, the cache's "
+                         f"runtime (rotkv_vllm.model_support.layer_attention) has "
+                         f"{cache.runtime.sliding_window(layer_idx) or 'none'}")
     scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
     out = cache._attend(layer_idx, query, key, value, attention_mask, scale, kwargs.get("position_ids"))
     return out, None
@@ -814,19 +834,36 @@ def _rotary_module(model):
     rotary = getattr(inner, "rotary_emb", None)
     if rotary is None:
         raise ValueError(f"{type(model).__name__} has no model.rotary_emb: RotateKV re-applies the model's RoPE")
-    served_rope_parameters(getattr(model.config, "text_config", model.config))  # one RoPE for every layer, or ValueError
     return rotary
 
 
 @torch.no_grad()
-def _rope_tables(rotary, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The model's own Hugging Face-convention RoPE tables, ``fp32 [n, D]`` (its attention scaling folded in)."""
+def _rope_tables(rotary, n: int, device, layer_type: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's own Hugging Face-convention RoPE tables, ``fp32 [n, D]`` (its attention scaling folded in), of
+    ``layer_type`` for a rotary embedding that keeps one table per layer type (Gemma 3)."""
     x = torch.zeros(1, 1, dtype=torch.float32, device=device)
     pos = torch.arange(n, device=device).unsqueeze(0)
-    if "layer_type" in inspect.signature(rotary.forward).parameters:
-        # Gemma 3 keeps one table per layer type; model_support.served_rope_parameters (called when the cache is
-        # built) has refused models whose layers use different RoPE parameters, so the full-attention table is all.
-        cos, sin = rotary(x, pos, layer_type="full_attention")
+    if layer_type is not None:
+        cos, sin = rotary(x, pos, layer_type=layer_type)
     else:
         cos, sin = rotary(x, pos)
     return cos[0].to(torch.float32).contiguous(), sin[0].to(torch.float32).contiguous()
+
+
+def _layer_rope_tables(model_or_config, rotary, n: int, device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per decoder layer, its RoPE tables on the CPU (``fp32 [n, D]`` each): one table shared by every layer, or
+    with a rotary embedding that takes a ``layer_type`` (Gemma 3: local layers with their own base) the table of
+    each layer's type (``config.layer_types``), shared by the layers of that type. The same tables the
+    transformers model applies (``model_support.layer_attention`` describes the same parameters for vLLM)."""
+    cfg = getattr(model_or_config, "config", model_or_config)
+    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    n_layers = int(cfg.num_hidden_layers)
+    if "layer_type" not in inspect.signature(rotary.forward).parameters:
+        cos, sin = _rope_tables(rotary, n, device)
+        return [(cos.cpu(), sin.cpu())] * n_layers
+    types = list(getattr(cfg, "layer_types", None) or ["full_attention"] * n_layers)
+    tables = {}
+    for t in dict.fromkeys(types):
+        cos, sin = _rope_tables(rotary, n, device, layer_type=t)
+        tables[t] = (cos.cpu(), sin.cpu())
+    return [tables[t] for t in types]

@@ -18,11 +18,14 @@ the same place:
   ``position_embeddings`` (so per-layer-type bases and scaling are the model's); query scaling is the
   ``scaling`` transformers passes to the attention function; sliding windows are in the mask it passes.
 - vLLM applies bias, ``k_norm`` and RoPE in the model before its attention layer, so the backend receives the
-  post-RoPE key and undoes RoPE with the tables of :func:`served_rope_parameters` (one table for all
-  layers); the query scale is the ``scale`` vLLM gives the attention implementation. The backend attends over
-  every cached token, so a model with a sliding-window layer is refused at start-up
-  (:func:`vllm_refusal`), with the reason; so is one whose layers use different RoPE parameters (Gemma 3's
-  local layers are both).
+  post-RoPE key and undoes RoPE with each layer's own tables (:func:`layer_attention`'s ``rope_parameters``:
+  Gemma 3's local layers their base, its global layers theirs); the query scale is the ``scale`` vLLM gives the
+  attention implementation. Sliding-window layers (:func:`layer_attention`'s ``sliding_window``) get their own
+  KV-cache group from vLLM and the backend attends over their window only; the backend checks that vLLM's
+  window of each layer is this description's. :func:`vllm_refusal` refuses a window shorter than the preset's
+  full-precision recent window.
+- The transformers cache (``hf_cache``) does the same with the model's own rotary embedding per layer type and
+  the windows of :func:`layer_attention`.
 
 Families out of reach are refused everywhere with the reason (:data:`REFUSED_FAMILIES`, and the checks of
 :func:`describe_model` for MLA, ALiBi and models without RoPE). Every entry point calls :func:`describe_model`
@@ -50,7 +53,6 @@ __all__ = [
     "layer_attention",
     "pre_rope_key",
     "register_pre_rope_key_hook",
-    "served_rope_parameters",
     "vllm_refusal",
 ]
 
@@ -241,43 +243,24 @@ def layer_attention(model_or_config, layer: int) -> LayerAttention:
                           query_scale=float(scalar) ** -0.5)
 
 
-def served_rope_parameters(model_or_config) -> dict:
-    """The one RoPE parameter dict every layer uses (what the vLLM backend builds its tables from).
+def vllm_refusal(model_or_config, recent_window: int = 0) -> str | None:
+    """Why the RotateKV vLLM backend cannot serve this model with a preset whose full-precision recent window is
+    ``recent_window`` tokens (one clause), or None.
 
-    Raises:
-        ValueError: layers with different RoPE parameters (Gemma 3's local and global layers), naming them.
-    """
-    cfg = _text_config(model_or_config)
-    n = describe_model(cfg)["num_hidden_layers"]
-    per_layer = [layer_attention(cfg, i).rope_parameters for i in range(n)]
-    others = [i for i, r in enumerate(per_layer) if r != per_layer[0]]
-    if others:
-        raise ValueError(f"layers use different RoPE parameters (layer 0: {per_layer[0]}, layer {others[0]}: "
-                         f"{per_layer[others[0]]}); the RotateKV vLLM backend keeps one RoPE table for all layers")
-    return per_layer[0]
-
-
-def vllm_refusal(model_or_config) -> str | None:
-    """Why the RotateKV vLLM backend cannot serve this model (one clause), or None.
-
-    The backend attends over every cached token of a sequence with one RoPE table for all layers, so it refuses
-    sliding-window layers (Mistral with ``sliding_window`` set, Qwen with ``use_sliding_window``, Gemma 3's local
-    layers) and per-layer RoPE parameters. Families refused everywhere raise from :func:`describe_model` instead.
+    Sliding-window layers and per-layer RoPE parameters are served (each layer's window and tables from
+    :func:`layer_attention`); a window shorter than the recent window is refused (the recent window's ring holds
+    positions the layer must not see). Families refused everywhere raise from :func:`describe_model` instead.
     """
     cfg = _text_config(model_or_config)
     n = describe_model(cfg)["num_hidden_layers"]
     fam = model_family(cfg)
-    sliding = [(i, a.sliding_window) for i in range(n) if (a := layer_attention(cfg, i)).sliding_window]
-    if sliding:
-        layers = [i for i, _ in sliding]
+    short = [(i, a.sliding_window) for i in range(n)
+             if (a := layer_attention(cfg, i)).sliding_window and a.sliding_window < recent_window]
+    if short:
+        layers = [i for i, _ in short]
         shown = ", ".join(map(str, layers[:8])) + (", ..." if len(layers) > 8 else "")
         return (f"{fam.name}: {len(layers)} of {n} layers ({shown}) attend over a sliding window of "
-                f"{sliding[0][1]} tokens, and the RotateKV backend attends over every cached token (it has no "
-                "sliding-window attention)")
-    try:
-        served_rope_parameters(cfg)
-    except ValueError as e:
-        return f"{fam.name}: {e}"
+                f"{short[0][1]} tokens, shorter than the preset's full-precision recent window of {recent_window}")
     return None
 
 

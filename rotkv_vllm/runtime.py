@@ -193,8 +193,8 @@ class KernelParams:
         spec: the layer's :class:`PagedCacheSpec` (:meth:`RotateKVRuntime.paged_spec`).
         key_perm / inv_perm: ``int64 [W]`` calibrated key channel order and its inverse, or None.
         key_mean: ``fp32 [W]`` calibrated pre-RoPE key mean, or None.
-        rope_cos / rope_sin: ``fp32 [max_position, D]`` HF-convention tables (shared by all layers), or None
-            when keys are stored post-RoPE.
+        rope_cos / rope_sin: ``fp32 [max_position, D]`` HF-convention tables of the layer (shared by the layers
+            with the same RoPE parameters), or None when keys are stored post-RoPE.
     """
 
     spec: PagedCacheSpec
@@ -216,7 +216,12 @@ class RotateKVRuntime:
         key_orders: per layer, this rank's key channel order (``int64 [W]``), or None without reorder.
         key_means: per layer, this rank's pre-RoPE key mean (``fp32 [W]``), or None without center_keys.
         dtype: activation dtype (sink tokens are stored in it).
-        rope_cos / rope_sin: ``fp32 [max_position, D]`` in the HF convention, or None (pre_rope off).
+        rope_cos / rope_sin: ``fp32 [max_position, D]`` in the HF convention, or None (pre_rope off): every
+            layer's tables unless ``layer_ropes`` is given.
+        layer_ropes: per layer, its own ``(rope_cos, rope_sin)`` (Gemma 3: local layers with their base, global
+            layers with theirs; layers with the same parameters share the tensors), or None.
+        sliding_windows: per layer, its sliding window (0: none; :func:`rotkv_vllm.model_support.layer_attention`),
+            or None (no layer slides).
         tp_rank / tp_size: this rank among the tensor-parallel ranks.
         key: identifies the (model, dtype, rank) this runtime was built for.
 
@@ -232,20 +237,33 @@ class RotateKVRuntime:
     key_means: list[torch.Tensor] | None = None
     rope_cos: torch.Tensor | None = None
     rope_sin: torch.Tensor | None = None
+    layer_ropes: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+    sliding_windows: list[int] | None = None
     tp_rank: int = 0
     tp_size: int = 1
     key: tuple = ()
     _codecs: dict[int, LayerCodec] = field(default_factory=dict, init=False, repr=False)
     _specs: dict[int, PagedCacheSpec] = field(default_factory=dict, init=False, repr=False)
     _params: dict[tuple[int, str], KernelParams] = field(default_factory=dict, init=False, repr=False)
-    _device_rope: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, init=False, repr=False)
+    _device_rope: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, init=False,
+                                                                                    repr=False)
     _cpu_tables: dict[int, CpuReadTables] = field(default_factory=dict, init=False, repr=False)
-    _rope_complex: torch.Tensor | None = field(default=None, init=False, repr=False)
+    _rope_complex: dict[int, torch.Tensor] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         check_servable(self.config)
-        if self.config.pre_rope and (self.rope_cos is None or self.rope_sin is None):
-            raise ValueError("pre_rope=True needs the model's RoPE tables (rope_cos, rope_sin)")
+        if self.layer_ropes is not None:
+            if len(self.layer_ropes) != self.num_layers:
+                raise ValueError(f"{len(self.layer_ropes)} per-layer RoPE tables for {self.num_layers} layers")
+        elif self.config.pre_rope and (self.rope_cos is None or self.rope_sin is None):
+            raise ValueError("pre_rope=True needs the model's RoPE tables (rope_cos, rope_sin, or layer_ropes)")
+        if self.sliding_windows is not None:
+            if len(self.sliding_windows) != self.num_layers:
+                raise ValueError(f"{len(self.sliding_windows)} sliding windows for {self.num_layers} layers")
+            short = [i for i, w in enumerate(self.sliding_windows) if w and w < self.recent_window]
+            if short:
+                raise ValueError(f"layer {short[0]} has a sliding window of {self.sliding_windows[short[0]]} tokens, "
+                                 f"shorter than the full-precision recent window of {self.recent_window}")
         if self.key_orders is not None and len(self.key_orders) != self.num_layers:
             raise ValueError(f"{len(self.key_orders)} key orders for {self.num_layers} layers")
         if self.config.reorder and self.key_orders is None:
@@ -285,6 +303,18 @@ class RotateKVRuntime:
     def sink_tokens(self) -> int:
         return self.config.max_sink_tokens if self.config.sink_mode == "first" else 0
 
+    def sliding_window(self, layer: int) -> int:
+        """``layer``'s sliding window (0: it attends over every earlier token)."""
+        return self.sliding_windows[layer] if self.sliding_windows is not None else 0
+
+    def rope(self, layer: int) -> tuple[torch.Tensor, torch.Tensor] | tuple[None, None]:
+        """``layer``'s HF-convention ``(rope_cos, rope_sin)`` on the host, or ``(None, None)`` without pre_rope."""
+        if not self.config.pre_rope:
+            return None, None
+        if self.layer_ropes is not None:
+            return self.layer_ropes[layer]
+        return self.rope_cos, self.rope_sin
+
     @property
     def recent_window(self) -> int:
         """``R``: each query reads its last ``R`` keys in full precision (the preset's window)."""
@@ -323,6 +353,7 @@ class RotateKVRuntime:
                 key_rot_width=lay.group_width, value_rot_width=lay.head_dim if cfg.rotate_values else 1,
                 key_clip=codec.key_clip, value_clip=codec.value_clip, scale_format=cfg.scale_format,
                 record_bytes=self.record_bytes, sink_tokens=self.sink_tokens, recent_window=self.recent_window,
+                sliding_window=self.sliding_window(layer),
             )
         return self._specs[layer]
 
@@ -332,7 +363,7 @@ class RotateKVRuntime:
 
     def kernel_params(self, layer: int, device: torch.device | str) -> KernelParams:
         """``layer``'s kernel arguments on ``device``, built on first use and kept (one host-to-device copy per
-        layer and device for the whole run; the RoPE tables once per device)."""
+        layer and device for the whole run; each distinct RoPE table once per device)."""
         device = torch.device(device)
         key = (layer, str(device))
         if key not in self._params:
@@ -343,28 +374,35 @@ class RotateKVRuntime:
                 inv = torch.empty_like(perm)
                 inv[perm] = torch.arange(perm.numel(), device=device, dtype=torch.int64)
             mean = None if codec.key_mean is None else codec.key_mean.to(device, torch.float32).contiguous()
-            if self.config.pre_rope and str(device) not in self._device_rope:
-                self._device_rope[str(device)] = (self.rope_cos.to(device, torch.float32).contiguous(),
-                                                  self.rope_sin.to(device, torch.float32).contiguous())
-            cos, sin = self._device_rope[str(device)] if self.config.pre_rope else (None, None)
+            cos, sin = self.rope(layer)
+            if cos is not None:
+                rkey = (id(cos), str(device))
+                if rkey not in self._device_rope:
+                    self._device_rope[rkey] = (cos.to(device, torch.float32).contiguous(),
+                                               sin.to(device, torch.float32).contiguous())
+                cos, sin = self._device_rope[rkey]
             self._params[key] = KernelParams(spec=self.paged_spec(layer), key_perm=perm, inv_perm=inv, key_mean=mean,
                                              rope_cos=cos, rope_sin=sin)
         return self._params[key]
 
     def cpu_tables(self, layer: int) -> CpuReadTables:
         """``layer``'s read tables for the CPU attention (``rotkv_paged_tiles``): key channels come out with RoPE
-        pairs interleaved when keys are stored pre-RoPE; the complex RoPE table is shared by all layers."""
+        pairs interleaved when keys are stored pre-RoPE; a complex RoPE table is shared by the layers with the same
+        RoPE tables."""
         if layer not in self._cpu_tables:
             lay = self.layout
             p = self.kernel_params(layer, "cpu")
+            rope = None
             if self.config.pre_rope:
                 order = interleave_order(lay.num_kv_heads, lay.head_dim)
-                if self._rope_complex is None:
-                    self._rope_complex = CpuReadTables.rope_table(self.rope_cos, self.rope_sin)
+                cos, sin = self.rope(layer)
+                if id(cos) not in self._rope_complex:
+                    self._rope_complex[id(cos)] = CpuReadTables.rope_table(cos, sin)
+                rope = self._rope_complex[id(cos)]
             else:
                 order = torch.arange(lay.kv_width)
             self._cpu_tables[layer] = CpuReadTables.build(p.spec, key_perm=p.key_perm, key_mean=p.key_mean,
-                                                          channel_order=order, rope=self._rope_complex)
+                                                          channel_order=order, rope=rope)
         return self._cpu_tables[layer]
 
     # ---- construction ---------------------------------------------------------------------------
@@ -375,15 +413,17 @@ class RotateKVRuntime:
         kv_cache_dtype: str,
         *,
         dtype: torch.dtype,
-        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        rope: tuple[torch.Tensor, torch.Tensor] | list[tuple[torch.Tensor, torch.Tensor]] | None,
         tp_rank: int = 0,
         tp_size: int = 1,
         key: tuple = (),
+        sliding_windows: list[int] | None = None,
     ) -> "RotateKVRuntime":
         """Resolve a loaded calibration for ``--kv-cache-dtype kv_cache_dtype`` on one rank.
 
         The bits come from the dtype name (``rotkv2`` = 2 bits for K and V); every other setting and the
-        key channel orders come from the calibration.
+        key channel orders come from the calibration. ``rope`` is one ``(cos, sin)`` pair for every layer or a
+        list of one per layer; ``sliding_windows`` one window per layer (0: none).
 
         Raises:
             ValueError: an unknown dtype name, a config this backend cannot serve, or head groups that
@@ -399,9 +439,15 @@ class RotateKVRuntime:
         if cfg.center_keys:
             w = layout.kv_width
             means = [m.to(torch.float32)[tp_rank * w:(tp_rank + 1) * w].contiguous() for m in calibration.key_means]
-        cos, sin = rope if (rope is not None and cfg.pre_rope) else (None, None)
+        cos = sin = layer_ropes = None
+        if rope is not None and cfg.pre_rope:
+            if isinstance(rope, list):
+                layer_ropes = rope
+            else:
+                cos, sin = rope
         return cls(config=cfg, layout=layout, num_layers=n_layers, key_orders=orders, dtype=dtype, key_means=means,
-                   rope_cos=cos, rope_sin=sin, tp_rank=tp_rank, tp_size=tp_size, key=key)
+                   rope_cos=cos, rope_sin=sin, layer_ropes=layer_ropes, sliding_windows=sliding_windows,
+                   tp_rank=tp_rank, tp_size=tp_size, key=key)
 
 
 def effective_config(calibration, kv_cache_dtype: str) -> RotateKVConfig:
@@ -447,11 +493,12 @@ def check_servable(config: RotateKVConfig) -> None:
 
 def check_served_model(hf_config, kv_cache_dtype: str) -> None:
     """Raise ``ValueError`` unless the backend serves ``hf_config``'s model family (the shared list of
-    :mod:`rotkv_vllm.model_support`, and its ``vllm_refusal``: sliding windows, per-layer RoPE), with the reason
-    and ``--kv-cache-dtype auto`` as the way out."""
+    :mod:`rotkv_vllm.model_support`, and its ``vllm_refusal``: a sliding window shorter than the preset's recent
+    window), with the reason and ``--kv-cache-dtype auto`` as the way out."""
     try:
         describe_model(hf_config)
-        why = vllm_refusal(hf_config)
+        win = KV_CACHE_DTYPES[kv_cache_dtype].recent_window if kv_cache_dtype in KV_CACHE_DTYPES else 0
+        why = vllm_refusal(hf_config, win)
     except ValueError as e:
         why = str(e)
     if why is not None:

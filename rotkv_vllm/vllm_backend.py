@@ -35,6 +35,15 @@ last ``R - 1`` tokens (prefix-shared pages stay consistent; preemption recompute
 Every token is stored packed as well: a token leaving the window reads its record. The rings are counted in
 the page size, so vLLM's capacity report stays true (``R = 2`` costs one model-dtype token per page).
 
+Sliding-window layers (Gemma 3's local layers, Mistral's ``sliding_window``): vLLM puts them in their own KV-cache
+group (``SlidingWindowSpec``, customized here like any other spec, so both groups' pages have the same size) and
+frees the blocks that left every future window to its null block. Each layer's
+:class:`~rotkv_kernels.rotkv_paged.PagedCacheSpec` carries its window (``RotateKVRuntime.sliding_windows``, from
+:func:`rotkv_vllm.model_support.layer_attention`, checked against the window vLLM gives the layer); every
+implementation attends over ``t - SW < j <= t`` and starts reading at the first query's window, so no null block
+is read. Sinks leave the window like any other position; the recent window (``R <= SW``) lies inside it. Each layer
+undoes and re-applies RoPE with its own tables (Gemma 3's local base, or its global base and scaling).
+
 Every other attention read goes through the packed cache, including the tokens written in the same step, so
 prefill, chunked prefill and decode all attend over exactly what the cache holds (as the transformers
 reference in :mod:`rotkv_vllm.reference` does).
@@ -75,6 +84,7 @@ implementation) and :func:`resolve_runtime`, which reads the engine's config.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -111,7 +121,7 @@ from rotkv_kernels.rotkv_paged_triton import (
     plan_paged_attention,
 )
 from rotkv_vllm.config import DEFAULT_BLOCK_SIZE, KV_CACHE_DTYPES
-from rotkv_vllm.model_support import served_rope_parameters
+from rotkv_vllm.model_support import layer_attention
 from rotkv_vllm.runtime import (
     ATTENTION_IMPL_ENV,
     TRITON_PRECISION_ENV,  # noqa: F401  (re-exported: the backend's environment variables)
@@ -170,20 +180,31 @@ def resolve_runtime(vllm_config, kv_cache_dtype: str) -> RotateKVRuntime:
                          "with RotateKV's recent window (serve without --speculative-config)")
     calib = find_served_calibration(str(mc.model), mc.revision, hf, kv_cache_dtype)
     head_dim = calib.model_info["head_dim"]
+    # Each layer's RoPE parameters and sliding window, as model_support describes the family (Gemma 3: local
+    # layers slide and have their own base); layers with the same parameters share one table.
+    layers = [layer_attention(hf, i) for i in range(int(calib.model_info["num_hidden_layers"]))]
     rope = None
     if calib.config.pre_rope:
-        rot = get_rope(head_dim, max_position=mc.max_model_len if not hasattr(hf, "max_position_embeddings")
-                       else max(hf.max_position_embeddings, mc.max_model_len),
-                       rope_parameters=served_rope_parameters(hf), is_neox_style=True, dtype=torch.float32)
-        rope = rope_tables(rot)
+        max_pos = mc.max_model_len if not hasattr(hf, "max_position_embeddings") \
+            else max(hf.max_position_embeddings, mc.max_model_len)
+        tables: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        rope = []
+        for a in layers:
+            k = json.dumps(a.rope_parameters, sort_keys=True, default=str)
+            if k not in tables:
+                tables[k] = rope_tables(get_rope(head_dim, max_position=max_pos, rope_parameters=a.rope_parameters,
+                                                 is_neox_style=True, dtype=torch.float32))
+            rope.append(tables[k])
+    windows = [a.sliding_window or 0 for a in layers]
     rt = RotateKVRuntime.from_calibration(calib, kv_cache_dtype, dtype=mc.dtype, rope=rope,
-                                          tp_rank=tp_rank, tp_size=tp_size, key=key)
+                                          tp_rank=tp_rank, tp_size=tp_size, key=key,
+                                          sliding_windows=windows if any(windows) else None)
     logger.info(
         "rotkv: %s on rank %d/%d: %d KV heads x %d, head groups of %d, quantization group %d, K%d/V%d, "
-        "%d sink tokens, %d bytes per token record (bf16 would be %d)",
+        "%d sink tokens, %d bytes per token record (bf16 would be %d); sliding windows by layer %s",
         kv_cache_dtype, tp_rank, tp_size, rt.layout.num_kv_heads, head_dim, rt.layout.head_group_size,
         rt.layout.group_size, rt.config.key_bits, rt.config.value_bits, rt.sink_tokens, rt.record_bytes,
-        4 * rt.layout.kv_width,
+        4 * rt.layout.kv_width, windows if any(windows) else "none",
     )
     install_runtime(rt)
     return rt
@@ -227,8 +248,8 @@ class RotateKVAttentionMetadata:
     def paged_plan(self, spec: PagedCacheSpec, num_query_heads: int):
         """The fused attention's work list for this step (``rotkv_paged_triton.plan_paged_attention``), built
         by the first layer that asks and shared by the others (it depends on the step's lengths and on the
-        spec's head grouping and sink count only, which all layers share)."""
-        key = (num_query_heads, spec.num_kv_heads, spec.key_rot_width, spec.sink_tokens)
+        spec's head grouping, sink count and sliding window only, which all layers of a KV-cache group share)."""
+        key = (num_query_heads, spec.num_kv_heads, spec.key_rot_width, spec.sink_tokens, spec.sliding_window)
         if key not in self._plans:
             self._plans[key] = plan_paged_attention(self.query_start_loc_cpu, self.seq_lens_cpu, spec=spec,
                                                     num_query_heads=num_query_heads,
@@ -240,7 +261,9 @@ class RotateKVAttentionMetadata:
 # Metadata builder
 # ================================================================================================
 class RotateKVAttentionMetadataBuilder(AttentionMetadataBuilder[RotateKVAttentionMetadata]):
-    """Builds :class:`RotateKVAttentionMetadata` once per step (CPU index arithmetic, no kernels)."""
+    """Builds :class:`RotateKVAttentionMetadata` once per step and KV-cache group (CPU index arithmetic, no
+    kernels). A sliding-window group (vLLM's ``SlidingWindowSpec``: its own block tables, whose blocks before the
+    window are the null block) plans its tiles for that window; its layers' specs must carry the same window."""
 
     _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
 
@@ -255,6 +278,16 @@ class RotateKVAttentionMetadataBuilder(AttentionMetadataBuilder[RotateKVAttentio
             check_block_size(self.runtime.paged_spec(0), self.block_size)
         except ValueError as e:
             raise ValueError(f"--block-size {self.block_size}: {e}; use a larger --block-size") from None
+        self.sliding_window = int(getattr(kv_cache_spec, "sliding_window", 0) or 0)
+        from vllm.model_executor.models.utils import extract_layer_index
+
+        windowed = self.sliding_window or self.runtime.sliding_windows is not None
+        for name in layer_names if windowed else []:
+            mine = self.runtime.sliding_window(extract_layer_index(name))
+            if mine != self.sliding_window:
+                raise ValueError(f"layer {name}: vLLM gives its KV-cache group a sliding window of "
+                                 f"{self.sliding_window or 'none'}, the model's description "
+                                 f"(rotkv_vllm.model_support.layer_attention) says {mine or 'none'}")
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> RotateKVAttentionMetadata:
@@ -268,9 +301,10 @@ class RotateKVAttentionMetadataBuilder(AttentionMetadataBuilder[RotateKVAttentio
         seq = cm.seq_lens[:r].to("cpu", torch.int64)
         q_lens = qsl[1:] - qsl[:-1]
         table = cm.block_table_tensor[:r].to("cpu", torch.int64)
+        sw = self.sliding_window
         tiles = [] if self.attention_impl == "cpp" else [
-            build_tile(torch.tensor(reqs), q_lo, q_hi, qsl, q_lens, seq, table, self.block_size)
-            for reqs, q_lo, q_hi in plan_tiles(q_lens.tolist(), seq.tolist())]
+            build_tile(torch.tensor(reqs), q_lo, q_hi, qsl, q_lens, seq, table, self.block_size, sliding_window=sw)
+            for reqs, q_lo, q_hi in plan_tiles(q_lens.tolist(), seq.tolist(), sliding_window=sw)]
         slots = cm.slot_mapping[:t].to("cpu", torch.int64)
         return RotateKVAttentionMetadata(
             num_actual_tokens=t, max_query_len=cm.max_query_len, max_seq_len=cm.max_seq_len,
@@ -339,13 +373,21 @@ class RotateKVAttentionBackend(AttentionBackend):
         return attn_type == AttentionType.DECODER
 
     @classmethod
+    def supports_sliding_window(cls) -> bool:
+        """Sliding-window layers: every implementation attends over ``t - SW < j <= t`` and never reads the blocks
+        vLLM has freed before the window (``PagedCacheSpec.sliding_window``)."""
+        return True
+
+    @classmethod
     def supported_kv_cache_layouts(cls) -> tuple[KVCacheLayout, ...]:
         # One head slot per token: head-major and token-major interiors coincide.
         return (KVCacheLayout.LBHNC, KVCacheLayout.LBNHC)
 
     @classmethod
     def customize_spec(cls, spec: AttentionSpec) -> AttentionSpec:
-        """One ``C``-byte record per token (one head slot), plus each block's sink area as page padding."""
+        """One ``C``-byte record per token (one head slot), plus each block's sink area as page padding. A
+        ``SlidingWindowSpec`` keeps its type and window (``dataclasses.replace``); every layer shares ``C`` and the
+        sink area, so full-attention and sliding-window groups have the same page size."""
         rt = current_runtime()
         if spec.num_kv_heads != rt.layout.num_kv_heads or spec.head_size != rt.layout.head_dim:
             raise ValueError(
@@ -374,8 +416,6 @@ class RotateKVAttentionImpl(AttentionImpl[RotateKVAttentionMetadata]):
         problems = []
         if alibi_slopes is not None:
             problems.append("ALiBi")
-        if sliding_window is not None:
-            problems.append(f"sliding window {sliding_window}")
         if logits_soft_cap:
             problems.append("logits soft-capping")
         if attn_type != AttentionType.DECODER:
@@ -394,6 +434,7 @@ class RotateKVAttentionImpl(AttentionImpl[RotateKVAttentionMetadata]):
         self.kv_cache_dtype = kv_cache_dtype
         self.attn_type = attn_type
         self.kv_sharing_target_layer_name = None
+        self.sliding_window = int(sliding_window or 0)
         if runtime is None:
             from vllm.config import get_current_vllm_config
 
@@ -435,6 +476,11 @@ class RotateKVAttentionImpl(AttentionImpl[RotateKVAttentionMetadata]):
         builds the metadata on the cache's device, so this fails only on a misconfiguration)."""
         key = (md.attention_impl, str(kv_cache.device))
         if self._impl_checked != key:
+            mine = self.runtime.paged_spec(layer_idx).sliding_window
+            if mine != self.sliding_window:
+                raise ValueError(f"layer {layer_idx}: vLLM attends over a sliding window of {self.sliding_window or 'none'}, "
+                                 f"the model's description (rotkv_vllm.model_support.layer_attention) says "
+                                 f"{mine or 'none'}")
             check_attention_impl(md.attention_impl, kv_cache.device, [self.runtime.paged_spec(layer_idx)])
             if md.attention_impl == "triton":
                 self._check_fused_limits(self.runtime.paged_spec(layer_idx))

@@ -15,8 +15,7 @@ with a full-precision recent window, see :data:`rotkv_vllm.config.KV_CACHE_DTYPE
 2. ``STR_DTYPE_TO_TORCH_DTYPE`` (the cache tensor is ``uint8``: packed codes, scales and zeros);
 3. the attention backend registry (``ROTKV`` -> :class:`rotkv_vllm.vllm_backend.RotateKVAttentionBackend`);
 4. backend selection: a rotkv dtype always selects the RotateKV backend, after vLLM's own
-   ``validate_configuration`` checks and the platform's (:func:`platform_reasons`), so sliding-window or
-   MLA layers, or a layout the fused CUDA kernels cannot serve, fail at start-up with the reasons listed.
+   ``validate_configuration`` checks and the platform's (:func:`platform_reasons`), so MLA layers, or a layout the fused CUDA kernels cannot serve, fail at start-up with the reasons listed.
    Every platform of vLLM 0.32 picks its backend in ``platform.get_attn_backend_cls``, reached only from
    ``selector._cached_get_attn_backend``, which this plugin wraps: the CPU platform (which ignores
    ``--attention-backend``) and the CUDA platform (whose ``get_valid_backends`` walks a fixed priority list
@@ -247,7 +246,7 @@ def _select_rotkv_backend(requested: Any, cfg: Any) -> type:
 
     Raises:
         ValueError: another attention backend was requested explicitly, or the layer needs a
-            feature the RotateKV backend does not have (MLA, sliding window, sinks, ...).
+            feature the RotateKV backend does not have (MLA, learned sinks, ...).
     """
     from vllm.platforms import current_platform
     from vllm.v1.attention.backends.registry import AttentionBackendEnum
@@ -289,7 +288,7 @@ def _select_rotkv_backend(requested: Any, cfg: Any) -> type:
         raise ValueError(
             f"--kv-cache-dtype {cfg.kv_cache_dtype}: the RotateKV attention backend cannot serve this model's "
             f"attention layers ({', '.join(reasons)}). RotateKV supports decoder-only full attention with RoPE "
-            "(no MLA, no sliding window); use --kv-cache-dtype auto or fp8 for this model."
+            "and sliding windows (no MLA); use --kv-cache-dtype auto or fp8 for this model."
         )
     return backend_cls
 

@@ -8,7 +8,7 @@
 // maths are those of rotkv_kernels.rotkv_paged.paged_write_ref / paged_attention_ref.
 //
 // `layout` packs the PagedCacheSpec as ints: [H, D, key_bits, value_bits, key_group, value_group, key_rot,
-// value_rot (0/1), scale_fp8 (0/1), sink_tokens, key_bytes, value_bytes]. `key_core` / `value_core` are the
+// value_rot (0/1), scale_fp8 (0/1), sink_tokens, key_bytes, value_bytes, sliding_window (0: none)]. `key_core` / `value_core` are the
 // +-1 core matrices H_m (fp32 [m, m]) of the Hadamard orders m * 2^k (rotkv_kernels.hadamard), generated in
 // Python; the power-of-two factor runs as butterflies here.
 #include <ATen/ATen.h>
@@ -86,10 +86,11 @@ struct Layout {
   int H, D, key_bits, value_bits, key_group, value_group, key_rot;
   bool value_rot, fp8;
   int sink_tokens, key_bytes, value_bytes;
+  int64_t sliding_window;
 };
 
 Layout parse_layout(at::IntArrayRef v) {
-  TORCH_CHECK(v.size() == 12, "layout: expected 12 ints, got ", v.size());
+  TORCH_CHECK(v.size() == 13, "layout: expected 13 ints, got ", v.size());
   Layout l{};
   l.H = static_cast<int>(v[0]);
   l.D = static_cast<int>(v[1]);
@@ -103,6 +104,8 @@ Layout parse_layout(at::IntArrayRef v) {
   l.sink_tokens = static_cast<int>(v[9]);
   l.key_bytes = static_cast<int>(v[10]);
   l.value_bytes = static_cast<int>(v[11]);
+  l.sliding_window = v[12];
+  TORCH_CHECK(l.sliding_window >= 0, "layout: sliding_window=", l.sliding_window, " must be >= 0");
   const int W = l.H * l.D;
   TORCH_CHECK(l.H > 0 && l.D > 0 && l.D % 16 == 0, "layout: head_dim=", l.D, " must be a positive multiple of 16");
   TORCH_CHECK(l.key_rot > 0 && l.key_rot % l.D == 0 && W % l.key_rot == 0, "layout: bad key_rot=", l.key_rot);
@@ -227,22 +230,28 @@ void paged_attention_cpu(const at::Tensor& query, const at::Tensor& records, con
   const at::Tensor q32 = (query.narrow(0, 0, T).to(at::kFloat) * (scale * M_LOG2E)).contiguous();
 
   // ---- plan: query blocks x rotation blocks x context splits -------------------------------------------------
-  int64_t max_q = 0, max_ctx = 0;
+  // max_pos: the longest sequence (RoPE rows); max_ctx: the most context positions one item reads (with a
+  // sliding window an item starts at its first query's window, so the splits cover the window only)
+  int64_t max_q = 0, max_ctx = 0, max_pos = 0;
   for (int r = 0; r < R; ++r) {
     const int64_t ql = qslp[r + 1] - qslp[r];
     TORCH_CHECK(ql >= 0 && ql <= seqp[r], "request ", r, ": ", ql, " queries but seq_lens=", seqp[r]);
     max_q = std::max(max_q, ql);
-    if (ql > 0) max_ctx = std::max(max_ctx, seqp[r]);
+    if (ql > 0) max_pos = std::max(max_pos, seqp[r]);
   }
   // Prefill rows share the decoded keys of a tile: up to ~256 rows (query tokens x query heads) per item.
   const int64_t mq = max_q <= 1 ? 1 : std::max<int64_t>(1, 256 / per_tok);
   std::vector<WorkItem> base_items;
   for (int r = 0; r < R; ++r) {
     const int64_t ql = qslp[r + 1] - qslp[r];
-    for (int64_t t = 0; t < ql; t += mq)
+    for (int64_t t = 0; t < ql; t += mq) {
+      const int64_t first = seqp[r] - ql + t, end = seqp[r] - ql + std::min(t + mq, ql);
+      const int64_t start = ly.sliding_window ? std::max<int64_t>(0, first - ly.sliding_window + 1) : 0;
+      max_ctx = std::max(max_ctx, end - start);
       for (int rot = 0; rot < n_rot; ++rot)
         base_items.push_back(WorkItem{r, static_cast<int>(qslp[r] + t), static_cast<int>(qslp[r] + std::min(t + mq, ql)),
                                       rot, 0});
+    }
   }
   const int threads = at::get_num_threads();
   int64_t ns = num_splits;
@@ -288,6 +297,7 @@ void paged_attention_cpu(const at::Tensor& query, const at::Tensor& records, con
   P.key_bytes = ly.key_bytes;
   P.value_bytes = ly.value_bytes;
   P.sink_tokens = ly.sink_tokens;
+  P.sliding_window = ly.sliding_window;
   P.key_m = key_m;
   P.key_p = ly.key_rot / key_m;
   P.key_core = key_core.data_ptr<float>();
@@ -350,9 +360,9 @@ void paged_attention_cpu(const at::Tensor& query, const at::Tensor& records, con
   // and their version counters, so a freed-and-reused address or an in-place edit cannot match.
   at::Tensor rope_t;
   if (P.rope_cos) {
-    TORCH_CHECK(cos32.size(0) >= max_ctx, "rope_cos: ", cos32.size(0), " positions, the context needs ", max_ctx);
+    TORCH_CHECK(cos32.size(0) >= max_pos, "rope_cos: ", cos32.size(0), " positions, the context needs ", max_pos);
     const int lanes = run_isa == kAvx512 ? avx512::lanes() : run_isa == kAvx2 ? avx2::lanes() : scalar::lanes();
-    rope_t = rope_tiles(P, cos32, sin32, max_ctx, lanes, run_isa, threads);
+    rope_t = rope_tiles(P, cos32, sin32, max_pos, lanes, run_isa, threads);
     P.rope_t = rope_t.data_ptr<float>();
   }
 

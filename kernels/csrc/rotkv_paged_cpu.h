@@ -28,6 +28,9 @@ struct AttnParams {
   bool scale_fp8 = false;   // fp8 e4m3 scale + uint8 zero (else fp16 scale + fp16 zero)
   int key_bytes = 0, value_bytes = 0;
   int sink_tokens = 0;      // S (0: none)
+  // Sliding window SW (0: none): a query at position t attends keys t - SW < j <= t. An item reads no position
+  // before its first query's window (those blocks may be vLLM's null block); its splits start there.
+  int64_t sliding_window = 0;
   // Hadamard factors: width = m * p, matrix kron(H_m, H_p); cores are +-1 row-major [m, m].
   int key_m = 1, key_p = 1;
   const float* key_core = nullptr;
@@ -70,7 +73,8 @@ struct AttnParams {
   float* part_l = nullptr;    // [T, Hq, ns] sum of 2^(s - m)
   float* part_acc = nullptr;  // [T, Hq, ns, D] sum of 2^(s - m) v, in the values' rotated basis
   int num_splits = 1;
-  int64_t split_size = 0;     // context positions per split
+  int64_t split_size = 0;     // context positions per split (split s of an item starts at its context start
+                              // + s * split_size: 0, or its first query's window start)
 };
 
 // One unit of parallel work: query tokens [tok_lo, tok_hi) of request `req`, the KV heads of rotation block

@@ -275,7 +275,8 @@ inline void inverse_hadamard_tile(const AttnParams& P, bool core12, float* X) {
 // Scores of NB rows of one KV head against the tile: mean, RoPE, dot, mask.
 template <int NB>
 void score_rows(const AttnParams& P, int h, const float* Xh, const float* CT, const float* ST,
-                const float* const* q, const float* lim, const float* posf, float* S) {
+                const float* const* q, const float* lim, const float* nfirst, const float* posf,
+                const float* nposf, float* S) {
   using V = Vec;
   constexpr int N = V::N;
   const int D = P.head_dim, half = D / 2;
@@ -303,6 +304,14 @@ void score_rows(const AttnParams& P, int h, const float* Xh, const float* CT, co
     }
   }
   const typename V::F pv = V::load(posf);
+  if (nfirst) {
+    // sliding window: also -pos <= -first, i.e. pos >= the row's first key
+    const typename V::F npv = V::load(nposf);
+    for (int k = 0; k < NB; ++k)
+      V::store(S + k * N, V::mask_gt(npv, V::set1(nfirst[k]),
+                                     V::mask_gt(pv, V::set1(lim[k]), V::add(acc[k], acc2[k]))));
+    return;
+  }
   for (int k = 0; k < NB; ++k) V::store(S + k * N, V::mask_gt(pv, V::set1(lim[k]), V::add(acc[k], acc2[k])));
 }
 
@@ -371,7 +380,10 @@ void attend_item_t(const AttnParams& P, const WorkItem& w) {
   const int64_t L = P.seq_lens[r], q0 = P.query_start_loc[r];
   const int64_t first_pos = L - (P.query_start_loc[r + 1] - q0);
   const int64_t ctx_end = first_pos + (w.tok_hi - q0);
-  const int64_t lo = static_cast<int64_t>(w.split) * P.split_size;
+  // sliding window: the item's context starts at its first query's window (earlier blocks may be null blocks)
+  const int64_t ctx_start =
+      P.sliding_window ? std::max<int64_t>(0, first_pos + (w.tok_lo - q0) - P.sliding_window + 1) : 0;
+  const int64_t lo = ctx_start + static_cast<int64_t>(w.split) * P.split_size;
   const int64_t hi = std::min(lo + P.split_size, ctx_end);
   const int row_bytes = (P.key_bytes + P.value_bytes + 8 + 7) / 8 * 8;
   const int kg0 = (w.rot * rw) / P.key_group, n_kg = rw / P.key_group;
@@ -380,7 +392,8 @@ void attend_item_t(const AttnParams& P, const WorkItem& w) {
   // scratch: rows (m, l, lim, acc, q pointers), tile (records, key scales, X, cos/sin, scores, p)
   size_t off = 0;
   auto take = [&](size_t bytes) { const size_t o = off; off += align64(bytes); return o; };
-  const size_t o_m = take(R * 4), o_l = take(R * 4), o_lim = take(R * 4), o_acc = take(size_t(R) * D * 4);
+  const size_t o_m = take(R * 4), o_l = take(R * 4), o_lim = take(R * 4), o_nfirst = take(R * 4),
+               o_acc = take(size_t(R) * D * 4);
   const size_t o_tb = take(size_t(N) * row_bytes), o_ks = take(size_t(n_kg) * N * 4),
                o_kz = take(size_t(n_kg) * N * 4), o_vs = take(size_t(n_vg) * N * 4),
                o_vz = take(size_t(n_vg) * N * 4), o_x = take(size_t(rw) * N * 4),
@@ -399,6 +412,8 @@ void attend_item_t(const AttnParams& P, const WorkItem& w) {
   float* m = reinterpret_cast<float*>(base + o_m);
   float* l = reinterpret_cast<float*>(base + o_l);
   float* lim = reinterpret_cast<float*>(base + o_lim);
+  // -(first key of the row's sliding window), or null without a window
+  float* nfirst = P.sliding_window ? reinterpret_cast<float*>(base + o_nfirst) : nullptr;
   float* acc = reinterpret_cast<float*>(base + o_acc);
   uint8_t* tb = reinterpret_cast<uint8_t*>(base + o_tb);
   float* ks = reinterpret_cast<float*>(base + o_ks);
@@ -425,14 +440,16 @@ void attend_item_t(const AttnParams& P, const WorkItem& w) {
     const int64_t qpos = first_pos + (w.tok_lo + k / per_tok - q0);
     // the recent window's positions come from window_kv (below), not from the records or the sinks
     lim[k] = static_cast<float>(std::min(qpos - P.window, hi - 1));
+    if (nfirst) nfirst[k] = -static_cast<float>(qpos - P.sliding_window + 1);
   }
   std::memset(acc, 0, size_t(R) * D * 4);
 
-  if (lo < hi && w.split == 0 && S > 0) {
-    // sinks: full-precision K (post-RoPE) and V (rotated forward into the accumulators' basis)
+  if (lo < hi && w.split == 0 && S > lo) {
+    // sinks: full-precision K (post-RoPE) and V (rotated forward into the accumulators' basis); only those
+    // inside the item's context (a sliding window may have left them, and their block with them)
     const int64_t blk = P.block_table[static_cast<int64_t>(r) * P.bt_stride];
     const int64_t ns = std::min<int64_t>(S, hi);
-    for (int64_t j = 0; j < ns; ++j) {
+    for (int64_t j = lo; j < ns; ++j) {
       for (int hl = 0; hl < g; ++hl) {
         const int h = w.rot * g + hl;
         float* kk = tmp;
@@ -446,7 +463,7 @@ void attend_item_t(const AttnParams& P, const WorkItem& w) {
         for (int ti = 0; ti < nt; ++ti)
           for (int jj = 0; jj < qpk; ++jj) {
             const int k = ti * per_tok + hl * qpk + jj;
-            if (static_cast<float>(j) > lim[k]) continue;
+            if (static_cast<float>(j) > lim[k] || (nfirst && -static_cast<float>(j) > nfirst[k])) continue;
             online_softmax_one(q_row(k), kk, vv, D, m[k], l[k], acc + static_cast<size_t>(k) * D);
           }
       }
@@ -471,6 +488,7 @@ void attend_item_t(const AttnParams& P, const WorkItem& w) {
 
   alignas(64) int32_t lane_off[N];
   alignas(64) float posf[N];
+  alignas(64) float nposf[N];
   alignas(64) float okf[N];
   const float c_rot = static_cast<float>(1.0 / std::sqrt(static_cast<double>(rw)));
   const bool core12 = P.key_m == 12 && is_core12(P.key_core);
@@ -540,6 +558,7 @@ void attend_item_t(const AttnParams& P, const WorkItem& w) {
     for (int i = 0; i < N; ++i) {
       const bool ok = i >= lane_lo && i < nv;
       posf[i] = ok ? static_cast<float>(p0 + i) : std::numeric_limits<float>::max();
+      nposf[i] = -posf[i];
       okf[i] = ok ? 1.0f : 0.0f;
     }
     // scales and zeros, gathered across the tile's slots; lanes outside [lane_lo, nv) decode to exact
@@ -614,7 +633,8 @@ void attend_item_t(const AttnParams& P, const WorkItem& w) {
           const float* qs[kRowBlock];
           for (int k = 0; k < nb; ++k) qs[k] = q_row(k0 + k);
           dispatch_rows<kRowBlock>(nb, [&](auto nbc) {
-            score_rows<decltype(nbc)::value>(P, h, Xh, CTp, STp, qs, lim + k0, posf, Sc + static_cast<size_t>(k0) * N);
+            score_rows<decltype(nbc)::value>(P, h, Xh, CTp, STp, qs, lim + k0, nfirst ? nfirst + k0 : nullptr, posf,
+                                             nposf, Sc + static_cast<size_t>(k0) * N);
           });
         }
     }

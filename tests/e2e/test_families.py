@@ -10,8 +10,14 @@ text. One process (``families_engine_job.py``) then runs every family's two engi
     rotkv4  TP=1 or 2  perplexity + greedy    -> the same (ROTKV4_TP: gemma3 with its 2 KV heads split over two
                                                  ranks); greedy agreement with the unquantized model reported
 
-Start-up refusals of what the backend cannot serve (sliding windows, per-layer RoPE) are checked without an
-engine in ``tests/rotkv_vllm/test_model_support.py`` through the function the backend calls at start-up.
+Two more models run with sliding windows (test ids ``mistral-window``, ``gemma3-window``): Mistral with
+``sliding_window`` set (every layer slides) and Gemma 3 with a local layer (its own window and RoPE base next to a
+global layer), a window of ``SLIDING`` tokens in pages of 16 tokens, so that vLLM frees blocks to its null block
+during each 128-token window's chunked prefill; both dtypes on one rank. Their windows are checked to matter: the
+same weights without the window move the reference perplexity far more than the bound.
+
+Start-up refusals of what the backend cannot serve (a window shorter than the recent window) are checked without
+an engine in ``tests/rotkv_vllm/test_model_support.py`` through the function the backend calls at start-up.
 """
 
 from __future__ import annotations
@@ -100,8 +106,15 @@ def _reference_greedy(model, prompts: list[list[int]], max_new: int) -> list[lis
 # (k_norm on each rank's heads, head size 256, one query head per rank; qwen3's k_norm is the same computation;
 # a qwen2 TP=2 engine passed too, ratio 1.00000, and was dropped for time). llama's TP=2 is
 # tests/e2e/test_vllm_rotkv.py::test_tensor_parallel_two_ranks_match_one; vLLM's mistral model is its llama model.
-ROTKV4_TP = {"llama": 1, "qwen2": 1, "qwen3": 1, "gemma3": 2, "mistral": 1}
+ROTKV4_TP = {"llama": 1, "qwen2": 1, "qwen3": 1, "gemma3": 2, "mistral": 1, "mistral-window": 1, "gemma3-window": 1}
 IN_PROCESS = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+# Sliding-window variants: the family and its window. 8 tokens in 16-token pages: the second 64-token chunk of a
+# 128-token window starts at position 64, so positions 0..47 (three pages) have left every window and are freed
+# (vLLM's null block takes their place in the block table); decoding after a 24-token prompt frees a page too.
+# UNWINDOWED: the same model with a window longer than any context (the window removed, the RoPE bases kept).
+SLIDING, SLIDING_BLOCK, UNWINDOWED = 8, 16, 4096
+WINDOWED = {"mistral-window": "mistral", "gemma3-window": "gemma3"}
+VARIANTS = FAMILY_NAMES + tuple(WINDOWED)
 
 
 @pytest.fixture(scope="module")
@@ -119,9 +132,10 @@ def families(tokenizer, texts, tmp_path_factory) -> dict[str, dict]:
     ppl = {"kind": "ppl", "windows": windows}
     greedy = {"kind": "greedy", "prompts": prompts, "max_new": MAX_NEW}
     out, engines = {}, []
-    for name in FAMILY_NAMES:
+    for name in VARIANTS:
         folder = tmp_path_factory.mktemp(name)
-        model = build_family_model(name, tokenizer)
+        family = WINDOWED.get(name, name)
+        model = build_family_model(family, tokenizer, window=SLIDING if name in WINDOWED else None)
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
         cal = calibrate(model, tokenizer, serving_config(2), text=text, num_sequences=4, seq_len=128, tp_size=2,
@@ -133,6 +147,14 @@ def families(tokenizer, texts, tmp_path_factory) -> dict[str, dict]:
                      "model": model, "calibration": cal}
         base = dict(model=str(folder), enforce_eager=True, max_model_len=512, dtype="float32", seed=0,
                     enable_chunked_prefill=True, max_num_batched_tokens=64)
+        if name in WINDOWED:
+            # the same weights and RoPE without the window, for test_sliding_window_matters
+            plain = build_family_model(family, tokenizer, window=UNWINDOWED)
+            assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), plain.state_dict().values()))
+            out[name]["ref_ppl_unwindowed"] = perplexity(
+                plain, ids, window=WINDOW, calibration=cal,
+                method=KVMethod.from_config(effective_config(cal, "rotkv2"), "rotkv2"))
+            base["block_size"] = SLIDING_BLOCK
         tp = ROTKV4_TP[name]
         # vLLM's CPU workers bind OpenMP threads per rank; with one NUMA node they must be given explicitly.
         tp_env = {"VLLM_CPU_OMP_THREADS_BIND": "0|1"} if tp == 2 else IN_PROCESS
@@ -152,9 +174,21 @@ def families(tokenizer, texts, tmp_path_factory) -> dict[str, dict]:
     return out
 
 
-@pytest.fixture(params=FAMILY_NAMES)
+@pytest.fixture(params=VARIANTS)
 def family(request, families) -> dict:
     return families[request.param]
+
+
+@pytest.mark.parametrize("name", tuple(WINDOWED))
+def test_sliding_window_matters(families, name):
+    """The windowed variants' reference perplexity differs from the same model's with a window longer than any
+    context (what a backend that ignored the window computes) by far more than PPL_BOUND, so such a backend would
+    fail the ratio tests (measured: mistral 0.78, gemma3 1.16 with its one local layer)."""
+    f = families[name]
+    moved = f["ref_ppl"]["rotkv2"] / f["ref_ppl_unwindowed"]
+    print(f"\n{name}: reference rotkv2 ppl with a window of {SLIDING}: {f['ref_ppl']['rotkv2']:.2f}, without: "
+          f"{f['ref_ppl_unwindowed']:.2f} (ratio {moved:.4f})")
+    assert abs(moved - 1) > 5 * PPL_BOUND
 
 
 def _ratio_line(family: dict, dt: str, tp: int) -> float:

@@ -58,10 +58,11 @@ class Steps:
     """The scheduled requests' history: original K (post-RoPE) and V per position, block tables, and the
     tensors of each step in vLLM's conventions (tokens of a request consecutive, padding rows with slot -1)."""
 
-    def __init__(self, spec: PagedCacheSpec, seed: int = 0, num_blocks: int = 40):
+    def __init__(self, spec: PagedCacheSpec, seed: int = 0, num_blocks: int = 40,
+                 schedule: list[list[int]] = SCHEDULE):
         gen = torch.Generator().manual_seed(seed)
         self.spec, self.gen = spec, gen
-        total = [sum(c[r] for c in SCHEDULE) for r in range(len(SCHEDULE[0]))]
+        total = [sum(c[r] for c in schedule) for r in range(len(schedule[0]))]
         self.cos, self.sin = quarter_turn_tables(max(total) + 1, D, gen)
         free = torch.randperm(num_blocks, generator=gen).tolist()
         width = max(-(-n // BS) for n in total)
@@ -116,25 +117,27 @@ def _ref(spec, cache, steps, st, prev):
                                recent_key=st["key"], recent_value=st["value"], recent_prev=prev)
 
 
-def _oracle(spec, cache, steps, st) -> torch.Tensor:
-    """Dense attention with the window taken from the original K/V (never from the rings)."""
+def _oracle(spec, cache, steps, st, tables=None) -> torch.Tensor:
+    """Dense attention with the window taken from the original K/V (never from the rings), over each query's
+    sliding window when the spec has one (masked here); records read through ``tables`` (default the steps')."""
     out = torch.zeros(st["query"].shape, dtype=torch.float64)
     qsl = st["qsl"].tolist()
     rep = HQ // H
+    tables = steps.tables if tables is None else tables
     for r, length in enumerate(st["seq_lens"].tolist()):
         lo, hi = qsl[r], qsl[r + 1]
         if hi == lo:
             continue
-        k, v = _decode_context(spec, cache.records, cache.sinks, steps.tables[r], length, steps.cos, steps.sin,
+        k, v = _decode_context(spec, cache.records, cache.sinks, tables[r], length, steps.cos, steps.sin,
                                steps.perm, steps.mean)
         k, v = k.double().repeat_interleave(rep, 1), v.double().repeat_interleave(rep, 1)
         kt = steps.keys[r][:length].double().repeat_interleave(rep, 1)
         vt = steps.values[r][:length].double().repeat_interleave(rep, 1)
         for i in range(lo, hi):
             t = length - (hi - lo) + (i - lo)
-            j = torch.arange(t + 1)
+            j = torch.arange(max(0, t - spec.sliding_window + 1) if spec.sliding_window else 0, t + 1)
             fp = (j > t - spec.recent_window)[:, None, None]
-            kk, vv = torch.where(fp, kt[: t + 1], k[: t + 1]), torch.where(fp, vt[: t + 1], v[: t + 1])
+            kk, vv = torch.where(fp, kt[j], k[j]), torch.where(fp, vt[j], v[j])
             p = (torch.einsum("hd,jhd->hj", st["query"][i].double(), kk) * D ** -0.5).softmax(-1)
             out[i] = torch.einsum("hj,jhd->hd", p, vv)
     return out

@@ -24,7 +24,6 @@ from rotkv_vllm.model_support import (
     layer_attention,
     pre_rope_key,
     register_pre_rope_key_hook,
-    served_rope_parameters,
     vllm_refusal,
 )
 from rotkv_vllm.reference import KVMethod, quantized_kv
@@ -103,21 +102,34 @@ def test_pre_rope_key_is_what_the_model_rotates(name, tok):
             assert float((bare - hooked[i]).norm() / hooked[i].norm()) > 0.1
 
 
-@pytest.mark.parametrize("name", FAMILY_NAMES)
-def test_transformers_cache_agrees_with_the_reference(name, tok, calib_text):
+@pytest.mark.parametrize("name,window,impl", [pytest.param(n, None, "auto", id=n) for n in FAMILY_NAMES] + [
+    pytest.param(n, 8, impl, id=f"{n}-window" + ("-torch" if impl == "torch" else ""))
+    for n in ("mistral", "gemma3") for impl in ("auto", "torch")])
+def test_transformers_cache_agrees_with_the_reference(name, window, impl, tok, calib_text):
     """The transformers cache (``rotkv_cache``, records) and the reference (fake quantization) give the same logits
     for each family: fp32, the same calibration; measured 6e-7 relative where both read the same key, 0.4-0.9 where
-    the cache reads keys before k_norm. Bound 1e-4."""
-    model = build_family_model(name, tok)
+    the cache reads keys before k_norm. Bound 1e-4. With ``window=8`` (mistral: every layer; gemma3: its local layer
+    with its own RoPE base) the ~18-token prompt and the decode steps after it attend over the window only (the
+    cache's kernels apply it, with each layer's RoPE tables); ``impl`` covers the C++ (auto) and PyTorch paths."""
+    model = build_family_model(name, tok, window=window)
     cal = calibrate(model, tok, RotateKVConfig(sink_mode="first", max_sink_tokens=1, center_keys=True),
                     text=calib_text, num_sequences=2, seq_len=64, progress=False)
     ids = tok("The quick brown fox jumps over the lazy dog because it was bored of the same old",
               return_tensors="pt").input_ids
-    with torch.no_grad(), rotkv_cache(model, cal) as cache:  # the rotkv2 preset: recent window 4
+    nxt = torch.tensor([[11, 22, 33]])
+    with torch.no_grad(), rotkv_cache(model, cal, attention_impl=impl) as cache:  # the rotkv2 preset: window 4
         cached = model(ids, past_key_values=cache, use_cache=True).logits[0]
+        steps = [model(nxt[:, i:i + 1], past_key_values=cache, use_cache=True).logits[0, -1] for i in range(3)]
     with torch.no_grad(), quantized_kv(model, KVMethod.from_config(cache.config), cal):
         ref = model(ids).logits[0]
+        ref_steps = model(torch.cat([ids, nxt], 1)).logits[0, -3:]
     assert float((cached - ref).norm() / ref.norm()) < 1e-4
+    assert float((torch.stack(steps) - ref_steps).norm() / ref_steps.norm()) < 1e-4
+    if window is not None:  # the window matters here: the same weights without it differ by far more
+        unwindowed = build_family_model(name, tok)
+        with torch.no_grad(), quantized_kv(unwindowed, KVMethod.from_config(cache.config), cal):
+            plain = unwindowed(ids).logits[0]
+        assert float((plain - ref).norm() / ref.norm()) > 1e-2
 
 
 @pytest.mark.parametrize("name", FAMILY_NAMES)
@@ -126,7 +138,7 @@ def test_layer_attention_describes_each_family(name, tok):
     full, windowed = layer_attention(model, 0), layer_attention(build_family_model(name, tok, window=16), 0)
     assert full.sliding_window is None
     assert full.query_scale == pytest.approx(64 ** -0.5 if name == "gemma3" else 32 ** -0.5)
-    assert served_rope_parameters(model) == full.rope_parameters
+    assert layer_attention(model, 1).rope_parameters == full.rope_parameters  # one RoPE without local layers
     assert vllm_refusal(model.config) is None
     if name == "llama":
         assert full.rope_parameters["rope_type"] == "llama3" and windowed.sliding_window is None
@@ -140,29 +152,31 @@ def test_layer_attention_describes_each_family(name, tok):
 
 
 @pytest.mark.parametrize("name", ["mistral", "qwen2", "qwen3", "gemma3"])
-def test_vllm_refuses_sliding_windows_with_the_reason(name, tok):
-    """Calibration and the reference accept windows (the model's mask applies them); the vLLM backend, which
-    attends over every cached token, refuses them at start-up (``check_served_model``, called by
-    ``vllm_backend.resolve_runtime`` before anything is loaded) and names the way out."""
-    cfg = build_family_model(name, tok, window=16).config
+def test_vllm_serves_sliding_windows_and_refuses_one_shorter_than_the_recent_window(name, tok):
+    """The vLLM backend serves sliding-window layers (their own KV-cache group and window); it refuses at start-up
+    (``check_served_model``, called by ``vllm_backend.resolve_runtime`` before anything is loaded) a window shorter
+    than the preset's full-precision recent window (4 for the rotkv presets), naming the layers and the way out."""
+    check_served_model(build_family_model(name, tok, window=16).config, "rotkv2")
+    cfg = build_family_model(name, tok, window=3).config
     describe_model(cfg)
     layers = {"mistral": r"2 of 2 layers \(0, 1\)", "gemma3": r"1 of 2 layers \(0\)"}.get(name, r"1 of 2 layers \(1\)")
     with pytest.raises(ValueError, match=rf"--kv-cache-dtype rotkv2: {name}: {layers} attend over a sliding window "
-                                         r"of 16 tokens[\s\S]*--kv-cache-dtype auto"):
+                                         r"of 3 tokens, shorter than[\s\S]*--kv-cache-dtype auto"):
         check_served_model(cfg, "rotkv2")
 
 
-def test_vllm_refuses_per_layer_rope_with_the_reason(tok):
-    """Gemma 3's local layers have their own RoPE base: the backend's one RoPE table cannot serve them even where
-    their window is longer than any context (the refusal names the window first, then the RoPE)."""
+def test_per_layer_rope_is_served(tok):
+    """Gemma 3's local layers have their own RoPE base: served by vLLM (one table per layer: test_vllm_backend's
+    test_resolve_gemma3_local_layers_get_their_window_and_rope_base) even where their window is longer than any
+    context."""
     cfg = build_family_model("gemma3", tok).config
     check_served_model(cfg, "rotkv2")  # all layers global: one RoPE
     cfg.layer_types = ["full_attention", "sliding_attention"]
     cfg.sliding_window = 100_000
-    assert "sliding window of 100000 tokens" in vllm_refusal(cfg)
-    with pytest.raises(ValueError, match=r"layers use different RoPE parameters \(layer 0: .*1000000.0.*layer 1: "
-                                         r".*10000.0"):
-        served_rope_parameters(cfg)
+    assert layer_attention(cfg, 0).rope_parameters["rope_theta"] == 1e6
+    assert layer_attention(cfg, 1).rope_parameters["rope_theta"] == 1e4
+    assert vllm_refusal(cfg, 4) is None
+    check_served_model(cfg, "rotkv2")
 
 
 @pytest.mark.parametrize("model_type,extra,needle", [

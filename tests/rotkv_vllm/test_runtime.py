@@ -32,6 +32,7 @@ def test_runtime_and_the_rotkv_quantizer_import_without_vllm():
 import logging  # noqa: E402
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from rotkv_kernels import rotkv_paged_cpu  # noqa: E402
 from rotkv_kernels.rotkv_layout import PagedCacheSpec  # noqa: E402
@@ -88,3 +89,35 @@ def test_layout_outside_the_cpp_limits(fresh_warnings, monkeypatch, caplog):
         runtime.select_attention_impl("cpu", [OUTSIDE])
     with pytest.raises(ValueError, match="C.. kernels serve CPU caches only"):
         runtime.check_attention_impl("cpp", "cuda", [SERVED])
+
+
+# ---- per-layer sliding windows and RoPE tables ------------------------------------------------------------------
+def _tables(base: float, n: int = 64, d: int = 64):
+    inv = 1.0 / (base ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    f = torch.arange(n, dtype=torch.float64)[:, None] * inv[None]
+    return torch.cat([f.cos(), f.cos()], -1).float(), torch.cat([f.sin(), f.sin()], -1).float()
+
+
+def _runtime(**kw):
+    from rotkv_vllm.config import RotateKVConfig, RotateKVLayout
+
+    cfg = RotateKVConfig.for_bits(2, sink_mode="first", center_keys=False, reorder=False, recent_window=4)
+    layout = RotateKVLayout.resolve(cfg, 2, 64)
+    return runtime.RotateKVRuntime(config=cfg, layout=layout, num_layers=3, key_orders=None, dtype=torch.bfloat16,
+                                   **kw)
+
+
+def test_runtime_per_layer_windows_and_rope_tables():
+    local, glob = _tables(1e4), _tables(1e6)
+    rt = _runtime(layer_ropes=[local, glob, local], sliding_windows=[16, 0, 16])
+    assert [rt.paged_spec(i).sliding_window for i in range(3)] == [16, 0, 16]
+    assert rt.kernel_params(0, "cpu").rope_cos is rt.kernel_params(2, "cpu").rope_cos  # one copy per table
+    assert torch.equal(rt.kernel_params(1, "cpu").rope_sin, glob[1])
+    assert rt.cpu_tables(0).rope is rt.cpu_tables(2).rope and rt.cpu_tables(0).rope is not rt.cpu_tables(1).rope
+    assert torch.equal(rt.cpu_tables(1).rope.imag, glob[1][:, :32])
+    with pytest.raises(ValueError, match="shorter than the full-precision recent window of 4"):
+        _runtime(layer_ropes=[local] * 3, sliding_windows=[3, 0, 0])
+    with pytest.raises(ValueError, match="2 per-layer RoPE tables for 3 layers"):
+        _runtime(layer_ropes=[local] * 2)
+    with pytest.raises(ValueError, match="2 sliding windows for 3 layers"):
+        _runtime(layer_ropes=[local] * 3, sliding_windows=[16, 0])

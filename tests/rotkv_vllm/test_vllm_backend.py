@@ -356,11 +356,11 @@ def test_resolve_refuses_missing_calibration_with_the_command(tmp_path):
 
 
 @pytest.mark.parametrize("model_type,extra,needle", [
-    ("mistral", {"sliding_window": 128}, "sliding-window"),
+    ("mistral", {"sliding_window": 2}, "window of 2 tokens, shorter than the preset's full-precision recent window"),
     ("gemma", {}, "not supported"),
     ("gpt2", {}, "no RoPE"),
-    ("qwen2", {"use_sliding_window": True, "sliding_window": 64, "layer_types": ["sliding_attention"] * 2},
-     "sliding window of 64 tokens"),
+    ("qwen2", {"use_sliding_window": True, "sliding_window": 3, "layer_types": ["sliding_attention"] * 2},
+     "sliding window of 3 tokens"),
     ("deepseek_v3", {"kv_lora_rank": 512}, "not supported"),
 ])
 def test_resolve_refuses_unsupported_models(tmp_path, model_type, extra, needle):
@@ -402,5 +402,44 @@ def test_resolve_calibrated_folder_and_rope_tables_match_transformers(tmp_path):
     assert vb.resolve_runtime(_vllm_config(tmp_path, hf), "rotkv3") is rt  # cached per (model, dtype, rank)
     pos = torch.tensor([[0, 1, 7, 500, 1023]])
     cos, sin = LlamaRotaryEmbedding(hf)(torch.zeros(1, dtype=torch.float32), pos)
-    assert torch.allclose(rt.rope_cos[pos[0]], cos[0], atol=1e-6)
-    assert torch.allclose(rt.rope_sin[pos[0]], sin[0], atol=1e-6)
+    for layer in range(2):  # one table, shared by both layers
+        assert rt.rope(layer)[0] is rt.rope(0)[0] and rt.sliding_window(layer) == 0
+        assert torch.allclose(rt.rope(layer)[0][pos[0]], cos[0], atol=1e-6)
+        assert torch.allclose(rt.rope(layer)[1][pos[0]], sin[0], atol=1e-6)
+
+
+def test_resolve_gemma3_local_layers_get_their_window_and_rope_base(tmp_path):
+    """Gemma 3 with a local layer (layer 0: sliding window 16, RoPE base 1e4) and a global one (base 1e6, linear
+    scaling 8): the runtime's per-layer tables are the model's own rotary embedding of each layer type, and each
+    layer's kernel spec carries its window."""
+    from transformers import Gemma3TextConfig
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3RotaryEmbedding
+
+    from rotkv_vllm.calibration import save_calibration
+
+    hf = Gemma3TextConfig(vocab_size=64, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=64, query_pre_attn_scalar=64,
+                          max_position_embeddings=1024, sliding_window=16,
+                          layer_types=["sliding_attention", "full_attention"],
+                          rope_parameters={"full_attention": {"rope_type": "linear", "factor": 8.0,
+                                                              "rope_theta": 1000000.0},
+                                           "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}})
+    cal = _calibration(RotateKVConfig.for_bits(2, sink_mode="first", center_keys=False), 2, 2, 64, 2)
+    cal.model_info.update(model_type="gemma3_text", hidden_size=128, num_attention_heads=4)
+    save_calibration(cal, tmp_path)
+    hf.save_pretrained(tmp_path)
+    from vllm.config import VllmConfig, set_current_vllm_config
+
+    with set_current_vllm_config(VllmConfig()):
+        rt = vb.resolve_runtime(_vllm_config(tmp_path, hf), "rotkv2")
+    assert [rt.sliding_window(i) for i in range(2)] == [16, 0]
+    assert [rt.paged_spec(i).sliding_window for i in range(2)] == [16, 0]
+    assert rt.rope(0)[0] is not rt.rope(1)[0]
+    pos = torch.tensor([[0, 1, 7, 500, 1023]])
+    rotary = Gemma3RotaryEmbedding(hf)
+    for layer, kind in enumerate(("sliding_attention", "full_attention")):
+        cos, sin = rotary(torch.zeros(1, dtype=torch.float32), pos, layer_type=kind)
+        assert torch.allclose(rt.rope(layer)[0][pos[0]], cos[0], atol=1e-6), kind
+        assert torch.allclose(rt.rope(layer)[1][pos[0]], sin[0], atol=1e-6), kind
+        # the kernels' tables of the layer are these
+        assert torch.equal(rt.kernel_params(layer, "cpu").rope_cos, rt.rope(layer)[0])

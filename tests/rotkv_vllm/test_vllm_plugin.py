@@ -124,12 +124,17 @@ def test_selection_routes_rotkv_and_leaves_others():
 
 
 @pytest.mark.parametrize("kw,needle", [
-    ({"has_sliding_window": True}, "sliding window not supported"),
     ({"use_mla": True}, "MLA not supported"),
+    ({"has_sink": True}, "attention sinks not supported"),
 ])
 def test_selection_refuses_unsupported_layers(kw, needle):
     with pytest.raises(ValueError, match=needle):
         _select(kv_cache_dtype="rotkv3", **kw)
+
+
+def test_selection_takes_sliding_window_layers():
+    """Sliding-window layers select the RotateKV backend (their window is attended, not refused)."""
+    assert _select(kv_cache_dtype="rotkv3", has_sliding_window=True) is RotateKVAttentionBackend
 
 
 def test_selection_refuses_head_size_without_hadamard():
