@@ -7,7 +7,7 @@ text. One process (``families_engine_job.py``) then runs every family's two engi
 
     rotkv2  TP=1       perplexity + greedy    -> perplexity against the transformers reference (same config);
                                                  decode logprobs of its greedy tokens against the reference
-    rotkv4  TP=1 or 2  perplexity + greedy    -> the same (ROTKV4_TP: gemma3 with its 2 KV heads split over two
+    rotkv4  TP=1 or 2  perplexity + greedy    -> the same (ROTKV4_TP: gemma3-window with its 2 KV heads split over two
                                                  ranks); greedy agreement with the unquantized model reported
 
 Two more models run with sliding windows (test ids ``mistral-window``, ``gemma3-window``): Mistral with
@@ -102,11 +102,12 @@ def _reference_greedy(model, prompts: list[list[int]], max_new: int) -> list[lis
 
 # Which engine checks rotkv4, and on how many ranks. Every engine but a TP=2 one runs inside the job's process
 # (VLLM_ENABLE_V1_MULTIPROCESSING=0: 4-12 s a start on this machine instead of ~60 s); a TP=2 engine spawns its two
-# workers (36-90 s), so TP=2 runs for gemma3, where a family's attention meets tensor parallelism most differently
-# (k_norm on each rank's heads, head size 256, one query head per rank; qwen3's k_norm is the same computation;
-# a qwen2 TP=2 engine passed too, ratio 1.00000, and was dropped for time). llama's TP=2 is
+# workers (36-90 s), so TP=2 runs once, for gemma3 with its local layer, where a family's attention meets tensor
+# parallelism most differently (k_norm on each rank's heads, head size 256, one query head per rank, a sliding-window
+# KV-cache group with its own RoPE base beside the global one; qwen3's k_norm is the same computation; a qwen2 TP=2
+# engine passed too, ratio 1.00000, and was dropped for time). llama's TP=2 is
 # tests/e2e/test_vllm_rotkv.py::test_tensor_parallel_two_ranks_match_one; vLLM's mistral model is its llama model.
-ROTKV4_TP = {"llama": 1, "qwen2": 1, "qwen3": 1, "gemma3": 2, "mistral": 1, "mistral-window": 1, "gemma3-window": 1}
+ROTKV4_TP = {"llama": 1, "qwen2": 1, "qwen3": 1, "gemma3": 1, "mistral": 1, "mistral-window": 1, "gemma3-window": 2}
 IN_PROCESS = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
 # Sliding-window variants: the family and its window. 8 tokens in 16-token pages: the second 64-token chunk of a
 # 128-token window starts at position 64, so positions 0..47 (three pages) have left every window and are freed
