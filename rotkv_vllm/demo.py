@@ -35,8 +35,8 @@ from typing import Any
 
 from rotkv_vllm.config import RotateKVConfig
 
-__all__ = ["serving_config", "prepare_model", "VllmServer", "capacity_from_metrics", "bf16_capacity_tokens",
-           "default_calib_file", "main"]
+__all__ = ["serving_config", "prepare_model", "prepare_bundled", "VllmServer", "capacity_from_metrics",
+           "bf16_capacity_tokens", "default_calib_file", "main"]
 
 logger = logging.getLogger(__name__)
 
@@ -109,6 +109,16 @@ def prepare_model(src: str | os.PathLike, dest: str | os.PathLike, config: Rotat
     if not _calibration_matches(dest, config):
         raise RuntimeError(f"calibration of {dest} did not produce the requested config")
     return dest
+
+
+def prepare_bundled(model: str = "smollm2", config: RotateKVConfig | None = None) -> Path:
+    """The serving folder of a bundled model (``smollm2`` or ``gemma3-270m``, see
+    :mod:`rotkv_vllm.bundled_model`; converted first if needed) with a calibration for ``config`` (default
+    ``serving_config(2)``, the one every rotkv preset reads) in ``$ROTKV_CACHE/vllm/<model folder>``."""
+    from rotkv_vllm.bundled_model import cache_root, ensure_bundled
+
+    src = ensure_bundled(model)
+    return prepare_model(src, cache_root() / "vllm" / src.name, config or serving_config(2))
 
 
 # ---- the server ---------------------------------------------------------------------------------

@@ -163,3 +163,29 @@ def test_text_sources(tmp_path, tiny_llama):
         calibrate(model, tok, text_file=tmp_path / "missing.txt")
     with pytest.raises(ValueError, match="fewer than seq_len"):
         calibrate(model, tok, text="too short", seq_len=64, progress=False)
+
+
+@pytest.mark.parametrize("bos", [False, True], ids=["no-bos", "bos"])
+def test_chunks_open_with_bos_where_the_tokenizer_adds_one(tiny_llama, calib_text, bos):
+    """Served text starts with the BOS token where the tokenizer adds one (Gemma's does), so each calibration
+    chunk does too; the text tokens stay consecutive across chunks either way."""
+    import copy
+
+    model, tok = tiny_llama
+    tok = copy.deepcopy(tok)
+    tok.add_bos_token = bos
+    assert (tok("a").input_ids[0] == tok.bos_token_id) == bos
+    seen = []
+    handle = model.model.embed_tokens.register_forward_pre_hook(lambda mod, args: seen.append(args[0].clone()))
+    try:
+        calibrate(model, tok, RotateKVConfig(sink_mode="none", center_keys=False), text=calib_text,
+                  num_sequences=3, seq_len=64, progress=False)
+    finally:
+        handle.remove()
+    rows = torch.cat(seen)
+    assert rows.shape == (3, 64)
+    text_ids = tok(calib_text[:20_000], return_tensors="pt", add_special_tokens=False).input_ids[0]
+    if bos:
+        assert (rows[:, 0] == tok.bos_token_id).all()
+        rows = rows[:, 1:]
+    torch.testing.assert_close(rows.flatten(), text_ids[: rows.numel()], rtol=0, atol=0)
