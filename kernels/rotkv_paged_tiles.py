@@ -42,6 +42,7 @@ __all__ = [
     "interleave_order",
     "plan_tiles",
     "build_tile",
+    "step_tiles",
     "read_tile",
     "attend_tiles",
     "window_in_read_basis",
@@ -277,6 +278,17 @@ def build_tile(reqs: torch.Tensor, q_lo: int, q_hi: int, query_start_loc: torch.
     return AttentionTile(tok_idx=tok_idx, q_valid=q_valid, ctx_blk=ctx_blk, ctx_off=ctx_off,
                          ctx_valid=ctx_valid, mask=mask.unsqueeze(1), first_blk=block_table[reqs, 0], q_pos=q_pos,
                          ctx_start=start, sliding_window=sliding_window)
+
+
+def step_tiles(query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_table: torch.Tensor, block_size: int,
+               sliding_window: int = 0) -> list[AttentionTile]:
+    """Every tile of one step: :func:`plan_tiles` over the step's query and sequence lengths, then
+    :func:`build_tile` for each (``query_start_loc [R + 1]``, ``seq_lens [R]``, ``block_table [R, max_blocks]``,
+    int64 on the CPU)."""
+    q_lens = query_start_loc[1:] - query_start_loc[:-1]
+    return [build_tile(torch.tensor(reqs), q_lo, q_hi, query_start_loc, q_lens, seq_lens, block_table, block_size,
+                       sliding_window=sliding_window)
+            for reqs, q_lo, q_hi in plan_tiles(q_lens.tolist(), seq_lens.tolist(), sliding_window=sliding_window)]
 
 
 def read_tile(records: torch.Tensor, sinks: torch.Tensor | None, tile: AttentionTile, tables: CpuReadTables

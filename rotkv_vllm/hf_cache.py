@@ -91,7 +91,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 from rotkv_kernels.rotkv_layout import check_block_size
 from rotkv_kernels.rotkv_paged import PagedCache, alloc_paged_cache, paged_write_ref, recent_prev_ref, recent_window_kv
-from rotkv_kernels.rotkv_paged_tiles import AttentionTile, attend_tiles, build_tile, plan_tiles
+from rotkv_kernels.rotkv_paged_tiles import AttentionTile, attend_tiles, step_tiles
 from rotkv_vllm.calibration import RotateKVCalibration
 from rotkv_vllm.config import (
     DEFAULT_BLOCK_SIZE,
@@ -530,12 +530,8 @@ class RotateKVCache(Cache):
     def _tiles(self, step: _Step, sliding_window: int) -> list[AttentionTile]:
         """The step's ``"torch"`` tiles for layers with ``sliding_window`` (0: none), planned once per window."""
         if sliding_window not in step.tiles:
-            qsl, lengths = step.query_start_loc_cpu, step.seq_lens_cpu
-            q_real = qsl[1:] - qsl[:-1]
-            step.tiles[sliding_window] = [
-                build_tile(torch.tensor(reqs), q_lo, q_hi, qsl, q_real, lengths, self.block_table, self.block_size,
-                           sliding_window=sliding_window)
-                for reqs, q_lo, q_hi in plan_tiles(q_real.tolist(), lengths.tolist(), sliding_window=sliding_window)]
+            step.tiles[sliding_window] = step_tiles(step.query_start_loc_cpu, step.seq_lens_cpu, self.block_table,
+                                                    self.block_size, sliding_window=sliding_window)
         return step.tiles[sliding_window]
 
     def _ensure_blocks(self, lengths: torch.Tensor) -> None:

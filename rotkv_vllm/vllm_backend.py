@@ -55,7 +55,7 @@ engine); the maths of all lives in ``rotkv_kernels``, this module only plans the
   and ``attend`` is ``paged_attention_cpu``, one OpenMP op each per layer over vLLM's block table, sequence
   lengths and query starts (made int64 on the host once per step by the builder).
 - ``"torch"`` (the readable reference path; the CPU fallback, announced by one warning at start-up, when the
-  extension is not built): the builder plans tiles (``rotkv_paged_tiles.plan_tiles``); ``store`` is
+  extension is not built): the builder plans tiles (``rotkv_paged_tiles.step_tiles``); ``store`` is
   ``rotkv_paged.paged_write_ref`` and ``attend`` is ``rotkv_paged_tiles.attend_tiles`` (one gather, one
   dequantization and one SDPA call per tile). CPU caches only.
 - ``"triton"`` (the CUDA default): ``store`` is one ``paged_write_triton`` launch (inverse RoPE, key mean,
@@ -113,7 +113,7 @@ from rotkv_kernels.rotkv_paged import (
     token_positions,
 )
 from rotkv_kernels.rotkv_paged_cpu import paged_attention_cpu, paged_write_cpu
-from rotkv_kernels.rotkv_paged_tiles import AttentionTile, attend_tiles, build_tile, plan_tiles
+from rotkv_kernels.rotkv_paged_tiles import AttentionTile, attend_tiles, step_tiles
 from rotkv_kernels.rotkv_paged_triton import (
     check_attention_limits,
     paged_attention_triton,
@@ -299,12 +299,9 @@ class RotateKVAttentionMetadataBuilder(AttentionMetadataBuilder[RotateKVAttentio
             return self._build_fused(cm)
         qsl = cm.query_start_loc_cpu[: r + 1].to(torch.int64)
         seq = cm.seq_lens[:r].to("cpu", torch.int64)
-        q_lens = qsl[1:] - qsl[:-1]
         table = cm.block_table_tensor[:r].to("cpu", torch.int64)
-        sw = self.sliding_window
-        tiles = [] if self.attention_impl == "cpp" else [
-            build_tile(torch.tensor(reqs), q_lo, q_hi, qsl, q_lens, seq, table, self.block_size, sliding_window=sw)
-            for reqs, q_lo, q_hi in plan_tiles(q_lens.tolist(), seq.tolist(), sliding_window=sw)]
+        tiles = [] if self.attention_impl == "cpp" else step_tiles(qsl, seq, table, self.block_size,
+                                                                    sliding_window=self.sliding_window)
         slots = cm.slot_mapping[:t].to("cpu", torch.int64)
         return RotateKVAttentionMetadata(
             num_actual_tokens=t, max_query_len=cm.max_query_len, max_seq_len=cm.max_seq_len,

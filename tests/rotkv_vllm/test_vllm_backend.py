@@ -20,6 +20,7 @@ from vllm.v1.attention.backend import CommonAttentionMetadata  # noqa: E402
 from vllm.v1.kv_cache_interface import FullAttentionSpec  # noqa: E402
 
 from rotkv_kernels.rotkv_cache import record_bytes, rotate_half, rotkv_read_ref, rotkv_write_ref  # noqa: E402
+from rotkv_kernels import rotkv_paged_tiles as paged_tiles  # noqa: E402
 from rotkv_kernels.rotkv_paged import inverse_rope_ref  # noqa: E402
 from rotkv_vllm import vllm_backend as vb  # noqa: E402
 from rotkv_vllm.calibration import RotateKVCalibration  # noqa: E402
@@ -220,13 +221,18 @@ def test_mixed_steps_match_kernel_references(name, impl, monkeypatch):
 
 
 def test_tiles_split_large_requests_same_result(monkeypatch):
-    """Tiny tile budgets force query-range splitting and one request per tile; results are unchanged."""
+    """Tiny tile budgets force query-range splitting and one request per tile; results are unchanged (the
+    PyTorch path: the C++ kernels, the CPU default, plan no tiles)."""
+    monkeypatch.setenv(vb.ATTENTION_IMPL_ENV, "torch")
     rt, _ = _runtime(CONFIGS["k2v2-sinks"])
-    orig = vb.plan_tiles
-    monkeypatch.setattr(vb, "plan_tiles", lambda q, s, **kw: orig(q, s, context_budget=40, score_budget=200))
+    orig, plans = paged_tiles.plan_tiles, []  # what rotkv_paged_tiles.step_tiles, the builder's planner, calls
+    monkeypatch.setattr(paged_tiles, "plan_tiles",
+                        lambda q, s, **kw: plans.append(orig(q, s, context_budget=40, score_budget=200, **kw))
+                        or plans[-1])
     eng = Engine(rt, num_blocks=32, block_size=16)
     _check(eng, *eng.step({"a": 45, "b": 3}))
     _check(eng, *eng.step({"a": 1, "b": 30}))
+    assert plans and any(len(p) > 2 for p in plans)  # the builder planned with the tiny budgets: split tiles
 
 
 def test_plan_tiles_covers_every_query_once():
@@ -235,7 +241,7 @@ def test_plan_tiles_covers_every_query_once():
     q[::3] = [1] * len(q[::3])
     s = [qq + int(x) for qq, x in zip(q, torch.randint(0, 2000, (40,), generator=gen))]
     seen = {}
-    for reqs, lo, hi in vb.plan_tiles(q, s, context_budget=4096, score_budget=1 << 18):
+    for reqs, lo, hi in paged_tiles.plan_tiles(q, s, context_budget=4096, score_budget=1 << 18):
         big = max(s[r] for r in reqs)
         if len(reqs) > 1:
             assert len(reqs) * big <= 4096 and len(reqs) * max(q[r] for r in reqs) * big <= 1 << 18
