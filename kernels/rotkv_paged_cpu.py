@@ -39,10 +39,12 @@ ISA: AVX-512 (F/BW/VL/DQ), AVX2 + FMA, or the scalar reference, chosen once from
 ``isa=`` or ``ROTKV_CPU_ISA=avx512|avx2|scalar`` forces one (tests; asking for more than the CPU has is a
 ``ValueError``).
 
-Recent window (``spec.recent_window = R``): the write stores the records and sinks in C++ and the rings with
-``rotkv_paged.ring_write_ref``; the attention takes each query's last ``R`` positions in full precision
-(``rotkv_paged.recent_window_kv``, values rotated here into the accumulators' basis) as one more source of
-keys and values in split 0, like the sinks, and leaves those positions out of the packed tiles.
+Recent window (``spec.recent_window = R``): the write stores each token's K/V in its page's ring as well
+(``rotkv_paged.ring_write_mask``'s rule, per token); :func:`recent_prev_cpu` reads the ``R - 1`` positions before
+each request's step from the rings (``rotkv_paged.recent_prev_ref``); the attention takes each query's last ``R``
+positions in full precision, from the step's own K/V or from those, as one more source of keys and values in
+split 0, like the sinks (values rotated into the accumulators' basis once per call), and leaves those positions
+out of the packed tiles. All of it in C++: no per-layer tensor work in Python on the serving path.
 
 Sliding window (``spec.sliding_window = SW``, layout entry 13): a work item's context and its splits start at its
 first query's window (``max(0, pos - SW + 1)``), each row's scores are masked below its own first key, and the sinks
@@ -62,16 +64,14 @@ import weakref
 
 import torch
 
-from rotkv_kernels.hadamard import _core_matrix, hadamard_factors, hadamard_transform
+from rotkv_kernels.hadamard import _core_matrix, hadamard_factors
 from rotkv_kernels.rotkv_layout import (
     PagedCacheSpec,
     check_paged_attention_args,
     check_paged_write_args,
     check_perm,
     check_recent_args,
-    recent_window_kv,
 )
-from rotkv_kernels.rotkv_paged import ring_write_ref
 
 __all__ = [
     "BUILD_COMMAND",
@@ -82,6 +82,7 @@ __all__ = [
     "paged_attention_cpu",
     "paged_decode_cpu",
     "paged_write_cpu",
+    "recent_prev_cpu",
 ]
 
 logger = logging.getLogger(__name__)
@@ -167,7 +168,8 @@ def check_cpu_limits(spec: PagedCacheSpec) -> None:
 def _layout(spec: PagedCacheSpec) -> list[int]:
     return [spec.num_kv_heads, spec.head_dim, spec.key_bits, spec.value_bits, spec.key_group_size,
             spec.value_group_size, spec.key_rot_width, int(spec.value_rot_width != 1),
-            int(spec.scale_format == "fp8"), spec.sink_tokens, spec.key_bytes, spec.value_bytes, spec.sliding_window]
+            int(spec.scale_format == "fp8"), spec.sink_tokens, spec.key_bytes, spec.value_bytes, spec.sliding_window,
+            spec.recent_window]
 
 
 def _value_core(spec: PagedCacheSpec) -> torch.Tensor:
@@ -234,11 +236,10 @@ def paged_write_cpu(
     _on_cpu(records)
     check_cpu_limits(spec)
     _require()
-    torch.ops.rotkv.paged_write_cpu(key, value, slot_mapping, records, positions, sinks if spec.sink_tokens else None,
-                                    rope_cos, rope_sin, key_perm, key_mean, _core(spec.key_rot_width),
-                                    _value_core(spec), _layout(spec), float(spec.key_clip), float(spec.value_clip))
-    if spec.ring_slots:
-        ring_write_ref(key, value, slot_mapping, sinks, spec=spec, block_size=records.shape[1])
+    torch.ops.rotkv.paged_write_cpu(key, value, slot_mapping, records, positions,
+                                    sinks if spec.fp_slots else None, rope_cos, rope_sin, key_perm, key_mean,
+                                    _core(spec.key_rot_width), _value_core(spec), _layout(spec),
+                                    float(spec.key_clip), float(spec.value_clip))
 
 
 def paged_attention_cpu(
@@ -297,17 +298,32 @@ def paged_attention_cpu(
         raise ValueError(f"num_splits={num_splits!r}: must be a positive int or None")
     if seq_lens.shape[0] == 0:
         return out
-    window = None
-    if spec.recent_window:
-        window, _ = recent_window_kv(recent_key, recent_value, recent_prev, query_start_loc, seq_lens, query.shape[0],
-                                     spec.recent_window)
-        if spec.value_rot_width > 1:  # into the accumulators' basis (the kernel rotates the output back)
-            window[:, :, 1] = hadamard_transform(window[:, :, 1], block_size=spec.value_rot_width)
     torch.ops.rotkv.paged_attention_cpu(query, records, block_tables, seq_lens, query_start_loc,
                                         sinks if spec.sink_tokens else None, rope_cos, rope_sin, key_perm, key_mean,
                                         _core(spec.key_rot_width), _value_core(spec), _layout(spec), float(scale),
-                                        int(num_splits or 0), code, out, window)
+                                        int(num_splits or 0), code, out, recent_key, recent_value, recent_prev)
     return out
+
+
+def recent_prev_cpu(sinks: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
+                    query_start_loc: torch.Tensor, *, spec: PagedCacheSpec, block_size: int,
+                    before: torch.Tensor | None = None) -> torch.Tensor:
+    """C++ :func:`rotkv_paged.recent_prev_ref` (same arguments and result; CPU tensors, ``sinks`` with each slot's
+    ``[2, H, D]`` contiguous as ``paged_cache_views`` makes it). Op ``rotkv::ring_prev_cpu``.
+
+    Raises:
+        ValueError: ``spec`` has no ring slots, or ``before`` is not a previous result for the same step.
+        NotImplementedError: the extension is not built (the message names the build command).
+    """
+    if not spec.ring_slots:
+        raise ValueError(f"recent_window={spec.recent_window}: no ring slots to read")
+    want = (seq_lens.shape[0], spec.ring_slots, 2, spec.num_kv_heads, spec.head_dim)
+    if before is not None and (tuple(before.shape) != want or before.dtype != sinks.dtype):
+        raise ValueError(f"before: expected {sinks.dtype} {want} (a previous result for this step), got "
+                         f"{before.dtype} {tuple(before.shape)}")
+    _require()
+    return torch.ops.rotkv.ring_prev_cpu(sinks, block_tables, seq_lens, query_start_loc, spec.sink_tokens,
+                                         spec.ring_slots, block_size, before)
 
 
 def paged_decode_cpu(query: torch.Tensor, records: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
@@ -323,8 +339,13 @@ if _load() is None:
 
     @torch.library.register_fake("rotkv::paged_attention_cpu")
     def _(query, records, block_tables, seq_lens, query_start_loc, sinks, rope_cos, rope_sin, key_perm, key_mean,
-          key_core, value_core, layout, scale, num_splits, isa, out, window=None):
+          key_core, value_core, layout, scale, num_splits, isa, out, recent_key=None, recent_value=None,
+          recent_prev=None):
         return None
+
+    @torch.library.register_fake("rotkv::ring_prev_cpu")
+    def _(sinks, block_tables, seq_lens, query_start_loc, sink_tokens, ring_slots, block_size, before=None):
+        return sinks.new_empty((seq_lens.shape[0], ring_slots, 2, sinks.shape[3], sinks.shape[4]))
 
     @torch.library.register_fake("rotkv::paged_write_cpu")
     def _(key, value, slot_mapping, records, positions, sinks, rope_cos, rope_sin, key_perm, key_mean, key_core,

@@ -551,12 +551,15 @@ class RotateKVCache(Cache):
     def _recent_prev(self, pages: PagedCache, step: _Step, before: torch.Tensor | None = None
                      ) -> torch.Tensor | None:
         """``[B, R - 1, 2, H, D]``: the full-precision K/V of the ``R - 1`` positions before each row's step, read
-        from the rings (``rotkv_paged.recent_prev_ref``, as the vLLM backend's ``_recent_prev``); None without
-        ring slots."""
+        from the rings (``rotkv_paged.recent_prev_ref``, or ``rotkv_paged_cpu.recent_prev_cpu`` on the ``"cpu"``
+        path, as the vLLM backend's ``_recent_prev``); None without ring slots."""
         if self.runtime.ring_slots == 0:
             return None
-        return recent_prev_ref(pages.sinks, step.block_table, step.seq_lens, step.query_start_loc,
-                               spec=self.runtime.paged_spec(0), block_size=self.block_size, before=before)
+        read = recent_prev_ref
+        if self.attention_impl == "cpu":
+            from rotkv_kernels.rotkv_paged_cpu import recent_prev_cpu as read
+        return read(pages.sinks, step.block_table, step.seq_lens, step.query_start_loc,
+                    spec=self.runtime.paged_spec(0), block_size=self.block_size, before=before)
 
     def _grow_rope(self, needed: int) -> None:
         """Rebuild the runtime with RoPE tables covering ``needed`` positions (doubling)."""

@@ -112,7 +112,7 @@ from rotkv_kernels.rotkv_paged import (
     recent_window_kv,
     token_positions,
 )
-from rotkv_kernels.rotkv_paged_cpu import paged_attention_cpu, paged_write_cpu
+from rotkv_kernels.rotkv_paged_cpu import paged_attention_cpu, paged_write_cpu, recent_prev_cpu
 from rotkv_kernels.rotkv_paged_tiles import AttentionTile, attend_tiles, step_tiles
 from rotkv_kernels.rotkv_paged_triton import (
     check_attention_limits,
@@ -572,12 +572,14 @@ class RotateKVAttentionImpl(AttentionImpl[RotateKVAttentionMetadata]):
     def _recent_prev(self, kv_cache: torch.Tensor, md: RotateKVAttentionMetadata,
                      before: torch.Tensor | None = None) -> torch.Tensor | None:
         """The full-precision K/V of the ``R - 1`` positions before each request's step, read from the rings
-        (``rotkv_paged.recent_prev_ref``): called before the step's write and again after it, so the positions in
+        (``rotkv_paged.recent_prev_ref``, or its C++ twin ``recent_prev_cpu`` on the ``"cpp"`` path): called before the
+        step's write and again after it, so the positions in
         the block the step continues come from before its own ring writes and older blocks from after the
         writes of the whole step (a block another request of this step fills, reached through prefix caching).
         None without ring slots (a window of 1 reads the step's own token only)."""
         if self.runtime.ring_slots == 0:
             return None
         _, sinks = self._cache_views(kv_cache)
-        return recent_prev_ref(sinks, md.block_table, md.seq_lens, md.query_start_loc,
-                               spec=self.runtime.paged_spec(0), block_size=kv_cache.shape[2], before=before)
+        read = recent_prev_cpu if md.attention_impl == "cpp" else recent_prev_ref
+        return read(sinks, md.block_table, md.seq_lens, md.query_start_loc, spec=self.runtime.paged_spec(0),
+                    block_size=kv_cache.shape[2], before=before)

@@ -2,13 +2,15 @@
 //
 //   paged_attention_cpu(...) -> ()   fused attention over the packed pages, writes `out` [T, Hq, D]
 //   paged_write_cpu(...) -> ()       inverse RoPE, key mean, Hadamard, channel order, quantize, pack, scatter
+//   ring_prev_cpu(...) -> Tensor     the recent window's R - 1 positions before each request's step, from the rings
 //   paged_cpu_isa(int isa) -> int    the kernel that runs for a request (0 auto, 1 scalar, 2 avx2, 3 avx512)
 //
 // The Python face is rotkv_kernels.rotkv_paged_cpu (argument checks, fake implementations, docs); the
 // maths are those of rotkv_kernels.rotkv_paged.paged_write_ref / paged_attention_ref.
 //
 // `layout` packs the PagedCacheSpec as ints: [H, D, key_bits, value_bits, key_group, value_group, key_rot,
-// value_rot (0/1), scale_fp8 (0/1), sink_tokens, key_bytes, value_bytes, sliding_window (0: none)]. `key_core` / `value_core` are the
+// value_rot (0/1), scale_fp8 (0/1), sink_tokens, key_bytes, value_bytes, sliding_window (0: none), recent_window (0:
+// none)]. `key_core` / `value_core` are the
 // +-1 core matrices H_m (fp32 [m, m]) of the Hadamard orders m * 2^k (rotkv_kernels.hadamard), generated in
 // Python; the power-of-two factor runs as butterflies here.
 #include <ATen/ATen.h>
@@ -87,10 +89,12 @@ struct Layout {
   bool value_rot, fp8;
   int sink_tokens, key_bytes, value_bytes;
   int64_t sliding_window;
+  int recent_window;  // R: a page's full-precision area holds sink_tokens + R - 1 ring slots after the sinks
+  int ring_slots() const { return std::max(recent_window - 1, 0); }
 };
 
 Layout parse_layout(at::IntArrayRef v) {
-  TORCH_CHECK(v.size() == 13, "layout: expected 13 ints, got ", v.size());
+  TORCH_CHECK(v.size() == 14, "layout: expected 14 ints, got ", v.size());
   Layout l{};
   l.H = static_cast<int>(v[0]);
   l.D = static_cast<int>(v[1]);
@@ -106,6 +110,8 @@ Layout parse_layout(at::IntArrayRef v) {
   l.value_bytes = static_cast<int>(v[11]);
   l.sliding_window = v[12];
   TORCH_CHECK(l.sliding_window >= 0, "layout: sliding_window=", l.sliding_window, " must be >= 0");
+  l.recent_window = static_cast<int>(v[13]);
+  TORCH_CHECK(l.recent_window >= 0, "layout: recent_window=", l.recent_window, " must be >= 0");
   const int W = l.H * l.D;
   TORCH_CHECK(l.H > 0 && l.D > 0 && l.D % 16 == 0, "layout: head_dim=", l.D, " must be a positive multiple of 16");
   TORCH_CHECK(l.key_rot > 0 && l.key_rot % l.D == 0 && W % l.key_rot == 0, "layout: bad key_rot=", l.key_rot);
@@ -205,7 +211,8 @@ void paged_attention_cpu(const at::Tensor& query, const at::Tensor& records, con
                          const std::optional<at::Tensor>& rope_sin, const std::optional<at::Tensor>& key_perm,
                          const std::optional<at::Tensor>& key_mean, const at::Tensor& key_core,
                          const at::Tensor& value_core, at::IntArrayRef layout, double scale, int64_t num_splits,
-                         int64_t isa, at::Tensor& out, const std::optional<at::Tensor>& window) {
+                         int64_t isa, at::Tensor& out, const std::optional<at::Tensor>& recent_key,
+                         const std::optional<at::Tensor>& recent_value, const std::optional<at::Tensor>& recent_prev) {
   const Layout ly = parse_layout(layout);
   const int64_t run_isa = resolve_isa(isa);
   TORCH_CHECK(records.scalar_type() == at::kByte && records.dim() == 3 && records.stride(2) == 1,
@@ -339,14 +346,50 @@ void paged_attention_cpu(const at::Tensor& query, const at::Tensor& records, con
     mean32 = key_mean->to(at::kFloat).contiguous();
     P.key_mean = mean32.data_ptr<float>();
   }
-  at::Tensor win32;
-  if (window.has_value()) {
-    win32 = window->to(at::kFloat).contiguous();
-    TORCH_CHECK(win32.dim() == 5 && win32.size(0) >= T && win32.size(2) == 2 && win32.size(3) == ly.H &&
-                    win32.size(4) == D && win32.size(1) > 0,
-                "window: expected fp32 [>= T, R, 2, H, D]");
-    P.window_kv = win32.data_ptr<float>();
-    P.window = static_cast<int>(win32.size(1));
+  at::Tensor win_k, win_v, win_prev;
+  if (ly.recent_window > 0) {
+    const int Rw = ly.recent_window, n = ly.ring_slots();
+    TORCH_CHECK(recent_key.has_value() && recent_value.has_value(), "recent_key/recent_value: needed for recent_window=",
+                Rw);
+    const at::Tensor& rk = *recent_key;
+    const at::Tensor& rv = *recent_value;
+    TORCH_CHECK(rk.dim() == 3 && rv.dim() == 3 && rk.size(0) >= T && rv.size(0) >= T && rk.size(1) == ly.H &&
+                    rv.size(1) == ly.H && rk.size(2) == D && rv.size(2) == D,
+                "recent_key/recent_value: expected [>= T, H, D]");
+    win_k = rk.narrow(0, 0, T).to(at::kFloat).contiguous();
+    // V into the accumulators' basis (the merge rotates each output row back): a copy, rotated in place
+    win_v = at::empty({T, ly.H, D}, rv.options().dtype(at::kFloat));
+    win_v.copy_(rv.narrow(0, 0, T));
+    if (n > 0) {
+      TORCH_CHECK(recent_prev.has_value(), "recent_prev: needed for recent_window=", Rw);
+      const at::Tensor& rp = *recent_prev;
+      TORCH_CHECK(rp.dim() == 5 && rp.size(0) == R && rp.size(1) == n && rp.size(2) == 2 && rp.size(3) == ly.H &&
+                      rp.size(4) == D,
+                  "recent_prev: expected [num_reqs, R - 1, 2, H, D]");
+      win_prev = at::empty({R, n, 2, ly.H, D}, rp.options().dtype(at::kFloat));
+      win_prev.copy_(rp);
+    }
+    if (ly.value_rot) {
+      float* vrows = win_v.data_ptr<float>();
+      float* prows = win_prev.defined() ? win_prev.data_ptr<float>() : nullptr;
+      const int64_t n_step = T * ly.H, n_prev = prows ? static_cast<int64_t>(R) * n * ly.H : 0;
+      at::parallel_for(0, n_step + n_prev, 64, [&](int64_t b, int64_t e) {
+        std::vector<float> tmp(64);
+        for (int64_t i = b; i < e; ++i) {
+          // prev rows: [r, j, 1, h] of [R, n, 2, H, D]
+          float* x = i < n_step ? vrows + i * D
+                                : prows + (((i - n_step) / ly.H * 2 + 1) * ly.H + (i - n_step) % ly.H) * D;
+          hadamard_scalar(x, value_m, ly.D / value_m, value_core.data_ptr<float>(), true, tmp.data());
+        }
+      });
+    }
+    P.win_step_k = win_k.data_ptr<float>();
+    P.win_step_v = win_v.data_ptr<float>();
+    P.win_prev = win_prev.defined() ? win_prev.data_ptr<float>() : nullptr;
+    P.window = Rw;
+  } else {
+    TORCH_CHECK(!recent_key.has_value() && !recent_value.has_value() && !recent_prev.has_value(),
+                "recent_key/recent_value/recent_prev: given, but the layout's recent_window is 0");
   }
   P.part_m = pm.data_ptr<float>();
   P.part_l = pl.data_ptr<float>();
@@ -513,7 +556,10 @@ void paged_write_cpu(const at::Tensor& key, const at::Tensor& value, const at::T
   if (key_perm.has_value()) perm64 = key_perm->to(at::kLong).contiguous();
   if (key_mean.has_value()) mean32 = key_mean->to(at::kFloat).contiguous();
   const bool has_sinks = sinks.has_value() && ly.sink_tokens > 0;
+  const int n_ring = ly.ring_slots();
   TORCH_CHECK(!(rope || has_sinks) || pos.defined(), "positions: needed for RoPE and sinks");
+  TORCH_CHECK(n_ring == 0 || (sinks.has_value() && sinks->dim() == 5 && sinks->size(1) == ly.sink_tokens + n_ring),
+              "sinks: recent_window=", ly.recent_window, " needs the full-precision area [num_blocks, S + R - 1, 2, H, D]");
 
   const float* kp = k32.data_ptr<float>();
   const float* vp = v32.data_ptr<float>();
@@ -560,9 +606,14 @@ void paged_write_cpu(const at::Tensor& key, const at::Tensor& value, const at::T
       std::copy(vp + t * W, vp + (t + 1) * W, x.begin());
       encode_record(x.data(), W, ly.value_rot ? D : 1, ly.value_rot ? value_m : 1, vcore, nullptr, ly.value_bits,
                     ly.value_group, vclip, ly.fp8, dst + ly.key_bytes, tmp.data(), y.data());
-      if (has_sinks && pp[t] >= 0 && pp[t] < ly.sink_tokens) {
+      // the sink area (positions < S), and the ring slot S + off % n unless a later token of this step in the
+      // same page takes it (rotkv_paged.ring_write_mask: that token is t + n at slot + n)
+      const bool sink = has_sinks && pp[t] >= 0 && pp[t] < ly.sink_tokens;
+      const bool ring = n_ring > 0 && !(t + n_ring < T && sp[t + n_ring] == slot + n_ring && off + n_ring < bs);
+      for (int64_t fp_slot : {sink ? pp[t] : int64_t{-1}, ring ? ly.sink_tokens + off % n_ring : int64_t{-1}}) {
+        if (fp_slot < 0) continue;
         const at::Tensor& sk = *sinks;
-        const int64_t base = blk * sk.stride(0) + pp[t] * sk.stride(1);
+        const int64_t base = blk * sk.stride(0) + fp_slot * sk.stride(1);
         for (int h = 0; h < H; ++h)
           for (int i = 0; i < D; ++i) {
             const int64_t o = base + h * sk.stride(3) + i * sk.stride(4);
@@ -574,6 +625,60 @@ void paged_write_cpu(const at::Tensor& key, const at::Tensor& value, const at::T
   });
 }
 
+// ---- the recent window's positions before a step, from the rings ------------------------------------------
+
+// rotkv_paged.recent_prev_ref: entry j of request r is position p = p0 - n + j (p0 = seq_lens[r] - q_len[r]), read
+// from ring slot S + (p % bs) % n of its page; zeros where p < 0; with `before`, the positions in the page of p0
+// come from it (the step's own ring writes may have replaced them).
+at::Tensor ring_prev_cpu(const at::Tensor& sinks, const at::Tensor& block_tables, const at::Tensor& seq_lens,
+                         const at::Tensor& query_start_loc, int64_t sink_tokens, int64_t ring_slots, int64_t block_size,
+                         const std::optional<at::Tensor>& before) {
+  TORCH_CHECK(sinks.dim() == 5 && sinks.size(1) == sink_tokens + ring_slots && ring_slots > 0,
+              "sinks: expected [num_blocks, S + R - 1, 2, H, D] with R > 1");
+  TORCH_CHECK(sinks.stride(4) == 1 && sinks.stride(3) == sinks.size(4) && sinks.stride(2) == sinks.size(3) * sinks.size(4),
+              "sinks: each slot's [2, H, D] must be contiguous");
+  TORCH_CHECK(block_size > 0, "block_size=", block_size);
+  const at::Tensor qsl = query_start_loc.to(at::kLong).contiguous();
+  const at::Tensor seq = seq_lens.to(at::kLong).contiguous();
+  const at::Tensor bt = block_tables.to(at::kLong).contiguous();
+  const int64_t R = seq.size(0), n = ring_slots, H = sinks.size(3), D = sinks.size(4);
+  TORCH_CHECK(qsl.size(0) == R + 1 && bt.dim() == 2 && bt.size(0) >= R, "block_tables/query_start_loc: ", R,
+              " requests");
+  at::Tensor out = at::zeros({R, n, 2, H, D}, sinks.options());
+  if (R == 0) return out;
+  at::Tensor bef;
+  if (before.has_value()) {
+    bef = before->contiguous();
+    TORCH_CHECK(bef.sizes() == out.sizes() && bef.scalar_type() == out.scalar_type(),
+                "before: expected the result of a previous call for the same step");
+  }
+  const int64_t* qslp = qsl.data_ptr<int64_t>();
+  const int64_t* seqp = seq.data_ptr<int64_t>();
+  const int64_t* btp = bt.data_ptr<int64_t>();
+  const int64_t bw = bt.size(1), esz = sinks.element_size(), row = 2 * H * D * esz;
+  const char* src = static_cast<const char*>(sinks.data_ptr());
+  const char* bsrc = bef.defined() ? static_cast<const char*>(bef.data_ptr()) : nullptr;
+  char* dst = static_cast<char*>(out.data_ptr());
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t p0 = seqp[r] - (qslp[r + 1] - qslp[r]);
+    for (int64_t j = 0; j < n; ++j) {
+      const int64_t p = p0 - n + j;
+      if (p < 0) continue;
+      char* d = dst + (r * n + j) * row;
+      if (bsrc && p / block_size == p0 / block_size) {
+        std::memcpy(d, bsrc + (r * n + j) * row, row);
+        continue;
+      }
+      const int64_t bi = p / block_size;
+      TORCH_CHECK(bi < bw, "request ", r, ": position ", p, " is past its block table");
+      const int64_t blk = btp[r * bw + bi];
+      std::memcpy(d, src + (blk * sinks.stride(0) + (sink_tokens + (p % block_size) % n) * sinks.stride(1)) * esz,
+                  row);
+    }
+  }
+  return out;
+}
+
 }  // namespace
 }  // namespace rotkv_cpu
 
@@ -582,15 +687,19 @@ TORCH_LIBRARY_FRAGMENT(rotkv, m) {
       "paged_attention_cpu(Tensor query, Tensor records, Tensor block_tables, Tensor seq_lens, "
       "Tensor query_start_loc, Tensor? sinks, Tensor? rope_cos, Tensor? rope_sin, Tensor? key_perm, "
       "Tensor? key_mean, Tensor key_core, Tensor value_core, int[] layout, float scale, int num_splits, "
-      "int isa, Tensor(a!) out, Tensor? window=None) -> ()");
+      "int isa, Tensor(a!) out, Tensor? recent_key=None, Tensor? recent_value=None, Tensor? recent_prev=None) -> ()");
   m.def(
       "paged_write_cpu(Tensor key, Tensor value, Tensor slot_mapping, Tensor(a!) records, Tensor? positions, "
       "Tensor(b!)? sinks, Tensor? rope_cos, Tensor? rope_sin, Tensor? key_perm, Tensor? key_mean, "
       "Tensor key_core, Tensor value_core, int[] layout, float key_clip, float value_clip) -> ()");
+  m.def(
+      "ring_prev_cpu(Tensor sinks, Tensor block_tables, Tensor seq_lens, Tensor query_start_loc, int sink_tokens, "
+      "int ring_slots, int block_size, Tensor? before=None) -> Tensor");
   m.def("paged_cpu_isa(int isa) -> int", &rotkv_cpu::paged_cpu_isa);
 }
 
 TORCH_LIBRARY_IMPL(rotkv, CPU, m) {
   m.impl("paged_attention_cpu", &rotkv_cpu::paged_attention_cpu);
   m.impl("paged_write_cpu", &rotkv_cpu::paged_write_cpu);
+  m.impl("ring_prev_cpu", &rotkv_cpu::ring_prev_cpu);
 }

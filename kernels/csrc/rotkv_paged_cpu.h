@@ -62,10 +62,14 @@ struct AttnParams {
   int rope_width = 0;
   const int64_t* key_perm = nullptr;  // stored channel i holds natural channel key_perm[i]; or null
   const float* key_mean = nullptr;    // fp32 [W] pre-RoPE key mean (natural order); or null
-  // Recent window: each query reads its last `window` positions from here in full precision instead of the
-  // records: fp32 [T, window, 2, H, D] contiguous, entry i of a query at position p is position p - window + 1 + i
-  // (K post-RoPE, V already rotated into the accumulators' basis); or null (window 0).
-  const float* window_kv = nullptr;
+  // Recent window R = `window` (0: none): each query at position p reads positions p - R + 1 .. p in full precision
+  // instead of their records. Of request r (step positions p0 = L - q_len .. L - 1, rows q0 .. of the step):
+  // position j >= p0 is row q0 + j - p0 of win_step_k / win_step_v (fp32 [T, H, D] contiguous: K post-RoPE,
+  // V already rotated into the accumulators' basis); j < p0 is entry j - p0 + R - 1 of win_prev (fp32
+  // [num_reqs, R - 1, 2, H, D] contiguous, V rotated likewise; null when R = 1).
+  const float* win_step_k = nullptr;
+  const float* win_step_v = nullptr;
+  const float* win_prev = nullptr;
   int window = 0;
 
   // ---- partial results, one per (token, query head, split) ------------------------------------------------

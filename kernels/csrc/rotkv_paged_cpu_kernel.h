@@ -472,15 +472,25 @@ void attend_item_t(const AttnParams& P, const WorkItem& w) {
 
   if (w.split == 0 && P.window > 0) {
     // recent window: full-precision K (post-RoPE) and V (already in the accumulators' basis) of each query's
-    // last `window` positions, like the sinks
+    // last `window` positions, like the sinks: the step's own rows, or the ring entries before the step
+    const int64_t hoff = static_cast<int64_t>(w.rot * g) * D;
     for (int k = 0; k < R; ++k) {
       const int ti = k / per_tok, hl = (k % per_tok) / qpk;
       const int64_t tok = w.tok_lo + ti, qpos = first_pos + (tok - q0);
       const float* q = q_row(k);
       for (int i = 0; i < P.window; ++i) {
-        if (qpos - P.window + 1 + i < 0) continue;
-        const float* kk = P.window_kv + ((tok * P.window + i) * 2 * H + (w.rot * g + hl)) * D;
-        const float* vv = kk + static_cast<int64_t>(H) * D;
+        const int64_t j = qpos - P.window + 1 + i;
+        if (j < 0) continue;
+        const float *kk, *vv;
+        if (j >= first_pos) {
+          const int64_t row = (q0 + j - first_pos) * W + hoff + static_cast<int64_t>(hl) * D;
+          kk = P.win_step_k + row;
+          vv = P.win_step_v + row;
+        } else {
+          kk = P.win_prev + ((static_cast<int64_t>(r) * (P.window - 1) + (j - first_pos + P.window - 1)) * 2 * W) +
+               hoff + static_cast<int64_t>(hl) * D;
+          vv = kk + W;
+        }
         online_softmax_one(q, kk, vv, D, m[k], l[k], acc + static_cast<size_t>(k) * D);
       }
     }

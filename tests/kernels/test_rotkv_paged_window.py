@@ -97,16 +97,16 @@ class Steps:
         )
 
 
-def _write(spec, cache, steps: Steps, st: dict, write=paged_write_ref):
-    """``recent_prev_ref`` before and after the step's write, as the vLLM backend calls them."""
+def _write(spec, cache, steps: Steps, st: dict, write=paged_write_ref, read=recent_prev_ref):
+    """``read`` (``recent_prev_ref`` or a kernel's twin) before and after the step's write, as the vLLM backend
+    calls them."""
     before = None
     if spec.ring_slots:
-        before = recent_prev_ref(cache.sinks, steps.tables, st["seq_lens"], st["qsl"], spec=spec, block_size=BS)
+        before = read(cache.sinks, steps.tables, st["seq_lens"], st["qsl"], spec=spec, block_size=BS)
     write(st["key"], st["value"], st["slots"], cache.records, spec=spec, positions=st["positions"], sinks=cache.sinks,
           rope_cos=steps.cos, rope_sin=steps.sin, key_perm=steps.perm, key_mean=steps.mean)
     if spec.ring_slots:
-        return recent_prev_ref(cache.sinks, steps.tables, st["seq_lens"], st["qsl"], spec=spec, block_size=BS,
-                               before=before)
+        return read(cache.sinks, steps.tables, st["seq_lens"], st["qsl"], spec=spec, block_size=BS, before=before)
     return None
 
 
@@ -172,7 +172,19 @@ def test_ring_write_mask_keeps_the_last_writer_of_each_slot():
     assert m.tolist() == [False] * 7 + [True] * 3 + [True, True, False]
 
 
-def test_prev_gather_reads_own_block_before_and_older_blocks_after_the_write():
+def _prev_reader(impl: str):
+    if impl == "ref":
+        return recent_prev_ref
+    from rotkv_kernels.rotkv_paged_cpu import cpu_kernels_status, recent_prev_cpu
+
+    if cpu_kernels_status() is not None:
+        pytest.fail(f"the C++ CPU kernels are not built: {cpu_kernels_status()}")
+    return recent_prev_cpu
+
+
+@pytest.mark.parametrize("impl", ["ref", "cpp"])
+def test_prev_gather_reads_own_block_before_and_older_blocks_after_the_write(impl):
+    recent_prev = _prev_reader(impl)
     spec = _spec(4, sinks=0)
     cache = alloc_paged_cache(spec, 4, BS, torch.float32, fill=0)
     tables = torch.tensor([[2, 3]], dtype=torch.int32)
@@ -180,11 +192,11 @@ def test_prev_gather_reads_own_block_before_and_older_blocks_after_the_write():
     seq, qsl = torch.tensor([20], dtype=torch.int32), torch.tensor([0, 3], dtype=torch.int32)
     cache.sinks[2, :, 0] = torch.arange(3.0).view(3, 1, 1)  # ring of block 0 (= physical 2): slot o % 3
     cache.sinks[3, :, 0] = 10 + torch.arange(3.0).view(3, 1, 1)
-    before = recent_prev_ref(cache.sinks, tables, seq, qsl, spec=spec, block_size=BS)
+    before = recent_prev(cache.sinks, tables, seq, qsl, spec=spec, block_size=BS)
     cache.sinks.zero_()
     cache.sinks[2, :, 0] = 100.0
     cache.sinks[3, :, 0] = 200.0
-    got = recent_prev_ref(cache.sinks, tables, seq, qsl, spec=spec, block_size=BS, before=before)[0, :, 0, 0, 0]
+    got = recent_prev(cache.sinks, tables, seq, qsl, spec=spec, block_size=BS, before=before)[0, :, 0, 0, 0]
     assert got.tolist() == [100.0, 100.0, 10.0 + (16 % BS) % 3]
 
 
@@ -260,7 +272,7 @@ def _on_device(steps: Steps, dev) -> Steps:
 
 @pytest.mark.parametrize("window", [1, 4])
 def test_cpp_write_and_attention_match_reference_with_window(window):
-    from rotkv_kernels.rotkv_paged_cpu import cpu_kernels_status, paged_attention_cpu, paged_write_cpu
+    from rotkv_kernels.rotkv_paged_cpu import cpu_kernels_status, paged_attention_cpu, paged_write_cpu, recent_prev_cpu
 
     if cpu_kernels_status() is not None:
         pytest.fail(f"the C++ CPU kernels are not built: {cpu_kernels_status()}")
@@ -271,7 +283,7 @@ def test_cpp_write_and_attention_match_reference_with_window(window):
     for chunks in SCHEDULE:
         st = steps.step(chunks)
         prev_ref = _write(spec, ref_cache, steps, st)
-        prev = _write(spec, cache, steps, st, write=paged_write_cpu)
+        prev = _write(spec, cache, steps, st, write=paged_write_cpu, read=recent_prev_cpu)
         # The full-precision area (sinks and rings) is copied as given: identical bytes.
         torch.testing.assert_close(cache.sinks, ref_cache.sinks, rtol=0, atol=0, equal_nan=True)
         if prev is not None:
