@@ -67,6 +67,8 @@ import torch
 from rotkv_kernels.hadamard import _core_matrix, hadamard_factors
 from rotkv_kernels.rotkv_layout import (
     PagedCacheSpec,
+    _check_key_params,
+    _check_rope,
     check_paged_attention_args,
     check_paged_write_args,
     check_perm,
@@ -75,6 +77,7 @@ from rotkv_kernels.rotkv_layout import (
 
 __all__ = [
     "BUILD_COMMAND",
+    "CpuLayerKernels",
     "ISAS",
     "cpu_kernels_available",
     "cpu_kernels_status",
@@ -331,6 +334,73 @@ def paged_decode_cpu(query: torch.Tensor, records: torch.Tensor, block_tables: t
     """Decode (one query per sequence, ``query [B, Hq, D]``): :func:`paged_attention_cpu` with ``q_len = 1``."""
     qsl = torch.arange(seq_lens.shape[0] + 1, dtype=torch.int32)
     return paged_attention_cpu(query, records, block_tables, seq_lens, qsl, spec=spec, scale=scale, **kw)
+
+
+class CpuLayerKernels:
+    """One layer's C++ ops (write, ring reads, attention) with the layer's constants checked once.
+
+    The serving path calls three or four ops per layer and step. :func:`paged_write_cpu`, :func:`recent_prev_cpu`
+    and :func:`paged_attention_cpu` check every argument in Python on every call (about 0.1 ms per layer on 2 cores:
+    3 ms of a 30-layer model's decode step); here the layer's spec, key order, key mean and RoPE tables are checked
+    once, by the same checks, when the object is made, and each step's tensors only by the ops (shapes, dtypes and
+    index bounds: ``RuntimeError``). For callers that build the step's tensors themselves (the vLLM backend's
+    metadata builder); the functions above stay the checked public entry points, with the same maths.
+
+    Args:
+        spec: the layer's layout; ``scale``: the attention's softmax scale.
+        rope_cos, rope_sin, key_perm, key_mean: as for :func:`paged_attention_cpu` (CPU tensors).
+        isa: as for :func:`paged_attention_cpu`.
+    Raises:
+        ValueError: what the checked functions raise for these arguments.
+        NotImplementedError: the extension is not built.
+    """
+
+    def __init__(self, spec: PagedCacheSpec, *, scale: float, rope_cos: torch.Tensor | None = None,
+                 rope_sin: torch.Tensor | None = None, key_perm: torch.Tensor | None = None,
+                 key_mean: torch.Tensor | None = None, isa: str | None = None) -> None:
+        _require()
+        if not isinstance(spec, PagedCacheSpec):
+            raise ValueError(f"spec: expected a PagedCacheSpec, got {type(spec).__name__}")
+        if not isinstance(scale, (int, float)) or not scale > 0:
+            raise ValueError(f"scale={scale!r}: must be a positive float (usually head_dim ** -0.5)")
+        cpu = torch.device("cpu")
+        _check_rope(rope_cos, rope_sin, spec.head_dim, cpu)
+        _check_key_params(spec, key_perm, key_mean, cpu)
+        check_cpu_limits(spec)
+        self.spec, self.scale = spec, float(scale)
+        self.rope_cos, self.rope_sin, self.key_perm, self.key_mean = rope_cos, rope_sin, key_perm, key_mean
+        self._isa = _isa_code(isa)
+        self._layout = _layout(spec)
+        self._key_core, self._value_core = _core(spec.key_rot_width), _value_core(spec)
+        self._clips = (float(spec.key_clip), float(spec.value_clip))
+
+    def write(self, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor, positions: torch.Tensor,
+              records: torch.Tensor, sinks: torch.Tensor | None) -> None:
+        """:func:`paged_write_cpu` with this layer's constants."""
+        torch.ops.rotkv.paged_write_cpu(key, value, slot_mapping, records, positions,
+                                        sinks if self.spec.fp_slots else None, self.rope_cos, self.rope_sin,
+                                        self.key_perm, self.key_mean, self._key_core, self._value_core, self._layout,
+                                        *self._clips)
+
+    def recent_prev(self, sinks: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
+                    query_start_loc: torch.Tensor, block_size: int, before: torch.Tensor | None = None
+                    ) -> torch.Tensor:
+        """:func:`recent_prev_cpu` (the spec must have ring slots)."""
+        return torch.ops.rotkv.ring_prev_cpu(sinks, block_tables, seq_lens, query_start_loc, self.spec.sink_tokens,
+                                             self.spec.ring_slots, block_size, before)
+
+    def attend(self, query: torch.Tensor, records: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
+               query_start_loc: torch.Tensor, sinks: torch.Tensor | None, out: torch.Tensor,
+               recent_key: torch.Tensor | None = None, recent_value: torch.Tensor | None = None,
+               recent_prev: torch.Tensor | None = None) -> torch.Tensor:
+        """:func:`paged_attention_cpu` into ``out`` (``[T, Hq, D]``, any float dtype) with this layer's constants."""
+        if seq_lens.shape[0]:
+            torch.ops.rotkv.paged_attention_cpu(query, records, block_tables, seq_lens, query_start_loc,
+                                                sinks if self.spec.sink_tokens else None, self.rope_cos,
+                                                self.rope_sin, self.key_perm, self.key_mean, self._key_core,
+                                                self._value_core, self._layout, self.scale, 0, self._isa, out,
+                                                recent_key, recent_value, recent_prev)
+        return out
 
 
 # ---- fake implementations (torch.compile / vLLM graphs: the ops only write their outputs in place) ----------

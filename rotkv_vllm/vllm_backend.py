@@ -53,7 +53,10 @@ engine); the maths of all lives in ``rotkv_kernels``, this module only plans the
 
 - ``"cpp"`` (the CPU default when ``scripts/setup.sh`` built the extension): ``store`` is ``paged_write_cpu``
   and ``attend`` is ``paged_attention_cpu``, one OpenMP op each per layer over vLLM's block table, sequence
-  lengths and query starts (made int64 on the host once per step by the builder).
+  lengths and query starts (made int64 on the host once per step by the builder); with the recent window two
+  ``recent_prev_cpu`` reads of the rings around the write. ``forward`` calls them through the layer's
+  ``CpuLayerKernels`` (its constants checked once, not per step: the per-call Python checks cost more than a
+  short decode's attention).
 - ``"torch"`` (the readable reference path; the CPU fallback, announced by one warning at start-up, when the
   extension is not built): the builder plans tiles (``rotkv_paged_tiles.step_tiles``); ``store`` is
   ``rotkv_paged.paged_write_ref`` and ``attend`` is ``rotkv_paged_tiles.attend_tiles`` (one gather, one
@@ -112,7 +115,7 @@ from rotkv_kernels.rotkv_paged import (
     recent_window_kv,
     token_positions,
 )
-from rotkv_kernels.rotkv_paged_cpu import paged_attention_cpu, paged_write_cpu, recent_prev_cpu
+from rotkv_kernels.rotkv_paged_cpu import CpuLayerKernels, paged_attention_cpu, paged_write_cpu, recent_prev_cpu
 from rotkv_kernels.rotkv_paged_tiles import AttentionTile, attend_tiles, step_tiles
 from rotkv_kernels.rotkv_paged_triton import (
     check_attention_limits,
@@ -445,6 +448,7 @@ class RotateKVAttentionImpl(AttentionImpl[RotateKVAttentionMetadata]):
                 f"{runtime.tp_size}); recalibrate for this model and tensor-parallel size"
             )
         self._layer: int | None = None
+        self._cpu_ops: CpuLayerKernels | None = None
         self._views: tuple[int, torch.Tensor, torch.Tensor | None] | None = None
         self.triton_precision = triton_precision()
         self._impl_checked: tuple[str, str] | None = None
@@ -557,6 +561,9 @@ class RotateKVAttentionImpl(AttentionImpl[RotateKVAttentionMetadata]):
         layer_idx = self._layer_index(layer)
         self._check_impl(layer_idx, kv_cache, attn_metadata)
         t = attn_metadata.num_actual_tokens
+        if attn_metadata.attention_impl == "cpp" and key is not None and value is not None:
+            self._forward_cpp(layer_idx, query[:t], key[:t], value[:t], kv_cache, attn_metadata, output)
+            return output
         window = None
         if self.runtime.recent_window:
             if key is None or value is None:
@@ -568,6 +575,27 @@ class RotateKVAttentionImpl(AttentionImpl[RotateKVAttentionMetadata]):
             self.store(layer_idx, key[:t], value[:t], kv_cache, attn_metadata)
         self.attend(layer_idx, query[:t], kv_cache, attn_metadata, output, window)
         return output
+
+    def _forward_cpp(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     kv_cache: torch.Tensor, md: RotateKVAttentionMetadata, output: torch.Tensor) -> None:
+        """:meth:`forward` on the ``"cpp"`` path: the same calls as ``store`` / ``_recent_prev`` / ``attend``
+        through the layer's :class:`CpuLayerKernels` (made on first use)."""
+        ops = self._cpu_ops
+        if ops is None:
+            p = self.runtime.kernel_params(layer_idx, "cpu")
+            ops = self._cpu_ops = CpuLayerKernels(p.spec, scale=self.scale, rope_cos=p.rope_cos, rope_sin=p.rope_sin,
+                                                  key_perm=p.key_perm, key_mean=p.key_mean)
+        records, sinks = self._cache_views(kv_cache)
+        bs = kv_cache.shape[2]
+        ring = ops.spec.ring_slots > 0
+        before = ops.recent_prev(sinks, md.block_table, md.seq_lens, md.query_start_loc, bs) if ring else None
+        ops.write(key, value, md.slot_mapping, md.positions, records, sinks)
+        window = {}
+        if ops.spec.recent_window:
+            prev = ops.recent_prev(sinks, md.block_table, md.seq_lens, md.query_start_loc, bs, before) if ring else None
+            window = dict(recent_key=key, recent_value=value, recent_prev=prev)
+        ops.attend(query, records, md.block_table, md.seq_lens, md.query_start_loc, sinks, output[: query.shape[0]],
+                   **window)
 
     def _recent_prev(self, kv_cache: torch.Tensor, md: RotateKVAttentionMetadata,
                      before: torch.Tensor | None = None) -> torch.Tensor | None:

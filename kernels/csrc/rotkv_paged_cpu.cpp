@@ -573,6 +573,20 @@ void paged_write_cpu(const at::Tensor& key, const at::Tensor& value, const at::T
   uint8_t* rec = records.data_ptr<uint8_t>();
   const int64_t bs = records.size(1), s0 = records.stride(0), s1 = records.stride(1);
   const float kclip = static_cast<float>(key_clip), vclip = static_cast<float>(value_clip);
+  TORCH_CHECK(key.dim() == 3 && value.dim() == 3 && key.size(1) == H && key.size(2) == D && value.size(1) == H &&
+                  value.size(2) == D,
+              "key/value: expected [T, ", H, ", ", D, "]");
+  TORCH_CHECK(slots.size(0) == T && v32.size(0) == T && (!pp || pos.size(0) == T),
+              "slot_mapping/value/positions: expected ", T, " tokens like key");
+  // bounds of what the tokens index (a bad slot or position would write or read outside the cache / tables)
+  for (int64_t t = 0; t < T; ++t) {
+    TORCH_CHECK(sp[t] < records.size(0) * bs, "slot_mapping[", t, "]=", sp[t], " is past the cache's ",
+                records.size(0) * bs, " slots");
+    if (sp[t] < 0) continue;
+    TORCH_CHECK(!pp || pp[t] >= 0, "positions[", t, "]=", pp[t], " is negative");
+    TORCH_CHECK(!rope || pp[t] < cos32.size(0), "positions[", t, "]=", pp[t], ": the RoPE tables have ",
+                cos32.size(0), " rows");
+  }
   const float* kcore = key_core.data_ptr<float>();
   const float* vcore = value_core.data_ptr<float>();
 

@@ -289,6 +289,48 @@ def test_limits_and_errors():
                                 torch.ones(1, dtype=torch.int32), torch.tensor([0, 1]), spec=odd, scale=1.0)
 
 
+def test_layer_kernels_match_the_checked_functions_and_check_their_constants():
+    """``CpuLayerKernels`` (the backend's per-layer entry) writes the same bytes and attends to the same output as
+    the checked functions; its constants are refused with the checked functions' errors when it is made, and the
+    ops themselves refuse a step's slot or position outside the cache or the RoPE tables (no write out of bounds)."""
+    case = WRITE_CASES["llama3-2bit-fp8-sinks"].build("cpu")
+    ref, got = case.new_cache(), case.new_cache()
+    t, sp = case.t, case.spec
+    cpu.paged_write_cpu(*case.write_args(ref), **case.write_kwargs(ref))
+    ops = cpu.CpuLayerKernels(sp, scale=sp.head_dim ** -0.5, rope_cos=t["cos"], rope_sin=t["sin"], key_perm=t["perm"],
+                              key_mean=t["mean"])
+    ops.write(t["key"], t["value"], t["slots"], t["positions"], got.records, got.sinks)
+    assert torch.equal(got.raw, ref.raw)
+
+    acase, cache, want, bound = _prepared("smollm-gqa3-d64-paley192")
+    at, asp = acase.t, acase.spec
+    aops = cpu.CpuLayerKernels(asp, scale=asp.head_dim ** -0.5, rope_cos=at["cos"], rope_sin=at["sin"],
+                               key_perm=at["perm"], key_mean=at["mean"])
+    out = torch.zeros(at["query"].shape, dtype=torch.float32)
+    aops.attend(at["query"], cache.records, at["tables"], at["seq_lens"], at["qsl"], cache.sinks, out)
+    assert torch.equal(out, cpu.paged_attention_cpu(*acase.attn_args(cache), **acase.attn_kwargs(cache)))
+    assert ((out.double() - want.double()).abs() <= bound).all()
+
+    with pytest.raises(ValueError, match="scale="):
+        cpu.CpuLayerKernels(sp, scale=0.0)
+    with pytest.raises(ValueError, match="rope_cos and rope_sin"):
+        cpu.CpuLayerKernels(sp, scale=1.0, rope_cos=t["cos"])
+    dup = t["perm"].clone()
+    dup[0] = dup[1]  # not a permutation
+    with pytest.raises(ValueError, match="perm"):
+        cpu.CpuLayerKernels(sp, scale=1.0, key_perm=dup)
+    with pytest.raises(ValueError, match="key_mean"):
+        cpu.CpuLayerKernels(sp, scale=1.0, key_mean=torch.zeros(3))
+    n_slots = got.records.shape[0] * got.records.shape[1]
+    before = got.raw.clone()
+    with pytest.raises(RuntimeError, match="past the cache"):
+        ops.write(t["key"], t["value"], torch.full_like(t["slots"], n_slots), t["positions"], got.records, got.sinks)
+    with pytest.raises(RuntimeError, match="RoPE tables have"):
+        ops.write(t["key"], t["value"], t["slots"], torch.full_like(t["positions"], t["cos"].shape[0]), got.records,
+                  got.sinks)
+    assert torch.equal(got.raw, before)  # refused before any byte was written
+
+
 def test_key_order_checked_again_after_an_edit():
     """The entry points check a key order's values once (then only its dtype and shape): an in-place edit
     bumps the tensor's version, so a broken order is still refused; a fresh tensor is checked too."""

@@ -302,6 +302,23 @@ def test_cpp_write_and_attention_match_reference_with_window(window):
         assert torch.equal(out[n:], torch.full((2, HQ, D), 7.0))
 
 
+def test_cpp_ring_read_opcheck():
+    """``rotkv::ring_prev_cpu`` through ``torch.library.opcheck`` (schema, fake implementation, no aliasing of its
+    inputs), with and without ``before``."""
+    import rotkv_kernels.rotkv_paged_cpu  # noqa: F401  (registers the ops and their fakes)
+
+    _prev_reader("cpp")
+    spec = _spec(4, sinks=1)
+    cache = alloc_paged_cache(spec, 6, BS, torch.float32, fill=0)
+    cache.sinks.normal_(generator=torch.Generator().manual_seed(0))
+    tables = torch.tensor([[2, 3, 0], [4, 5, 1]], dtype=torch.int32)
+    seq, qsl = torch.tensor([20, 3], dtype=torch.int32), torch.tensor([0, 3, 4], dtype=torch.int32)
+    args = (cache.sinks, tables, seq, qsl, spec.sink_tokens, spec.ring_slots, BS)
+    torch.library.opcheck(torch.ops.rotkv.ring_prev_cpu.default, args)
+    before = torch.ops.rotkv.ring_prev_cpu(*args)
+    torch.library.opcheck(torch.ops.rotkv.ring_prev_cpu.default, args + (before,))
+
+
 def test_spec_counts_the_rings_in_the_page_and_validates_the_window():
     spec = _spec(4, sinks=2)
     assert (spec.ring_slots, spec.fp_slots) == (3, 5)
