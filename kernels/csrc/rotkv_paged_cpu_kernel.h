@@ -107,14 +107,24 @@ void decode_keys(const AttnParams& P, int rot, const uint8_t* tb, const uint8_t*
 }
 
 // One full-precision key/value pair into a row's online softmax (base 2): the sinks and the recent window.
+// Vectorized over channels (D is a multiple of 16, so of N): a prefill reaches it R times per query row.
 inline void online_softmax_one(const float* q, const float* kk, const float* vv, int D, float& m, float& l,
                                float* a) {
-  float s = 0.0f;
-  for (int c = 0; c < D; ++c) s += q[c] * kk[c];
+  using V = Vec;
+  constexpr int N = V::N;
+  typename V::F s0 = V::zero(), s1 = V::zero();
+  int c = 0;
+  for (; c + 2 * N <= D; c += 2 * N) {
+    s0 = V::fmadd(V::load(q + c), V::load(kk + c), s0);
+    s1 = V::fmadd(V::load(q + c + N), V::load(kk + c + N), s1);
+  }
+  for (; c < D; c += N) s0 = V::fmadd(V::load(q + c), V::load(kk + c), s0);
+  const float s = V::hsum(V::add(s0, s1));
   const float mn = std::max(m, s);
   const float alpha = std::exp2(m - mn), pj = std::exp2(s - mn);
   l = l * alpha + pj;
-  for (int c = 0; c < D; ++c) a[c] = a[c] * alpha + pj * vv[c];
+  const typename V::F av = V::set1(alpha), pv = V::set1(pj);
+  for (c = 0; c < D; c += N) V::store(a + c, V::fmadd(pv, V::load(vv + c), V::mul(V::load(a + c), av)));
   m = mn;
 }
 
@@ -275,7 +285,7 @@ inline void inverse_hadamard_tile(const AttnParams& P, bool core12, float* X) {
 // Scores of NB rows of one KV head against the tile: mean, RoPE, dot, mask.
 template <int NB>
 void score_rows(const AttnParams& P, int h, const float* Xh, const float* CT, const float* ST,
-                const float* const* q, const float* lim, const float* nfirst, const float* posf,
+                const float* const* q, const int* rows, const float* lim, const float* nfirst, const float* posf,
                 const float* nposf, float* S) {
   using V = Vec;
   constexpr int N = V::N;
@@ -308,11 +318,12 @@ void score_rows(const AttnParams& P, int h, const float* Xh, const float* CT, co
     // sliding window: also -pos <= -first, i.e. pos >= the row's first key
     const typename V::F npv = V::load(nposf);
     for (int k = 0; k < NB; ++k)
-      V::store(S + k * N, V::mask_gt(npv, V::set1(nfirst[k]),
-                                     V::mask_gt(pv, V::set1(lim[k]), V::add(acc[k], acc2[k]))));
+      V::store(S + rows[k] * N, V::mask_gt(npv, V::set1(nfirst[rows[k]]),
+                                           V::mask_gt(pv, V::set1(lim[rows[k]]), V::add(acc[k], acc2[k]))));
     return;
   }
-  for (int k = 0; k < NB; ++k) V::store(S + k * N, V::mask_gt(pv, V::set1(lim[k]), V::add(acc[k], acc2[k])));
+  for (int k = 0; k < NB; ++k)
+    V::store(S + rows[k] * N, V::mask_gt(pv, V::set1(lim[rows[k]]), V::add(acc[k], acc2[k])));
 }
 
 // acc[k][c0 .. c0 + N) += sum_t ps[k][t] * (codes_t - z_t) for NB rows (one value group for the chunk);
@@ -399,6 +410,7 @@ void attend_item_t(const AttnParams& P, const WorkItem& w) {
                o_vz = take(size_t(n_vg) * N * 4), o_x = take(size_t(rw) * N * 4),
                o_ct = take(size_t(D) * N * 4), o_st = take(size_t(D) * N * 4), o_s = take(size_t(R) * N * 4),
                o_ps = take(size_t(kRowBlock) * N * 4), o_tmp = take(size_t(2 * D + 64) * 4),
+               o_rows = take(size_t(R) * 4),
                o_zero = take(size_t(D) * 4);
   // one scratch buffer per thread, kept between calls: a fresh large allocation is a fresh mmap, and its
   // page faults cost more than a short item's work
@@ -427,6 +439,14 @@ void attend_item_t(const AttnParams& P, const WorkItem& w) {
   float* ps = reinterpret_cast<float*>(base + o_ps);
   float* tmp = reinterpret_cast<float*>(base + o_tmp);
   float* zero_row = reinterpret_cast<float*>(base + o_zero);  // RoPE row of invalid lanes
+  // rows of each KV head hl of the block, all query tokens of the item: hrows[hl * nt * qpk + ti * qpk + j].
+  // Steps 4 and 6 take them kRowBlock at a time across tokens, so a prefill item reuses a tile's RoPE'd keys and
+  // unpacked values for 8 rows, not only the qpk rows of one token (3 for SmolLM2)
+  int* hrows = reinterpret_cast<int*>(base + o_rows);
+  const int per_h = nt * qpk;
+  for (int hl = 0; hl < g; ++hl)
+    for (int ti = 0; ti < nt; ++ti)
+      for (int j = 0; j < qpk; ++j) hrows[hl * per_h + ti * qpk + j] = ti * per_tok + hl * qpk + j;
   std::memset(zero_row, 0, size_t(D) * 4);
 
   // row k = ti * per_tok + hl * qpk + j: query token tok_lo + ti, query head (rot * g + hl) * qpk + j
@@ -636,17 +656,15 @@ void attend_item_t(const AttnParams& P, const WorkItem& w) {
     for (int hl = 0; hl < g; ++hl) {
       const int h = w.rot * g + hl;
       const float* Xh = X + static_cast<size_t>(hl) * D * N;
-      for (int ti = 0; ti < nt; ++ti)
-        for (int j0 = 0; j0 < qpk; j0 += kRowBlock) {
-          const int nb = std::min(kRowBlock, qpk - j0);
-          const int k0 = ti * per_tok + hl * qpk + j0;
-          const float* qs[kRowBlock];
-          for (int k = 0; k < nb; ++k) qs[k] = q_row(k0 + k);
-          dispatch_rows<kRowBlock>(nb, [&](auto nbc) {
-            score_rows<decltype(nbc)::value>(P, h, Xh, CTp, STp, qs, lim + k0, nfirst ? nfirst + k0 : nullptr, posf,
-                                             nposf, Sc + static_cast<size_t>(k0) * N);
-          });
-        }
+      for (int b0 = 0; b0 < per_h; b0 += kRowBlock) {
+        const int nb = std::min(kRowBlock, per_h - b0);
+        const int* rows = hrows + hl * per_h + b0;
+        const float* qs[kRowBlock];
+        for (int k = 0; k < nb; ++k) qs[k] = q_row(rows[k]);
+        dispatch_rows<kRowBlock>(nb, [&](auto nbc) {
+          score_rows<decltype(nbc)::value>(P, h, Xh, CTp, STp, qs, rows, lim, nfirst, posf, nposf, Sc);
+        });
+      }
     }
     // 5. online softmax per row; Sc becomes p
     for (int k = 0; k < R; ++k) {
@@ -673,22 +691,21 @@ void attend_item_t(const AttnParams& P, const WorkItem& w) {
     const uint8_t* vbase = tbase + P.key_bytes;
     for (int hl = 0; hl < g; ++hl) {
       const int h = w.rot * g + hl;
-      for (int ti = 0; ti < nt; ++ti)
-        for (int j0 = 0; j0 < qpk; j0 += kRowBlock) {
-          const int nb = std::min(kRowBlock, qpk - j0);
-          const int k0 = ti * per_tok + hl * qpk + j0;
+      for (int b0 = 0; b0 < per_h; b0 += kRowBlock) {
+          const int nb = std::min(kRowBlock, per_h - b0);
+          const int* rows = hrows + hl * per_h + b0;
           int cur_g = -1;
           const int step = interleaved ? v_block : N;
           for (int c0 = 0; c0 < D; c0 += step) {
             const int chan = h * D + c0;
             const int ga = chan / P.value_group, gb = (chan + step - 1) / P.value_group;
             float* accp[kRowBlock];
-            for (int k = 0; k < nb; ++k) accp[k] = acc + static_cast<size_t>(k0 + k) * D + c0;
+            for (int k = 0; k < nb; ++k) accp[k] = acc + static_cast<size_t>(rows[k]) * D + c0;
             if (ga == gb) {
               if (ga != cur_g) {
                 const typename V::F sv = V::load(vs + (ga - vg0) * N);
                 for (int k = 0; k < nb; ++k)
-                  V::store(ps + k * N, V::mul(V::load(Sc + static_cast<size_t>(k0 + k) * N), sv));
+                  V::store(ps + k * N, V::mul(V::load(Sc + static_cast<size_t>(rows[k]) * N), sv));
                 cur_g = ga;
               }
               const float* zt = vz + (ga - vg0) * N;
@@ -712,7 +729,7 @@ void attend_item_t(const AttnParams& P, const WorkItem& w) {
                     V::cvt(Vec::template unpack<VB>(vbase + t * stride, chan)), V::load(zl));
                 const typename V::F sf = V::mul(f, V::load(sl));
                 for (int k = 0; k < nb; ++k)
-                  V::store(accp[k], V::fmadd(V::set1(Sc[static_cast<size_t>(k0 + k) * N + t]), sf, V::load(accp[k])));
+                  V::store(accp[k], V::fmadd(V::set1(Sc[static_cast<size_t>(rows[k]) * N + t]), sf, V::load(accp[k])));
               }
             }
           }
