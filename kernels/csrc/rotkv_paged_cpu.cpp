@@ -346,6 +346,7 @@ void paged_attention_cpu(const at::Tensor& query, const at::Tensor& records, con
     mean32 = key_mean->to(at::kFloat).contiguous();
     P.key_mean = mean32.data_ptr<float>();
   }
+  auto fwht = run_isa == kAvx512 ? &avx512::fwht_rows : run_isa == kAvx2 ? &avx2::fwht_rows : &scalar::fwht_rows;
   at::Tensor win_k, win_v, win_prev;
   if (ly.recent_window > 0) {
     const int Rw = ly.recent_window, n = ly.ring_slots();
@@ -369,7 +370,13 @@ void paged_attention_cpu(const at::Tensor& query, const at::Tensor& records, con
       win_prev = at::empty({R, n, 2, ly.H, D}, rp.options().dtype(at::kFloat));
       win_prev.copy_(rp);
     }
-    if (ly.value_rot) {
+    if (ly.value_rot && value_m == 1) {
+      // Sylvester orders (D = 64, 128, 256): vectorized, the same bits as hadamard_scalar
+      fwht(win_v.data_ptr<float>(), T * ly.H, D, ly.D);
+      if (win_prev.defined())
+        for (int64_t i = 0; i < static_cast<int64_t>(R) * n; ++i)  // the V halves of [R, n, 2, H, D]
+          fwht(win_prev.data_ptr<float>() + (2 * i + 1) * ly.H * D, ly.H, D, ly.D);
+    } else if (ly.value_rot) {
       float* vrows = win_v.data_ptr<float>();
       float* prows = win_prev.defined() ? win_prev.data_ptr<float>() : nullptr;
       const int64_t n_step = T * ly.H, n_prev = prows ? static_cast<int64_t>(R) * n * ly.H : 0;
@@ -423,9 +430,14 @@ void paged_attention_cpu(const at::Tensor& query, const at::Tensor& records, con
   const at::ScalarType odt = out.scalar_type();
   char* outp = static_cast<char*>(out.data_ptr());
   const int64_t osz = out.element_size(), os0 = out.stride(0), os1 = out.stride(1), os2 = out.stride(2);
-  auto merge_rows = [&](const WorkItem& w, float* o, float* tmp) {
+  // rows of a (query block, rotation block): merged into `ob` [rows, D], rotated back (all rows at once where the
+  // order has no core), converted into `out`
+  auto merge_rows = [&](const WorkItem& w, std::vector<float>& ob, float* tmp) {
+    const int64_t n_rows = static_cast<int64_t>(w.tok_hi - w.tok_lo) * per_tok;
+    if (static_cast<int64_t>(ob.size()) < n_rows * D) ob.resize(n_rows * D);
     for (int64_t t = w.tok_lo; t < w.tok_hi; ++t)
       for (int64_t hq = static_cast<int64_t>(w.rot) * per_tok; hq < (w.rot + 1) * per_tok; ++hq) {
+        float* o = ob.data() + ((t - w.tok_lo) * per_tok + hq - static_cast<int64_t>(w.rot) * per_tok) * D;
         const int64_t base = (t * Hq + hq) * ns;
         float mx = -std::numeric_limits<float>::infinity();
         for (int64_t s = 0; s < ns; ++s) mx = std::max(mx, pmp[base + s]);
@@ -442,7 +454,12 @@ void paged_attention_cpu(const at::Tensor& query, const at::Tensor& records, con
         }
         const float inv = lsum > 0.0f ? 1.0f / lsum : 0.0f;
         for (int64_t c = 0; c < D; ++c) o[c] *= inv;
-        if (ly.value_rot) hadamard_scalar(o, value_m, vp, vcore, false, tmp);
+        if (ly.value_rot && value_m > 1) hadamard_scalar(o, value_m, vp, vcore, false, tmp);
+      }
+    if (ly.value_rot && value_m == 1) fwht(ob.data(), n_rows, D, ly.D);
+    for (int64_t t = w.tok_lo; t < w.tok_hi; ++t)
+      for (int64_t hq = static_cast<int64_t>(w.rot) * per_tok; hq < (w.rot + 1) * per_tok; ++hq) {
+        const float* o = ob.data() + ((t - w.tok_lo) * per_tok + hq - static_cast<int64_t>(w.rot) * per_tok) * D;
         char* row = outp + (t * os0 + hq * os1) * osz;
         for (int64_t c = 0; c < D; ++c) {
           char* dst = row + c * os2 * osz;
@@ -461,14 +478,14 @@ void paged_attention_cpu(const at::Tensor& query, const at::Tensor& records, con
   // busy machine waiting for it to be scheduled can cost more than a short call's whole work
 #pragma omp parallel num_threads(static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, n_items))))
   {
-    std::vector<float> o(D), tmp(64);
+    std::vector<float> ob, tmp(64);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t i = 0; i < n_items; ++i) {
       const int64_t nb = static_cast<int64_t>(base_items.size()), bi = i % nb;
       WorkItem w = base_items[bi];
       w.split = static_cast<int>(i / nb);  // split-major: see the plan
       fn(P, w);
-      if (tickets[bi].fetch_add(1, std::memory_order_acq_rel) + 1 == ns) merge_rows(w, o.data(), tmp.data());
+      if (tickets[bi].fetch_add(1, std::memory_order_acq_rel) + 1 == ns) merge_rows(w, ob, tmp.data());
     }
   }
 }

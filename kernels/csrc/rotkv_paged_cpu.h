@@ -97,11 +97,13 @@ void hadamard_scalar(float* x, int m, int p, const float* core, bool forward, fl
 
 // Per-ISA kernels. attend_item: process one work item (writes its rows of part_m / part_l / part_acc).
 // lanes: the ISA's N. transpose_rope: tiles [tile_lo, tile_hi) of AttnParams::rope_t, p.rope_width channels
-// (rows >= n_pos are 0).
+// (rows >= n_pos are 0). fwht_rows: the normalized order-p Sylvester Hadamard (p a power of two, a multiple of 16)
+// of n rows in place (row i at x + i * stride), bit-identical to hadamard_scalar(row, 1, p, ...).
 #define ROTKV_ISA_API                                                                             \
   void attend_item(const AttnParams& p, const WorkItem& w);                                       \
   int lanes();                                                                                    \
-  void transpose_rope(const AttnParams& p, int64_t tile_lo, int64_t tile_hi, int64_t n_pos, float* out);
+  void transpose_rope(const AttnParams& p, int64_t tile_lo, int64_t tile_hi, int64_t n_pos, float* out); \
+  void fwht_rows(float* x, int64_t n, int64_t stride, int p);
 namespace scalar {
 ROTKV_ISA_API
 }

@@ -34,6 +34,7 @@
 #include <new>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 #include "rotkv_paged_cpu.h"
 #include "rotkv_paged_cpu_vec.h"
@@ -278,6 +279,50 @@ inline void inverse_hadamard_tile(const AttnParams& P, bool core12, float* X) {
       case 20: core_tile<20>(P.key_core, p, X); break;
       case 28: core_tile<28>(P.key_core, p, X); break;
       default: core_tile_any(P.key_core, m, p, X); break;
+    }
+  }
+}
+
+// Normalized Sylvester Hadamard of order p (a power of two, a multiple of N; its own inverse) of n rows of p floats
+// in place (row i at x + i * stride): N rows at a time, transposed so that lanes run over rows, the key tiles'
+// butterflies, one multiply by 1 / sqrt(p), transposed back. The same fp32 operations in the same order as
+// hadamard_scalar with m = 1 (a - b as -(b * 1) + a rounds the same), so the same bits. The merge's inverse value
+// rotation of every output row and the recent window's forward one (value orders D = 64, 128, 256 have no core).
+void fwht_rows_impl(float* x, int64_t n, int64_t stride, int p) {
+  using V = Vec;
+  constexpr int N = V::N;
+  constexpr int kMaxLog = N == 16 ? 4 : 3;
+  thread_local std::vector<float> buf, pad;
+  if (buf.size() < size_t(p) * N) buf.resize(size_t(p) * N);
+  if (pad.size() < size_t(p)) pad.resize(p);  // the rows past n: read, never written back
+  int logp = 0;
+  while ((1 << logp) < p) ++logp;
+  const typename V::F cv = V::set1(static_cast<float>(1.0 / std::sqrt(static_cast<double>(p))));
+  float* y = buf.data();
+  alignas(64) float t[N * N];
+  for (int64_t i0 = 0; i0 < n; i0 += N) {
+    const int nr = static_cast<int>(std::min<int64_t>(N, n - i0));
+    const float* rows[N];
+    for (int i = 0; i < N; ++i) rows[i] = i < nr ? x + (i0 + i) * stride : pad.data();
+    for (int c0 = 0; c0 < p; c0 += N) V::transpose(rows, c0, y + c0 * N);
+    int h = 1, left = logp;
+    while (left > 0) {
+      const int st = std::min(left, kMaxLog);
+      switch (st) {
+        case 4: butterfly_pass<(kMaxLog >= 4 ? 4 : 1)>(y, p, h); break;
+        case 3: butterfly_pass<3>(y, p, h); break;
+        case 2: butterfly_pass<2>(y, p, h); break;
+        default: butterfly_pass<1>(y, p, h); break;
+      }
+      h <<= st;
+      left -= st;
+    }
+    for (int c = 0; c < p; ++c) V::store(y + c * N, V::mul(V::load(y + c * N), cv));
+    for (int c0 = 0; c0 < p; c0 += N) {
+      const float* cr[N];
+      for (int j = 0; j < N; ++j) cr[j] = y + (c0 + j) * N;
+      V::transpose(cr, 0, t);  // t[i * N + j] = channel c0 + j of row i
+      for (int i = 0; i < nr; ++i) std::memcpy(x + (i0 + i) * stride + c0, t + i * N, N * sizeof(float));
     }
   }
 }
@@ -751,6 +796,8 @@ void attend_item_t(const AttnParams& P, const WorkItem& w) {
 }  // namespace
 
 int lanes() { return Vec::N; }
+
+void fwht_rows(float* x, int64_t n, int64_t stride, int p) { fwht_rows_impl(x, n, stride, p); }
 
 void transpose_rope(const AttnParams& P, int64_t tile_lo, int64_t tile_hi, int64_t n_pos, float* out) {
   constexpr int N = Vec::N;
