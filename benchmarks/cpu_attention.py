@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from dataclasses import dataclass
@@ -120,7 +121,16 @@ class RotKVSetup:
         vb.install_runtime(rt)
         spec = vb.RotateKVAttentionBackend.customize_spec(
             FullAttentionSpec(block_size=BLOCK_SIZE, num_kv_heads=h, head_size=d, dtype=torch.uint8))
-        builder = vb.RotateKVAttentionMetadataBuilder(spec, ["l"], None, torch.device("cpu"), runtime=rt)
+        # the PyTorch path's metadata (tiles): the builder picks the C++ kernels on the CPU when they are built
+        saved = os.environ.get(vb.ATTENTION_IMPL_ENV)
+        os.environ[vb.ATTENTION_IMPL_ENV] = "torch"
+        try:
+            builder = vb.RotateKVAttentionMetadataBuilder(spec, ["l"], None, torch.device("cpu"), runtime=rt)
+        finally:
+            if saved is None:
+                os.environ.pop(vb.ATTENTION_IMPL_ENV)
+            else:
+                os.environ[vb.ATTENTION_IMPL_ENV] = saved
         self.impl = vb.RotateKVAttentionImpl(hq, d, d ** -0.5, h, None, None, "rotkv2", runtime=rt)
         self.impl._layer = 0
         slots = (table[:, (point.context - 1) // BLOCK_SIZE].long() * BLOCK_SIZE + (point.context - 1) % BLOCK_SIZE)
@@ -130,7 +140,7 @@ class RotKVSetup:
             slot_mapping=slots)
         self.md = builder.build(0, cm)
         if self.md.attention_impl != "torch":
-            raise RuntimeError(f"the backend picked {self.md.attention_impl!r} on the CPU: unset ROTKV_ATTENTION_IMPL")
+            raise RuntimeError(f"the builder picked {self.md.attention_impl!r} with {vb.ATTENTION_IMPL_ENV}=torch")
         # the presets' recent window: the step's own K/V and the R - 1 positions before it, in full precision
         self.window = (torch.randn(b, h, d, generator=gen).to(torch.bfloat16),
                        torch.randn(b, h, d, generator=gen).to(torch.bfloat16),
