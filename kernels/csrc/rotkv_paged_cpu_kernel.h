@@ -246,29 +246,30 @@ inline void core_tile_any(const float* core, int m, int p, float* X) {
 }
 
 // inverse kron(H_m, H_p) over X[rw][N] (unnormalized: 1/sqrt(rw) is folded into the key scales)
-inline void inverse_hadamard_tile(const AttnParams& P, bool core12, float* X) {
-  using V = Vec;
-  constexpr int N = V::N;
-  // stages per pass over memory: 4 with 32 vector registers (AVX-512), 3 otherwise
-  constexpr int kMaxLog = N == 16 ? 4 : 3;
-  const int m = P.key_m, p = P.key_p;
+// All log2(p) butterfly stages of y [p][N] (p a power of two), a few stages per pass over memory: 4 with 32
+// vector registers (AVX-512), 3 otherwise.
+inline void butterflies(float* y, int p) {
+  constexpr int kMaxLog = Vec::N == 16 ? 4 : 3;
   int logp = 0;
   while ((1 << logp) < p) ++logp;
-  for (int a = 0; a < m; ++a) {
-    float* y = X + static_cast<size_t>(a) * p * N;
-    int h = 1, left = logp;
-    while (left > 0) {
-      const int st = std::min(left, kMaxLog);
-      switch (st) {
-        case 4: butterfly_pass<(kMaxLog >= 4 ? 4 : 1)>(y, p, h); break;
-        case 3: butterfly_pass<3>(y, p, h); break;
-        case 2: butterfly_pass<2>(y, p, h); break;
-        default: butterfly_pass<1>(y, p, h); break;
-      }
-      h <<= st;
-      left -= st;
+  int h = 1, left = logp;
+  while (left > 0) {
+    const int st = std::min(left, kMaxLog);
+    switch (st) {
+      case 4: butterfly_pass<(kMaxLog >= 4 ? 4 : 1)>(y, p, h); break;
+      case 3: butterfly_pass<3>(y, p, h); break;
+      case 2: butterfly_pass<2>(y, p, h); break;
+      default: butterfly_pass<1>(y, p, h); break;
     }
+    h <<= st;
+    left -= st;
   }
+}
+
+inline void inverse_hadamard_tile(const AttnParams& P, bool core12, float* X) {
+  constexpr int N = Vec::N;
+  const int m = P.key_m, p = P.key_p;
+  for (int a = 0; a < m; ++a) butterflies(X + static_cast<size_t>(a) * p * N, p);
   if (m > 1) {
     switch (m) {  // the orders rotkv_kernels.hadamard generates below 64 get their accumulators in registers
       case 2: core_tile<2>(P.key_core, p, X); break;
@@ -291,12 +292,9 @@ inline void inverse_hadamard_tile(const AttnParams& P, bool core12, float* X) {
 void fwht_rows_impl(float* x, int64_t n, int64_t stride, int p) {
   using V = Vec;
   constexpr int N = V::N;
-  constexpr int kMaxLog = N == 16 ? 4 : 3;
   thread_local std::vector<float> buf, pad;
   if (buf.size() < size_t(p) * N) buf.resize(size_t(p) * N);
   if (pad.size() < size_t(p)) pad.resize(p);  // the rows past n: read, never written back
-  int logp = 0;
-  while ((1 << logp) < p) ++logp;
   const typename V::F cv = V::set1(static_cast<float>(1.0 / std::sqrt(static_cast<double>(p))));
   float* y = buf.data();
   alignas(64) float t[N * N];
@@ -305,18 +303,7 @@ void fwht_rows_impl(float* x, int64_t n, int64_t stride, int p) {
     const float* rows[N];
     for (int i = 0; i < N; ++i) rows[i] = i < nr ? x + (i0 + i) * stride : pad.data();
     for (int c0 = 0; c0 < p; c0 += N) V::transpose(rows, c0, y + c0 * N);
-    int h = 1, left = logp;
-    while (left > 0) {
-      const int st = std::min(left, kMaxLog);
-      switch (st) {
-        case 4: butterfly_pass<(kMaxLog >= 4 ? 4 : 1)>(y, p, h); break;
-        case 3: butterfly_pass<3>(y, p, h); break;
-        case 2: butterfly_pass<2>(y, p, h); break;
-        default: butterfly_pass<1>(y, p, h); break;
-      }
-      h <<= st;
-      left -= st;
-    }
+    butterflies(y, p);
     for (int c = 0; c < p; ++c) V::store(y + c * N, V::mul(V::load(y + c * N), cv));
     for (int c0 = 0; c0 < p; c0 += N) {
       const float* cr[N];
