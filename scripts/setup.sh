@@ -31,10 +31,11 @@ else
   fi
 fi
 # The fused C++ CPU kernels of the RotateKV cache (rotkv_kernels._paged_cpu), built here and never at serve time
-# (setup.py: torch.utils.cpp_extension, one translation unit per ISA). Without a compiler the package still
-# works on its PyTorch paths, and rotkv_kernels.rotkv_paged_cpu names this command.
+# (setup.py: torch.utils.cpp_extension, one translation unit per ISA, compiled $MAX_JOBS at a time, default one
+# per CPU). Without a compiler the package still works on its PyTorch paths, and rotkv_kernels.rotkv_paged_cpu
+# names this command.
 if command -v "${CXX:-c++}" >/dev/null 2>&1; then
-  MAX_JOBS="${MAX_JOBS:-1}" "$VPY" setup.py build_ext --inplace >/dev/null \
+  "$VPY" setup.py build_ext --inplace >/dev/null \
     || echo "setup.sh: building the fused CPU kernels failed; rerun: MAX_JOBS=1 .venv/bin/python setup.py build_ext --inplace" >&2
 else
   echo "setup.sh: no C++ compiler: the fused CPU kernels are not built (MAX_JOBS=1 .venv/bin/python setup.py build_ext --inplace)" >&2
