@@ -33,7 +33,11 @@ def test_expected_failure():
 INNER_MODULE_SKIP = 'import pytest\npytest.importorskip("a_part_that_is_not_installed")\n\ndef test_x():\n    pass\n'
 
 
-def run_inner(tmp_path: Path, strict: bool) -> subprocess.CompletedProcess:
+# the README's test command runs on xdist workers: there the workers police and the controller counts
+WORKERS = pytest.mark.parametrize("workers", [0, 2], ids=["serial", "xdist"])
+
+
+def run_inner(tmp_path: Path, strict: bool, workers: int = 0) -> subprocess.CompletedProcess:
     (tmp_path / "conftest.py").write_text(CONFTEST.read_text())
     (tmp_path / "test_inner.py").write_text(INNER)
     (tmp_path / "test_missing_part.py").write_text(INNER_MODULE_SKIP)
@@ -42,13 +46,15 @@ def run_inner(tmp_path: Path, strict: bool) -> subprocess.CompletedProcess:
         env["ROTKV_STRICT_SKIPS"] = "1"
     # --continue-on-collection-errors: see every outcome (without it the failed collection stops the run)
     return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rA",
-                           "--continue-on-collection-errors", str(tmp_path)],
+                           "--continue-on-collection-errors", *(["-n", str(workers)] if workers else []),
+                           str(tmp_path)],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the inner cuda test would run")
-def test_strict_mode_fails_every_skip_but_cuda_ones(tmp_path):
-    r = run_inner(tmp_path, strict=True)
+@WORKERS
+def test_strict_mode_fails_every_skip_but_cuda_ones(tmp_path, workers):
+    r = run_inner(tmp_path, strict=True, workers=workers)
     out = r.stdout
     assert r.returncode == 1, out
     assert "FAILED" in out and "test_skips_at_run_time" in out and "bundled model not converted" in out
@@ -58,8 +64,9 @@ def test_strict_mode_fails_every_skip_but_cuda_ones(tmp_path):
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the inner cuda test would run")
-def test_lenient_mode_counts_and_reports_skips(tmp_path):
-    r = run_inner(tmp_path, strict=False)
+@WORKERS
+def test_lenient_mode_counts_and_reports_skips(tmp_path, workers):
+    r = run_inner(tmp_path, strict=False, workers=workers)
     out = r.stdout
     assert r.returncode == 0, out
     assert "3 skipped (ROTKV_STRICT_SKIPS unset" in out

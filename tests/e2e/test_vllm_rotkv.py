@@ -20,7 +20,7 @@ import torch
 
 pytest.importorskip("vllm")
 
-pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.longest]
 
 JOB = Path(__file__).with_name("rotkv_engine_job.py")
 KV_GIB = 1
