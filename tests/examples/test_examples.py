@@ -72,3 +72,12 @@ def test_lrq_dit_push_to_the_loopback_hub_and_load_by_repo_id(tmp_path):
         assert p.returncode == 0, p.stderr[-4000:]
         assert f"pushed alice/digits-lrq to {hub.url}: commit " in p.stdout
         assert "loaded alice/digits-lrq:" in p.stdout and "packed LRQLinear layers" in p.stdout
+
+
+def test_halo_example_without_serving_stops_before_vllm(tmp_path):
+    # --no-serve: export and transformers answer only (one short step: the fine-tuning itself is checked with
+    # vLLM in tests/e2e/test_examples_vllm.py)
+    res = load_example("halo_finetune_export_serve").main(
+        ["--steps", "1", "--seq-len", "32", "--eval-chunks", "1", "--out", str(tmp_path / "w8a8"), "--no-serve"])
+    assert (tmp_path / "w8a8" / "model.safetensors").is_file()
+    assert len(res["transformers_tokens"]) == 8 and res["vllm_tokens"] is None
