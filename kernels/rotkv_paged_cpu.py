@@ -225,9 +225,12 @@ def paged_write_cpu(
     rope_sin: torch.Tensor | None = None,
     key_perm: torch.Tensor | None = None,
     key_mean: torch.Tensor | None = None,
+    isa: str | None = None,
 ) -> None:
     """C++ :func:`rotkv_paged.paged_write_ref` (same arguments; writes ``records``/``sinks`` in place).
-    Op ``rotkv::paged_write_cpu``.
+    Op ``rotkv::paged_write_cpu``: the tokens are encoded ``lanes`` at a time (16 on AVX-512, 8 on AVX2, 1 in the
+    scalar kernel), the same fp32 operations per value as the reference, so the same bytes. ``isa``: as for
+    :func:`paged_attention_cpu`.
 
     Raises:
         ValueError: like the reference, plus the kernels' limits (module docstring).
@@ -242,7 +245,7 @@ def paged_write_cpu(
     torch.ops.rotkv.paged_write_cpu(key, value, slot_mapping, records, positions,
                                     sinks if spec.fp_slots else None, rope_cos, rope_sin, key_perm, key_mean,
                                     _core(spec.key_rot_width), _value_core(spec), _layout(spec),
-                                    float(spec.key_clip), float(spec.value_clip))
+                                    float(spec.key_clip), float(spec.value_clip), _isa_code(isa))
 
 
 def paged_attention_cpu(
@@ -380,7 +383,7 @@ class CpuLayerKernels:
         torch.ops.rotkv.paged_write_cpu(key, value, slot_mapping, records, positions,
                                         sinks if self.spec.fp_slots else None, self.rope_cos, self.rope_sin,
                                         self.key_perm, self.key_mean, self._key_core, self._value_core, self._layout,
-                                        *self._clips)
+                                        *self._clips, self._isa)
 
     def recent_prev(self, sinks: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
                     query_start_loc: torch.Tensor, block_size: int, before: torch.Tensor | None = None
@@ -419,7 +422,7 @@ if _load() is None:
 
     @torch.library.register_fake("rotkv::paged_write_cpu")
     def _(key, value, slot_mapping, records, positions, sinks, rope_cos, rope_sin, key_perm, key_mean, key_core,
-          value_core, layout, key_clip, value_clip):
+          value_core, layout, key_clip, value_clip, isa=0):
         return None
 else:
     logger.debug("%s", _load())

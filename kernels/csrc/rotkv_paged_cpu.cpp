@@ -135,15 +135,6 @@ int core_order(const at::Tensor& core, int width, const char* name) {
 }
 
 
-void store_float(const at::Tensor& t, int64_t off, float v) {
-  switch (t.scalar_type()) {
-    case at::kFloat: t.data_ptr<float>()[off] = v; break;
-    case at::kHalf: t.data_ptr<at::Half>()[off] = at::Half(v); break;
-    case at::kBFloat16: t.data_ptr<at::BFloat16>()[off] = at::BFloat16(v); break;
-    default: TORCH_CHECK(false, "unsupported dtype ", t.scalar_type());
-  }
-}
-
 int sink_dtype_code(at::ScalarType t) {
   switch (t) {
     case at::kFloat: return 0;
@@ -492,71 +483,20 @@ void paged_attention_cpu(const at::Tensor& query, const at::Tensor& records, con
 
 // ---- write -----------------------------------------------------------------------------------------------
 
-// rotkv_write_ref for one token: rotate (block Hadamard), order, quantize group-wise, pack.
-void encode_record(float* x, int width, int rot, int m, const float* core, const int64_t* perm, int bits, int group,
-                   float clip, bool fp8, uint8_t* out, float* tmp, float* y) {
-  const int p = rot / m;
-  for (int b0 = 0; b0 < width; b0 += rot) hadamard_scalar(x + b0, m, p, core, true, tmp);
-  for (int i = 0; i < width; ++i) y[i] = perm ? x[perm[i]] : x[i];
-  const int maxq = (1 << bits) - 1, ng = width / group;
-  const float eps = fp8 ? 0.015625f : 6.103515625e-05f;  // finfo(scale dtype).tiny
-  uint8_t* codes_out = out;
-  uint8_t* scales_out = out + width * bits / 8;
-  uint8_t* zeros_out = scales_out + ng * (fp8 ? 1 : 2);
-  std::vector<uint8_t> q(width);
-  for (int gi = 0; gi < ng; ++gi) {
-    const float* yg = y + gi * group;
-    float mx = yg[0], mn = yg[0];
-    for (int i = 1; i < group; ++i) {
-      mx = std::max(mx, yg[i]);
-      mn = std::min(mn, yg[i]);
-    }
-    const float hi = mx * clip, lo = mn * clip;
-    float sc = (hi - lo) / static_cast<float>(maxq);
-    sc = std::max(sc, eps);
-    float scs;
-    if (fp8) {
-      const c10::Float8_e4m3fn s8(sc);
-      scs = static_cast<float>(s8);
-      scales_out[gi] = s8.x;
-    } else {
-      const c10::Half s16(sc);
-      scs = static_cast<float>(s16);
-      std::memcpy(scales_out + 2 * gi, &s16.x, 2);
-    }
-    float z = std::nearbyint(-lo / scs);
-    z = std::min(std::max(z, 0.0f), static_cast<float>(maxq));
-    if (fp8) {
-      zeros_out[gi] = static_cast<uint8_t>(z);
-    } else {
-      const c10::Half z16(z);
-      std::memcpy(zeros_out + 2 * gi, &z16.x, 2);
-    }
-    for (int i = 0; i < group; ++i) {
-      float v = std::nearbyint(yg[i] / scs) + z;
-      v = std::min(std::max(v, 0.0f), static_cast<float>(maxq));
-      q[gi * group + i] = static_cast<uint8_t>(v);
-    }
-  }
-  for (int u = 0; u < width / 8; ++u) {
-    uint32_t word = 0;
-    for (int j = 0; j < 8; ++j) word |= static_cast<uint32_t>(q[u * 8 + j]) << (j * bits);
-    for (int bb = 0; bb < bits; ++bb) codes_out[u * bits + bb] = static_cast<uint8_t>(word >> (8 * bb));
-  }
-}
-
 void paged_write_cpu(const at::Tensor& key, const at::Tensor& value, const at::Tensor& slot_mapping,
                      at::Tensor& records, const std::optional<at::Tensor>& positions,
                      const std::optional<at::Tensor>& sinks, const std::optional<at::Tensor>& rope_cos,
                      const std::optional<at::Tensor>& rope_sin, const std::optional<at::Tensor>& key_perm,
                      const std::optional<at::Tensor>& key_mean, const at::Tensor& key_core,
-                     const at::Tensor& value_core, at::IntArrayRef layout, double key_clip, double value_clip) {
+                     const at::Tensor& value_core, at::IntArrayRef layout, double key_clip, double value_clip,
+                     int64_t isa) {
   const Layout ly = parse_layout(layout);
+  const int64_t run_isa = resolve_isa(isa);
   TORCH_CHECK(records.scalar_type() == at::kByte && records.dim() == 3 && records.stride(2) == 1,
               "records: expected uint8 [num_blocks, block_size, C] with contiguous slots");
   const int64_t T = key.size(0);
   if (T == 0) return;
-  const int H = ly.H, D = ly.D, W = H * D, half = D / 2;
+  const int H = ly.H, D = ly.D, W = H * D;
   const int key_m = core_order(key_core, ly.key_rot, "key_core");
   const int value_m = ly.value_rot ? core_order(value_core, ly.D, "value_core") : 1;
   const at::Tensor k32 = key.to(at::kFloat).contiguous().view({T, W});
@@ -604,53 +544,78 @@ void paged_write_cpu(const at::Tensor& key, const at::Tensor& value, const at::T
     TORCH_CHECK(!rope || pp[t] < cos32.size(0), "positions[", t, "]=", pp[t], ": the RoPE tables have ",
                 cos32.size(0), " rows");
   }
-  const float* kcore = key_core.data_ptr<float>();
-  const float* vcore = value_core.data_ptr<float>();
-
-  at::parallel_for(0, T, 8, [&](int64_t b, int64_t e) {
-    std::vector<float> x(W), y(W), tmp(64);
-    for (int64_t t = b; t < e; ++t) {
-      const int64_t slot = sp[t];
-      if (slot < 0) continue;
-      const int64_t blk = slot / bs, off = slot % bs;
-      uint8_t* dst = rec + blk * s0 + off * s1;
-      const float* k = kp + t * W;
-      if (rope) {
-        // (k cos - rotate_half(k) sin) / (cos^2 + sin^2), each operation rounded to fp32 like the reference
-        const float* c = cp + pp[t] * rs;
-        const float* s = snp + pp[t] * rs;
-        for (int h = 0; h < H; ++h)
-          for (int i = 0; i < D; ++i) {
-            const float kv = k[h * D + i];
-            const float rh = i < half ? -k[h * D + i + half] : k[h * D + i - half];
-            const float num = kv * c[i] - rh * s[i];
-            const float den = c[i] * c[i] + s[i] * s[i];
-            x[h * D + i] = num / den;
-          }
-      } else {
-        std::copy(k, k + W, x.begin());
-      }
-      if (mean)
-        for (int i = 0; i < W; ++i) x[i] = x[i] - mean[i];
-      encode_record(x.data(), W, ly.key_rot, key_m, kcore, perm, ly.key_bits, ly.key_group, kclip, ly.fp8, dst,
-                    tmp.data(), y.data());
-      std::copy(vp + t * W, vp + (t + 1) * W, x.begin());
-      encode_record(x.data(), W, ly.value_rot ? D : 1, ly.value_rot ? value_m : 1, vcore, nullptr, ly.value_bits,
-                    ly.value_group, vclip, ly.fp8, dst + ly.key_bytes, tmp.data(), y.data());
+  // the ISA tiles' core product is the transpose (the attention's inverse): give them the transposed cores
+  const at::Tensor kcore_t = key_core.t().contiguous(), vcore_t = value_core.t().contiguous();
+  WriteParams wp{};
+  wp.H = H;
+  wp.D = D;
+  wp.fp8 = ly.fp8;
+  wp.key = kp;
+  wp.value = vp;
+  wp.slots = sp;
+  wp.positions = pp;
+  wp.rope_cos = cp;
+  wp.rope_sin = snp;
+  wp.rope_stride = rs;
+  wp.key_mean = mean;
+  wp.key_enc.rot = ly.key_rot;
+  wp.key_enc.m = key_m;
+  wp.key_enc.core_t = kcore_t.data_ptr<float>();
+  wp.key_enc.perm = perm;
+  wp.key_enc.bits = ly.key_bits;
+  wp.key_enc.group = ly.key_group;
+  wp.key_enc.clip = kclip;
+  wp.key_enc.offset = 0;
+  wp.value_enc.rot = ly.value_rot ? D : 1;
+  wp.value_enc.m = ly.value_rot ? value_m : 1;
+  wp.value_enc.core_t = vcore_t.data_ptr<float>();
+  wp.value_enc.bits = ly.value_bits;
+  wp.value_enc.group = ly.value_group;
+  wp.value_enc.clip = vclip;
+  wp.value_enc.offset = ly.key_bytes;
+  wp.records = rec;
+  wp.page_stride = s0;
+  wp.slot_bytes = s1;
+  wp.block_size = bs;
+  // the tokens that write (padding slots are -1), in tiles of the ISA's lanes
+  std::vector<int64_t> toks;
+  toks.reserve(T);
+  for (int64_t t = 0; t < T; ++t)
+    if (sp[t] >= 0) toks.push_back(t);
+  const int lanes = run_isa == kAvx512 ? avx512::lanes() : run_isa == kAvx2 ? avx2::lanes() : scalar::lanes();
+  auto write_tile = run_isa == kAvx512 ? &avx512::write_tokens
+                    : run_isa == kAvx2 ? &avx2::write_tokens
+                                       : &scalar::write_tokens;
+  const int64_t n_tok = static_cast<int64_t>(toks.size());
+  const int64_t n_tiles = (n_tok + lanes - 1) / lanes;
+  const at::ScalarType fp_dt = has_sinks || n_ring > 0 ? sinks->scalar_type() : at::kFloat;
+  at::parallel_for(0, n_tiles, 1, [&](int64_t b, int64_t e) {
+    for (int64_t ti = b; ti < e; ++ti) {
+      const int64_t lo = ti * lanes, n = std::min<int64_t>(lanes, n_tok - lo);
+      write_tile(wp, toks.data() + lo, static_cast<int>(n));
       // the sink area (positions < S), and the ring slot S + off % n unless a later token of this step in the
       // same page takes it (rotkv_paged.ring_write_mask: that token is t + n at slot + n)
-      const bool sink = has_sinks && pp[t] >= 0 && pp[t] < ly.sink_tokens;
-      const bool ring = n_ring > 0 && !(t + n_ring < T && sp[t + n_ring] == slot + n_ring && off + n_ring < bs);
-      for (int64_t fp_slot : {sink ? pp[t] : int64_t{-1}, ring ? ly.sink_tokens + off % n_ring : int64_t{-1}}) {
-        if (fp_slot < 0) continue;
-        const at::Tensor& sk = *sinks;
-        const int64_t base = blk * sk.stride(0) + fp_slot * sk.stride(1);
-        for (int h = 0; h < H; ++h)
-          for (int i = 0; i < D; ++i) {
-            const int64_t o = base + h * sk.stride(3) + i * sk.stride(4);
-            store_float(sk, o, k[h * D + i]);
-            store_float(sk, o + sk.stride(2), vp[t * W + h * D + i]);
-          }
+      for (int64_t j = lo; j < lo + n; ++j) {
+        const int64_t t = toks[j], slot = sp[t], blk = slot / bs, off = slot % bs;
+        const bool sink = has_sinks && pp[t] >= 0 && pp[t] < ly.sink_tokens;
+        const bool ring = n_ring > 0 && !(t + n_ring < T && sp[t + n_ring] == slot + n_ring && off + n_ring < bs);
+        for (int64_t fp_slot : {sink ? pp[t] : int64_t{-1}, ring ? ly.sink_tokens + off % n_ring : int64_t{-1}}) {
+          if (fp_slot < 0) continue;
+          const at::Tensor& sk = *sinks;
+          const int64_t base = blk * sk.stride(0) + fp_slot * sk.stride(1);
+          const float* k = kp + t * W;
+          const float* v = vp + t * W;
+          AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, fp_dt, "paged_write_cpu_fp", [&] {
+            scalar_t* d = sk.data_ptr<scalar_t>();
+            const int64_t st2 = sk.stride(2), st3 = sk.stride(3), st4 = sk.stride(4);
+            for (int h = 0; h < H; ++h)
+              for (int i = 0; i < D; ++i) {
+                const int64_t o = base + h * st3 + i * st4;
+                d[o] = static_cast<scalar_t>(k[h * D + i]);
+                d[o + st2] = static_cast<scalar_t>(v[h * D + i]);
+              }
+          });
+        }
       }
     }
   });
@@ -722,7 +687,7 @@ TORCH_LIBRARY_FRAGMENT(rotkv, m) {
   m.def(
       "paged_write_cpu(Tensor key, Tensor value, Tensor slot_mapping, Tensor(a!) records, Tensor? positions, "
       "Tensor(b!)? sinks, Tensor? rope_cos, Tensor? rope_sin, Tensor? key_perm, Tensor? key_mean, "
-      "Tensor key_core, Tensor value_core, int[] layout, float key_clip, float value_clip) -> ()");
+      "Tensor key_core, Tensor value_core, int[] layout, float key_clip, float value_clip, int isa=0) -> ()");
   m.def(
       "ring_prev_cpu(Tensor sinks, Tensor block_tables, Tensor seq_lens, Tensor query_start_loc, int sink_tokens, "
       "int ring_slots, int block_size, Tensor? before=None) -> Tensor");

@@ -90,12 +90,45 @@ struct WorkItem {
   int split;
 };
 
+// One half of a slot's record for the write (rotkv_paged.paged_write_ref): forward normalized kron(H_m, H_p) on
+// every `rot` channels (rot = 1: none), stored order (stored channel i = channel perm[i]), group-wise asymmetric
+// quantization to `bits`, codes packed 8 per `bits` bytes, then the scales and zeros of every group.
+struct EncodeParams {
+  int rot = 1, m = 1;
+  const float* core_t = nullptr;  // [m, m] transposed core (core_t[j * m + a] = core[a * m + j]) when m > 1
+  const int64_t* perm = nullptr;  // or null: natural order
+  int bits = 2, group = 8;
+  float clip = 1.0f;
+  int offset = 0;  // byte offset of this record in the slot (keys 0, values key_bytes)
+};
+
+// Everything one write call needs (the torch binding checked it): per token t, keys (post-RoPE, fp32 [T, H * D])
+// are turned back to pre-RoPE (divided like the reference: (k c - rotate_half(k) s) / (c^2 + s^2)), centered,
+// encoded; values encoded; the record lands at slot slots[t] (page slots[t] / block_size).
+struct WriteParams {
+  int H = 0, D = 0;
+  bool fp8 = false;                  // fp8 e4m3 scale + uint8 zero (else fp16 scale + fp16 zero)
+  const float* key = nullptr;        // fp32 [T, H * D] contiguous
+  const float* value = nullptr;      // fp32 [T, H * D] contiguous
+  const int64_t* slots = nullptr;    // [T]
+  const int64_t* positions = nullptr;  // [T] (needed with RoPE)
+  const float* rope_cos = nullptr;   // fp32 [max_pos, D] rows rope_stride apart, or null: no inverse RoPE
+  const float* rope_sin = nullptr;
+  int64_t rope_stride = 0;
+  const float* key_mean = nullptr;   // fp32 [H * D] or null
+  EncodeParams key_enc, value_enc;
+  uint8_t* records = nullptr;
+  int64_t page_stride = 0, slot_bytes = 0, block_size = 0;
+};
+
 // Normalized Hadamard kron(H_m, H_p) (forward) or its transpose of one vector of m * p floats, scalar fp32
 // in the reference's order of operations (butterflies, core, one multiply by 1 / sqrt(n)). Defined once in
 // rotkv_paged_cpu.cpp; the write and the ISA kernels' sink values use it (nothing hot).
 void hadamard_scalar(float* x, int m, int p, const float* core, bool forward, float* tmp);
 
 // Per-ISA kernels. attend_item: process one work item (writes its rows of part_m / part_l / part_acc).
+// write_tokens: encode the n <= lanes() tokens toks[0 .. n) (slots >= 0) into their records, bit-identical to
+// the scalar write (the same fp32 operations per value, vectorized over tokens).
 // lanes: the ISA's N. transpose_rope: tiles [tile_lo, tile_hi) of AttnParams::rope_t, p.rope_width channels
 // (rows >= n_pos are 0). fwht_rows: the normalized order-p Sylvester Hadamard (p a power of two, a multiple of 16)
 // of n rows in place (row i at x + i * stride), bit-identical to hadamard_scalar(row, 1, p, ...).
@@ -103,7 +136,8 @@ void hadamard_scalar(float* x, int m, int p, const float* core, bool forward, fl
   void attend_item(const AttnParams& p, const WorkItem& w);                                       \
   int lanes();                                                                                    \
   void transpose_rope(const AttnParams& p, int64_t tile_lo, int64_t tile_hi, int64_t n_pos, float* out); \
-  void fwht_rows(float* x, int64_t n, int64_t stride, int p);
+  void fwht_rows(float* x, int64_t n, int64_t stride, int p);                                     \
+  void write_tokens(const WriteParams& p, const int64_t* toks, int n);
 namespace scalar {
 ROTKV_ISA_API
 }

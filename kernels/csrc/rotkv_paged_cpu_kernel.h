@@ -314,6 +314,207 @@ void fwht_rows_impl(float* x, int64_t n, int64_t stride, int p) {
   }
 }
 
+// ---- the write: N tokens at a time, lanes over tokens --------------------------------------------------------
+
+// IEEE half bits of f, rounded to nearest even (c10::Half's conversion, fp16_ieee_from_fp32_value)
+inline uint16_t float_to_half_bits(float f) {
+  float base = (std::fabs(f) * 0x1.0p+112f) * 0x1.0p-110f;
+  uint32_t w;
+  std::memcpy(&w, &f, 4);
+  const uint32_t shl1_w = w + w, sign = w & 0x80000000u;
+  uint32_t bias = shl1_w & 0xFF000000u;
+  if (bias < 0x71000000u) bias = 0x71000000u;
+  const uint32_t bb = (bias >> 1) + 0x07800000u;
+  float bf;
+  std::memcpy(&bf, &bb, 4);
+  base = bf + base;
+  uint32_t bits;
+  std::memcpy(&bits, &base, 4);
+  const uint32_t nonsign = ((bits >> 13) & 0x00007C00u) + (bits & 0x00000FFFu);
+  return static_cast<uint16_t>((sign >> 16) | (shl1_w > 0xFF000000u ? 0x7E00u : nonsign));
+}
+
+// fp8 e4m3fn bits of f, rounded to nearest even, 0x7F (NaN) from 480 up (c10::Float8_e4m3fn's conversion)
+inline uint8_t float_to_fp8_bits(float f) {
+  uint32_t fb;
+  std::memcpy(&fb, &f, 4);
+  const uint32_t sign = fb & 0x80000000u;
+  fb ^= sign;
+  uint8_t r;
+  if (fb >= (1087u << 20)) {
+    r = 0x7F;
+  } else if (fb < (121u << 23)) {  // below 2^-6: subnormal
+    const uint32_t dm = 141u << 23;
+    float a, d;
+    std::memcpy(&a, &fb, 4);
+    std::memcpy(&d, &dm, 4);
+    a = a + d;
+    uint32_t ab;
+    std::memcpy(&ab, &a, 4);
+    r = static_cast<uint8_t>(ab - dm);
+  } else {
+    const uint32_t mant_odd = (fb >> 20) & 1u;
+    fb += (static_cast<uint32_t>(7 - 127) << 23) + 0x7FFFFu;
+    fb += mant_odd;
+    r = static_cast<uint8_t>(fb >> 20);
+  }
+  return static_cast<uint8_t>(r | (sign >> 24));
+}
+
+inline float fp8_bits_to_float(uint8_t b) {
+  if ((b & 0x7F) == 0x7F) return std::numeric_limits<float>::quiet_NaN();
+  const int e = (b >> 3) & 0xF, m = b & 7;
+  const float mag = e == 0 ? std::ldexp(static_cast<float>(m), -9) : std::ldexp(1.0f + m / 8.0f, e - 7);
+  return (b & 0x80) ? -mag : mag;
+}
+
+// forward normalized kron(H_m, H_p) of every E.rot rows of X[width][N] (hadamard_scalar(.., forward) per lane:
+// butterflies, core, one multiply by 1 / sqrt(rot); the cores are +-1, so fma(+-1, x, acc) rounds like acc + x)
+inline void forward_hadamard_rows(const EncodeParams& E, int width, float* X) {
+  using V = Vec;
+  constexpr int N = V::N;
+  const int m = E.m, p = E.rot / m;
+  const typename V::F cv = V::set1(static_cast<float>(1.0 / std::sqrt(static_cast<double>(m * p))));
+  for (int b0 = 0; b0 < width; b0 += E.rot) {
+    float* Xb = X + static_cast<size_t>(b0) * N;
+    for (int a = 0; a < m; ++a) butterflies(Xb + static_cast<size_t>(a) * p * N, p);
+    if (m > 1) {
+      switch (m) {
+        case 2: core_tile<2>(E.core_t, p, Xb); break;
+        case 12: core_tile<12>(E.core_t, p, Xb); break;
+        case 20: core_tile<20>(E.core_t, p, Xb); break;
+        case 28: core_tile<28>(E.core_t, p, Xb); break;
+        default: core_tile_any(E.core_t, m, p, Xb); break;
+      }
+    }
+    for (int i = 0; i < E.rot; ++i) V::store(Xb + i * N, V::mul(V::load(Xb + i * N), cv));
+  }
+}
+
+// X[width][N] (lanes = tokens) -> the records at dst[lane] + E.offset for lanes < n; Q is scratch [width][N]
+inline void encode_rows(const EncodeParams& E, int width, bool fp8, float* X, float* Q, uint8_t* const* dst, int n) {
+  using V = Vec;
+  using F = typename V::F;
+  constexpr int N = V::N;
+  if (E.rot > 1) forward_hadamard_rows(E, width, X);
+  const int maxq = (1 << E.bits) - 1, ng = width / E.group;
+  const F vmaxq = V::set1(static_cast<float>(maxq)), vclip = V::set1(E.clip), vzero = V::zero();
+  const F veps = V::set1(fp8 ? 0.015625f : 6.103515625e-05f);  // finfo(scale dtype).tiny
+  const int scale_bytes = fp8 ? 1 : 2;
+  const int codes_bytes = width * E.bits / 8;
+  alignas(64) float sc[N], scs[N], zz[N];
+  for (int gi = 0; gi < ng; ++gi) {
+    auto row = [&](int i) {
+      const int c = gi * E.group + i;
+      return X + static_cast<size_t>(E.perm ? static_cast<int>(E.perm[c]) : c) * N;
+    };
+    F mx = V::load(row(0)), mn = mx;
+    for (int i = 1; i < E.group; ++i) {
+      const F y = V::load(row(i));
+      mx = V::max(y, mx);  // std::max(mx, y)
+      mn = V::min(y, mn);  // std::min(mn, y)
+    }
+    const F hi = V::mul(mx, vclip), lo = V::mul(mn, vclip);
+    V::store(sc, V::max(veps, V::div(V::sub(hi, lo), vmaxq)));  // std::max(sc, eps)
+    for (int l = 0; l < N; ++l) {
+      uint8_t* sp = dst[l < n ? l : n - 1] + E.offset + codes_bytes + gi * scale_bytes;
+      if (fp8) {
+        const uint8_t b = float_to_fp8_bits(sc[l]);
+        scs[l] = fp8_bits_to_float(b);
+        if (l < n) sp[0] = b;
+      } else {
+        const uint16_t b = float_to_half_bits(sc[l]);
+        scs[l] = half_to_float(b);
+        if (l < n) std::memcpy(sp, &b, 2);
+      }
+    }
+    const F vs = V::load(scs);
+    const F z = V::min(vmaxq, V::max(vzero, V::round(V::div(V::neg(lo), vs))));
+    V::store(zz, z);
+    for (int l = 0; l < n; ++l) {
+      uint8_t* zp = dst[l] + E.offset + codes_bytes + ng * scale_bytes + gi * scale_bytes;
+      if (fp8) {
+        zp[0] = static_cast<uint8_t>(zz[l]);
+      } else {
+        const uint16_t b = float_to_half_bits(zz[l]);
+        std::memcpy(zp, &b, 2);
+      }
+    }
+    for (int i = 0; i < E.group; ++i) {
+      const F v = V::add(V::round(V::div(V::load(row(i)), vs)), z);
+      V::store(Q + static_cast<size_t>(gi * E.group + i) * N, V::min(vmaxq, V::max(vzero, v)));
+    }
+  }
+  alignas(64) int32_t words[N];
+  for (int u = 0; u < width / 8; ++u) {
+    typename V::I w = V::cvt_i(V::load(Q + static_cast<size_t>(u) * 8 * N));
+    for (int j = 1; j < 8; ++j) w = V::or_(w, V::sll(V::cvt_i(V::load(Q + static_cast<size_t>(u * 8 + j) * N)), j * E.bits));
+    V::store_i(words, w);
+    for (int l = 0; l < n; ++l) {
+      uint8_t* cp = dst[l] + E.offset + u * E.bits;
+      const uint32_t word = static_cast<uint32_t>(words[l]);
+      for (int bb = 0; bb < E.bits; ++bb) cp[bb] = static_cast<uint8_t>(word >> (8 * bb));
+    }
+  }
+}
+
+void write_tokens_impl(const WriteParams& P, const int64_t* toks, int n) {
+  using V = Vec;
+  using F = typename V::F;
+  constexpr int N = V::N;
+  const int H = P.H, D = P.D, W = H * D, half = D / 2;
+  thread_local std::vector<float> buf;
+  const size_t need = static_cast<size_t>(W) * N * 3 + static_cast<size_t>(D) * N * 2;
+  if (buf.size() < need) buf.resize(need);
+  float* K = buf.data();              // [W][N] the step's keys / values, lanes = tokens
+  float* X = K + size_t(W) * N;       // [W][N] what gets encoded
+  float* Q = X + size_t(W) * N;       // [W][N] codes
+  float* CT = Q + size_t(W) * N;      // [D][N] cos / sin at each lane's position
+  float* ST = CT + size_t(D) * N;
+  const float* rows[N];
+  uint8_t* dst[N];
+  for (int l = 0; l < N; ++l) {
+    const int64_t t = toks[l < n ? l : n - 1];  // lanes past n repeat the last token (never stored)
+    const int64_t slot = P.slots[t];
+    dst[l] = P.records + (slot / P.block_size) * P.page_stride + (slot % P.block_size) * P.slot_bytes;
+    rows[l] = P.key + t * W;
+  }
+  for (int c0 = 0; c0 < W; c0 += N) V::transpose(rows, c0, K + static_cast<size_t>(c0) * N);
+  if (P.rope_cos) {
+    const float* crow[N];
+    const float* srow[N];
+    for (int l = 0; l < N; ++l) {
+      const int64_t pos = P.positions[toks[l < n ? l : n - 1]];
+      crow[l] = P.rope_cos + pos * P.rope_stride;
+      srow[l] = P.rope_sin + pos * P.rope_stride;
+    }
+    for (int c0 = 0; c0 < D; c0 += N) {
+      V::transpose(crow, c0, CT + static_cast<size_t>(c0) * N);
+      V::transpose(srow, c0, ST + static_cast<size_t>(c0) * N);
+    }
+    // (k c - rotate_half(k) s) / (c^2 + s^2), each operation rounded to fp32 like the reference
+    for (int h = 0; h < H; ++h)
+      for (int i = 0; i < D; ++i) {
+        const float* kh = K + static_cast<size_t>(h) * D * N;
+        const F kv = V::load(kh + i * N);
+        const F rh = i < half ? V::neg(V::load(kh + (i + half) * N)) : V::load(kh + (i - half) * N);
+        const F c = V::load(CT + i * N), s = V::load(ST + i * N);
+        const F num = V::sub(V::mul(kv, c), V::mul(rh, s));
+        const F den = V::add(V::mul(c, c), V::mul(s, s));
+        V::store(X + static_cast<size_t>(h * D + i) * N, V::div(num, den));
+      }
+  } else {
+    std::memcpy(X, K, sizeof(float) * W * N);
+  }
+  if (P.key_mean)
+    for (int i = 0; i < W; ++i)
+      V::store(X + static_cast<size_t>(i) * N, V::sub(V::load(X + static_cast<size_t>(i) * N), V::set1(P.key_mean[i])));
+  encode_rows(P.key_enc, W, P.fp8, X, Q, dst, n);
+  for (int l = 0; l < N; ++l) rows[l] = P.value + toks[l < n ? l : n - 1] * W;
+  for (int c0 = 0; c0 < W; c0 += N) V::transpose(rows, c0, X + static_cast<size_t>(c0) * N);
+  encode_rows(P.value_enc, W, P.fp8, X, Q, dst, n);
+}
+
 // Scores of NB rows of one KV head against the tile: mean, RoPE, dot, mask.
 template <int NB>
 void score_rows(const AttnParams& P, int h, const float* Xh, const float* CT, const float* ST,
@@ -785,6 +986,8 @@ void attend_item_t(const AttnParams& P, const WorkItem& w) {
 int lanes() { return Vec::N; }
 
 void fwht_rows(float* x, int64_t n, int64_t stride, int p) { fwht_rows_impl(x, n, stride, p); }
+
+void write_tokens(const WriteParams& p, const int64_t* toks, int n) { write_tokens_impl(p, toks, n); }
 
 void transpose_rope(const AttnParams& P, int64_t tile_lo, int64_t tile_hi, int64_t n_pos, float* out) {
   constexpr int N = Vec::N;

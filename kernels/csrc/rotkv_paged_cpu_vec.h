@@ -20,6 +20,9 @@
 //   select(ok, x)         x where ok (1.0f) else 0 (ok is 1.0f / 0.0f per lane; a NaN in x never leaks)
 //   transpose(rows, c0, out)  out[j * N + i] = rows[i][c0 + j] for i, j < N (RoPE tables, lanes = positions)
 //   transpose_words(rows, off, n, out)  the same for the first n 32-bit words at rows[i] + off (key codes)
+//   (the write) min(a, b) = a < b ? a : b, max likewise a > b ? a : b (the second operand on ties and NaN, like
+//   std::min(b, a) / std::max(b, a)); div; neg (sign flip); round (to nearest even, std::nearbyint); cvt_i
+//   (fp32 -> int32, for integral values); sll, or_, store_i
 //
 // The header selects by the compiler's target macros, so each translation unit gets the type of the
 // flags it is compiled with (rotkv_paged_cpu_{scalar,avx2,avx512}.cpp).
@@ -100,6 +103,14 @@ struct Vec {
   static inline F fnmadd1(F b, F a) { return _mm512_fnmadd_ps(b, _mm512_set1_ps(1.0f), a); }
   static inline F fmadd1(F b, F a) { return _mm512_fmadd_ps(b, _mm512_set1_ps(1.0f), a); }
   static inline F max(F a, F b) { return _mm512_max_ps(a, b); }
+  static inline F min(F a, F b) { return _mm512_min_ps(a, b); }
+  static inline F div(F a, F b) { return _mm512_div_ps(a, b); }
+  static inline F neg(F a) { return _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(a), _mm512_set1_epi32(INT32_MIN))); }
+  static inline F round(F a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  static inline I cvt_i(F a) { return _mm512_cvttps_epi32(a); }
+  static inline I sll(I a, int n) { return _mm512_sll_epi32(a, _mm_cvtsi32_si128(n)); }
+  static inline I or_(I a, I b) { return _mm512_or_si512(a, b); }
+  static inline void store_i(int32_t* p, I a) { _mm512_storeu_si512(p, a); }
   static inline float hmax(F a) { return _mm512_reduce_max_ps(a); }
   static inline float hsum(F a) { return _mm512_reduce_add_ps(a); }
   static inline F exp2(F x) {
@@ -217,6 +228,14 @@ struct Vec {
   static inline F fnmadd1(F b, F a) { return _mm256_fnmadd_ps(b, _mm256_set1_ps(1.0f), a); }
   static inline F fmadd1(F b, F a) { return _mm256_fmadd_ps(b, _mm256_set1_ps(1.0f), a); }
   static inline F max(F a, F b) { return _mm256_max_ps(a, b); }
+  static inline F min(F a, F b) { return _mm256_min_ps(a, b); }
+  static inline F div(F a, F b) { return _mm256_div_ps(a, b); }
+  static inline F neg(F a) { return _mm256_xor_ps(a, _mm256_set1_ps(-0.0f)); }
+  static inline F round(F a) { return _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  static inline I cvt_i(F a) { return _mm256_cvttps_epi32(a); }
+  static inline I sll(I a, int n) { return _mm256_sll_epi32(a, _mm_cvtsi32_si128(n)); }
+  static inline I or_(I a, I b) { return _mm256_or_si256(a, b); }
+  static inline void store_i(int32_t* p, I a) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), a); }
   static inline float hmax(F a) {
     __m128 m = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
     m = _mm_max_ps(m, _mm_movehl_ps(m, m));
@@ -338,6 +357,14 @@ struct Vec {
   static inline F fnmadd1(F b, F a) { return a - b; }
   static inline F fmadd1(F b, F a) { return a + b; }
   static inline F max(F a, F b) { return a > b ? a : b; }
+  static inline F min(F a, F b) { return a < b ? a : b; }
+  static inline F div(F a, F b) { return a / b; }
+  static inline F neg(F a) { return -a; }
+  static inline F round(F a) { return std::nearbyint(a); }
+  static inline I cvt_i(F a) { return static_cast<I>(a); }
+  static inline I sll(I a, int n) { return static_cast<I>(static_cast<uint32_t>(a) << n); }
+  static inline I or_(I a, I b) { return a | b; }
+  static inline void store_i(int32_t* p, I a) { *p = a; }
   static inline float hmax(F a) { return a; }
   static inline float hsum(F a) { return a; }
   static inline F exp2(F x) { return x >= -126.0f ? std::exp2(x) : 0.0f; }

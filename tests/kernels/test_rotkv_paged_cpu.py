@@ -73,18 +73,54 @@ WRITE_CASES = {
 }
 
 
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("name", list(WRITE_CASES))
-def test_write_bit_exact_whole_cache(name):
+def test_write_bit_exact_whole_cache(name, isa):
     case = WRITE_CASES[name].build("cpu")
     ref, got = case.new_cache(), case.new_cache()
     paged_write_ref(*case.write_args(ref), **case.write_kwargs(ref))
-    cpu.paged_write_cpu(*case.write_args(got), **case.write_kwargs(got))
+    cpu.paged_write_cpu(*case.write_args(got), **case.write_kwargs(got), isa=isa)
     assert torch.equal(got.raw, ref.raw), f"{(got.raw != ref.raw).sum().item()} bytes differ"
     # not vacuous: every written slot changed, padding tokens (slot -1) left no trace beyond the reference's
     slots = case.t["slots"][case.t["slots"] >= 0]
     bs = case.block_size
     recs = ref.records[slots // bs, slots % bs, : case.spec.key_bytes + case.spec.value_bytes]
     assert (recs != 0xFF).any(dim=1).all()
+
+
+# Gaussian keys through a Paley core (order 12: SmolLM2's 3 heads of 64 rotated together) and real RoPE: the
+# reference's core is a matmul whose fp32 summation order is torch's, so its bytes need not be the kernels';
+# every vector kernel must still give the scalar kernel's bytes (the same fp32 operations per value, lanes over
+# tokens), with partial tiles and padding tokens, and those bytes must be the reference's up to the few codes
+# that sit on a rounding boundary.
+PALEY_CASES = {
+    "paley192-2bit-fp8": PagedCase(_spec(3, 64, 3, 64, 192, 2, "fp8", sinks=1), torch.bfloat16, 16, 12,
+                                   ctx=[37, 1, 21], q_lens=[1, 1, 5], hq=9, dyadic=False, rope="real", seed=7),
+    "paley192-3bit-fp16-bs7": PagedCase(_spec(3, 64, 3, 32, 64, 3, sinks=2), torch.float32, 7, 20,
+                                        ctx=[23, 30, 2], q_lens=[1, 4, 2], hq=9, dyadic=False, rope="real", seed=8),
+}
+
+
+@pytest.mark.parametrize("name", list(PALEY_CASES))
+def test_write_vector_kernels_match_scalar_kernel(name):
+    case = PALEY_CASES[name].build("cpu")
+    caches = {}
+    for isa in ISAS:
+        caches[isa] = case.new_cache()
+        cpu.paged_write_cpu(*case.write_args(caches[isa]), **case.write_kwargs(caches[isa]), isa=isa)
+    for isa in ISAS:
+        n_diff = (caches[isa].raw != caches["scalar"].raw).sum().item()
+        assert n_diff == 0, f"{isa}: {n_diff} bytes differ from the scalar kernel's"
+    ref = case.new_cache()
+    paged_write_ref(*case.write_args(ref), **case.write_kwargs(ref))
+    slots = case.t["slots"][case.t["slots"] >= 0]
+    bs, sp = case.block_size, case.spec
+    got = caches["scalar"].records[slots // bs, slots % bs, : sp.key_bytes + sp.value_bytes]
+    want = ref.records[slots // bs, slots % bs, : sp.key_bytes + sp.value_bytes]
+    differ = (got != want).float().mean().item()
+    assert differ < 0.01, f"{differ:.2%} of the record bytes differ from the reference's"
+    as_bytes = lambda x: x.contiguous().view(torch.uint8)  # noqa: E731 (the unwritten bytes are NaN poison)
+    assert torch.equal(as_bytes(caches["scalar"].sinks), as_bytes(ref.sinks))
 
 
 # ---- attention --------------------------------------------------------------------------------------------
