@@ -23,6 +23,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <type_traits>
 #include <memory>
 #include <mutex>
 #include <cmath>
@@ -452,12 +453,13 @@ void paged_attention_cpu(const at::Tensor& query, const at::Tensor& records, con
       for (int64_t hq = static_cast<int64_t>(w.rot) * per_tok; hq < (w.rot + 1) * per_tok; ++hq) {
         const float* o = ob.data() + ((t - w.tok_lo) * per_tok + hq - static_cast<int64_t>(w.rot) * per_tok) * D;
         char* row = outp + (t * os0 + hq * os1) * osz;
-        for (int64_t c = 0; c < D; ++c) {
-          char* dst = row + c * os2 * osz;
-          if (odt == at::kFloat) *reinterpret_cast<float*>(dst) = o[c];
-          else if (odt == at::kHalf) *reinterpret_cast<at::Half*>(dst) = at::Half(o[c]);
-          else *reinterpret_cast<at::BFloat16*>(dst) = at::BFloat16(o[c]);
-        }
+        // one dtype test per row, not per value
+        auto put = [&](auto* typed) {
+          for (int64_t c = 0; c < D; ++c) typed[c * os2] = static_cast<std::remove_pointer_t<decltype(typed)>>(o[c]);
+        };
+        if (odt == at::kFloat) put(reinterpret_cast<float*>(row));
+        else if (odt == at::kHalf) put(reinterpret_cast<at::Half*>(row));
+        else put(reinterpret_cast<at::BFloat16*>(row));
       }
   };
   TORCH_CHECK(odt == at::kFloat || odt == at::kHalf || odt == at::kBFloat16, "out: unsupported dtype ", odt);

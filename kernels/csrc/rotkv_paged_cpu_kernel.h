@@ -63,6 +63,22 @@ inline float load_sink(const AttnParams& P, const void* base, int64_t off) {
   }
 }
 
+// D contiguous sink values from element offset `off` as fp32
+inline void load_sink_row(const AttnParams& P, int64_t off, float* out) {
+  using V = Vec;
+  constexpr int N = V::N;
+  const int D = P.head_dim;
+  switch (P.sink_dtype) {
+    case 0: std::memcpy(out, static_cast<const float*>(P.sinks) + off, size_t(D) * 4); break;
+    case 1:
+      for (int c = 0; c < D; c += N) V::store(out + c, V::load_f16(static_cast<const uint16_t*>(P.sinks) + off + c));
+      break;
+    default:
+      for (int c = 0; c < D; c += N) V::store(out + c, V::load_bf16(static_cast<const uint16_t*>(P.sinks) + off + c));
+      break;
+  }
+}
+
 struct Scratch {
   void* mem = nullptr;
   explicit Scratch(size_t bytes) {
@@ -284,34 +300,39 @@ inline void inverse_hadamard_tile(const AttnParams& P, bool core12, float* X) {
   }
 }
 
-// Normalized Sylvester Hadamard of order p (a power of two, a multiple of N; its own inverse) of n rows of p floats
-// in place (row i at x + i * stride): N rows at a time, transposed so that lanes run over rows, the key tiles'
-// butterflies, one multiply by 1 / sqrt(p), transposed back. The same fp32 operations in the same order as
-// hadamard_scalar with m = 1 (a - b as -(b * 1) + a rounds the same), so the same bits. The merge's inverse value
-// rotation of every output row and the recent window's forward one (value orders D = 64, 128, 256 have no core).
-void fwht_rows_impl(float* x, int64_t n, int64_t stride, int p) {
+// Normalized Sylvester Hadamard of order p (a power of two, a multiple of N; its own inverse) of one row in place,
+// lanes over the row's channels: stages of stride h < N inside each vector (Vec::butterfly_in), the wider ones
+// across vectors, one multiply by 1 / sqrt(p). Stage by stage the same fp32 operations as hadamard_scalar with
+// m = 1 (x * -1 + y rounds like y - x), so the same bits. The merge's inverse value rotation of every output
+// row, the sinks' and the recent window's forward one (value orders D = 64, 128, 256 have no core).
+inline void fwht_row(float* x, int p) {
   using V = Vec;
+  using F = typename V::F;
   constexpr int N = V::N;
-  thread_local std::vector<float> buf, pad;
-  if (buf.size() < size_t(p) * N) buf.resize(size_t(p) * N);
-  if (pad.size() < size_t(p)) pad.resize(p);  // the rows past n: read, never written back
-  const typename V::F cv = V::set1(static_cast<float>(1.0 / std::sqrt(static_cast<double>(p))));
-  float* y = buf.data();
-  alignas(64) float t[N * N];
-  for (int64_t i0 = 0; i0 < n; i0 += N) {
-    const int nr = static_cast<int>(std::min<int64_t>(N, n - i0));
-    const float* rows[N];
-    for (int i = 0; i < N; ++i) rows[i] = i < nr ? x + (i0 + i) * stride : pad.data();
-    for (int c0 = 0; c0 < p; c0 += N) V::transpose(rows, c0, y + c0 * N);
-    butterflies(y, p);
-    for (int c = 0; c < p; ++c) V::store(y + c * N, V::mul(V::load(y + c * N), cv));
-    for (int c0 = 0; c0 < p; c0 += N) {
-      const float* cr[N];
-      for (int j = 0; j < N; ++j) cr[j] = y + (c0 + j) * N;
-      V::transpose(cr, 0, t);  // t[i * N + j] = channel c0 + j of row i
-      for (int i = 0; i < nr; ++i) std::memcpy(x + (i0 + i) * stride + c0, t + i * N, N * sizeof(float));
-    }
+  constexpr int kMaxVecs = 256 / N;  // p <= 256 (head sizes)
+  F r[kMaxVecs];
+  const int nv = p / N;
+  for (int i = 0; i < nv; ++i) r[i] = V::load(x + i * N);
+  for (int h = 1; h < N && h < p; h *= 2)
+    for (int i = 0; i < nv; ++i) r[i] = V::butterfly_in(r[i], h);
+  for (int hv = 1; hv < nv; hv *= 2)
+    for (int i0 = 0; i0 < nv; i0 += 2 * hv)
+      for (int i = i0; i < i0 + hv; ++i) {
+        const F a = r[i], b = r[i + hv];
+        r[i] = V::add(a, b);
+        r[i + hv] = V::sub(a, b);
+      }
+  const F cv = V::set1(static_cast<float>(1.0 / std::sqrt(static_cast<double>(p))));
+  for (int i = 0; i < nv; ++i) V::store(x + i * N, V::mul(r[i], cv));
+}
+
+void fwht_rows_impl(float* x, int64_t n, int64_t stride, int p) {
+  if (p > 256 || p % Vec::N != 0) {  // not a head size this kernel serves: the scalar reference
+    float tmp[1];
+    for (int64_t i = 0; i < n; ++i) hadamard_scalar(x + i * stride, 1, p, nullptr, true, tmp);
+    return;
   }
+  for (int64_t i = 0; i < n; ++i) fwht_row(x + i * stride, p);
 }
 
 // ---- the write: N tokens at a time, lanes over tokens --------------------------------------------------------
@@ -708,11 +729,17 @@ void attend_item_t(const AttnParams& P, const WorkItem& w) {
         float* kk = tmp;
         float* vv = tmp + D;
         const int64_t b0 = blk * P.sink_stride[0] + j * P.sink_stride[1] + h * P.sink_stride[3];
-        for (int c = 0; c < D; ++c) {
-          kk[c] = load_sink(P, P.sinks, b0 + c * P.sink_stride[4]);
-          vv[c] = load_sink(P, P.sinks, b0 + P.sink_stride[2] + c * P.sink_stride[4]);
+        if (P.sink_stride[4] == 1) {
+          load_sink_row(P, b0, kk);
+          load_sink_row(P, b0 + P.sink_stride[2], vv);
+        } else {
+          for (int c = 0; c < D; ++c) {
+            kk[c] = load_sink(P, P.sinks, b0 + c * P.sink_stride[4]);
+            vv[c] = load_sink(P, P.sinks, b0 + P.sink_stride[2] + c * P.sink_stride[4]);
+          }
         }
-        if (P.value_rot) hadamard_scalar(vv, P.value_m, P.value_p, P.value_core, true, tmp + 2 * D);
+        if (P.value_rot && P.value_m == 1) fwht_row(vv, D);
+        else if (P.value_rot) hadamard_scalar(vv, P.value_m, P.value_p, P.value_core, true, tmp + 2 * D);
         for (int ti = 0; ti < nt; ++ti)
           for (int jj = 0; jj < qpk; ++jj) {
             const int k = ti * per_tok + hl * qpk + jj;

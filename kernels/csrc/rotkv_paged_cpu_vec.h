@@ -111,6 +111,18 @@ struct Vec {
   static inline I sll(I a, int n) { return _mm512_sll_epi32(a, _mm_cvtsi32_si128(n)); }
   static inline I or_(I a, I b) { return _mm512_or_si512(a, b); }
   static inline void store_i(int32_t* p, I a) { _mm512_storeu_si512(p, a); }
+  static inline F butterfly_in(F x, int h) {
+    const __m512i iota = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    const F other = _mm512_permutexvar_ps(_mm512_xor_si512(iota, _mm512_set1_epi32(h)), x);
+    // +1 / -1 per lane: x * sign + other rounds like x + other / other - x
+    const __mmask16 neg = _mm512_test_epi32_mask(iota, _mm512_set1_epi32(h));
+    const F sign = _mm512_mask_blend_ps(neg, _mm512_set1_ps(1.0f), _mm512_set1_ps(-1.0f));
+    return _mm512_fmadd_ps(x, sign, other);
+  }
+  static inline F load_bf16(const uint16_t* p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+  }
+  static inline F load_f16(const uint16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
   static inline float hmax(F a) { return _mm512_reduce_max_ps(a); }
   static inline float hsum(F a) { return _mm512_reduce_add_ps(a); }
   static inline F exp2(F x) {
@@ -236,6 +248,18 @@ struct Vec {
   static inline I sll(I a, int n) { return _mm256_sll_epi32(a, _mm_cvtsi32_si128(n)); }
   static inline I or_(I a, I b) { return _mm256_or_si256(a, b); }
   static inline void store_i(int32_t* p, I a) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), a); }
+  static inline F butterfly_in(F x, int h) {
+    const __m256i iota = _mm256_set_epi32(7, 6, 5, 4, 3, 2, 1, 0);
+    const __m256i hv = _mm256_set1_epi32(h);
+    const F other = _mm256_permutevar8x32_ps(x, _mm256_xor_si256(iota, hv));
+    const __m256i bit = _mm256_cmpeq_epi32(_mm256_and_si256(iota, hv), hv);
+    const F sign = _mm256_blendv_ps(_mm256_set1_ps(1.0f), _mm256_set1_ps(-1.0f), _mm256_castsi256_ps(bit));
+    return _mm256_fmadd_ps(x, sign, other);
+  }
+  static inline F load_bf16(const uint16_t* p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
+  }
+  static inline F load_f16(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
   static inline float hmax(F a) {
     __m128 m = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
     m = _mm_max_ps(m, _mm_movehl_ps(m, m));
@@ -365,6 +389,14 @@ struct Vec {
   static inline I sll(I a, int n) { return static_cast<I>(static_cast<uint32_t>(a) << n); }
   static inline I or_(I a, I b) { return a | b; }
   static inline void store_i(int32_t* p, I a) { *p = a; }
+  static inline F butterfly_in(F x, int) { return x; }  // N = 1: no stage inside a vector
+  static inline F load_bf16(const uint16_t* p) {
+    const uint32_t bits = static_cast<uint32_t>(*p) << 16;
+    float f;
+    std::memcpy(&f, &bits, 4);
+    return f;
+  }
+  static inline F load_f16(const uint16_t* p) { return half_to_float(*p); }
   static inline float hmax(F a) { return a; }
   static inline float hsum(F a) { return a; }
   static inline F exp2(F x) { return x >= -126.0f ? std::exp2(x) : 0.0f; }
