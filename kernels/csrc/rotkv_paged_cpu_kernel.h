@@ -208,42 +208,68 @@ inline bool is_core12(const float* core) {
   return true;
 }
 
-// One term acc[A] +-= x of the known core: signs are compile-time, so each term is one add or subtract.
-// Even outputs run on the FMA pipes (x * 1 +- acc), odd ones on the add pipes: cores with separate pipes
-// (AMD Zen) do both at once. Every form rounds like fma(+-1, x, acc), so the sums equal core_tile<12>'s.
-template <int J, int A>
-inline void core12_term(typename Vec::F* acc, typename Vec::F x) {
-  using V = Vec;
-  constexpr bool neg = kCore12[J][A] < 0;
-  if constexpr (A % 2 == 0)
-    acc[A] = neg ? V::fnmadd1(x, acc[A]) : V::fmadd1(x, acc[A]);
-  else
-    acc[A] = neg ? V::sub(acc[A], x) : V::add(acc[A], x);
+// The transposed core kCore12 by quads: for output A the coefficients of inputs 4q .. 4q + 3 are
+// g (1, s1, s2, s3) with g = kCore12[4q][A], and x0 + s1 x1 + s2 x2 + s3 x3 = a_{s1} + s2 b_{s2 s3} with
+// a_+- = x0 +- x1, b_+- = x2 +- x3: the 8 sums of a quad cost 12 adds, each output 2 more (3 with a sign flip),
+// about 60 adds per column where the 12 x 12 products take 144. The sums round in a tree (4 roundings on an
+// output's path, not 12 in a row), within the bound the tests derive for an m-term sum.
+template <int Q, int A>
+constexpr int quad_index() {
+  constexpr int g = kCore12[4 * Q][A];
+  constexpr int s1 = kCore12[4 * Q + 1][A] * g, s2 = kCore12[4 * Q + 2][A] * g, s3 = kCore12[4 * Q + 3][A] * g;
+  return (s1 < 0) * 4 + (s2 < 0) * 2 + (s2 * s3 < 0);
 }
 
-template <int J, int... A>
-inline void core12_row(typename Vec::F* acc, typename Vec::F x, std::integer_sequence<int, A...>) {
-  (core12_term<J, A>(acc, x), ...);
-}
-
-template <int... J>
-inline void core12_column(const float* X, int p, int b, typename Vec::F* acc, std::integer_sequence<int, J...>) {
+inline void quad_sums(const float* X, int p, int b, int q, typename Vec::F* S) {
   using V = Vec;
   constexpr int N = V::N;
-  (core12_row<J>(acc, V::load(X + (static_cast<size_t>(J) * p + b) * N), std::make_integer_sequence<int, 12>()), ...);
+  auto ld = [&](int j) { return V::load(X + (static_cast<size_t>(4 * q + j) * p + b) * N); };
+  const typename V::F x0 = ld(0), x1 = ld(1), x2 = ld(2), x3 = ld(3);
+  const typename V::F ap = V::add(x0, x1), am = V::sub(x0, x1), bp = V::add(x2, x3), bm = V::sub(x2, x3);
+  S[0] = V::add(ap, bp);
+  S[1] = V::add(ap, bm);
+  S[2] = V::sub(ap, bp);
+  S[3] = V::sub(ap, bm);
+  S[4] = V::add(am, bp);
+  S[5] = V::add(am, bm);
+  S[6] = V::sub(am, bp);
+  S[7] = V::sub(am, bm);
 }
 
-// core_tile<12> for the core kCore12 (same results, no multiplies, both pipe pairs busy)
+template <int A>
+inline typename Vec::F core12_out(const typename Vec::F* S0, const typename Vec::F* S1, const typename Vec::F* S2) {
+  using V = Vec;
+  constexpr int i0 = quad_index<0, A>(), i1 = quad_index<1, A>(), i2 = quad_index<2, A>();
+  constexpr int g0 = kCore12[0][A], g1 = kCore12[4][A], g2 = kCore12[8][A];
+  if constexpr (g0 > 0) {
+    const typename V::F r = g1 > 0 ? V::add(S0[i0], S1[i1]) : V::sub(S0[i0], S1[i1]);
+    return g2 > 0 ? V::add(r, S2[i2]) : V::sub(r, S2[i2]);
+  } else if constexpr (g1 > 0) {
+    const typename V::F r = V::sub(S1[i1], S0[i0]);
+    return g2 > 0 ? V::add(r, S2[i2]) : V::sub(r, S2[i2]);
+  } else if constexpr (g2 > 0) {
+    return V::sub(V::sub(S2[i2], S0[i0]), S1[i1]);
+  } else {
+    return V::neg(V::add(V::add(S0[i0], S1[i1]), S2[i2]));
+  }
+}
+
+template <int... A>
+inline void core12_store(float* X, int p, int b, const typename Vec::F* S0, const typename Vec::F* S1,
+                         const typename Vec::F* S2, std::integer_sequence<int, A...>) {
+  using V = Vec;
+  constexpr int N = V::N;
+  (V::store(X + (static_cast<size_t>(A) * p + b) * N, core12_out<A>(S0, S1, S2)), ...);
+}
+
+// core_tile<12> for the core kCore12 (the same sums in another order: no multiplies, a third of the adds)
 inline void core_tile12(int p, float* X) {
-  using V = Vec;
-  constexpr int N = V::N;
   for (int b = 0; b < p; ++b) {
-    typename V::F acc[12];
-#pragma GCC unroll 12
-    for (int a = 0; a < 12; ++a) acc[a] = V::zero();
-    core12_column(X, p, b, acc, std::make_integer_sequence<int, 12>());
-#pragma GCC unroll 12
-    for (int a = 0; a < 12; ++a) V::store(X + (static_cast<size_t>(a) * p + b) * N, acc[a]);
+    typename Vec::F S0[8], S1[8], S2[8];
+    quad_sums(X, p, b, 0, S0);
+    quad_sums(X, p, b, 1, S1);
+    quad_sums(X, p, b, 2, S2);
+    core12_store(X, p, b, S0, S1, S2, std::make_integer_sequence<int, 12>());
   }
 }
 
