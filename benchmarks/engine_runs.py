@@ -33,10 +33,18 @@ DEFAULT_KV_DTYPES = ("auto", *BUILTIN_KV_DTYPES, *ROTKV_KV_DTYPES)
 
 
 def failure_reason(stdout: str, stderr: str, returncode: int) -> str:
-    """The most telling line of a failed engine process: the last ``...Error: ...`` line, else the last line."""
+    """The most telling line of a failed engine process: where a process segfaulted (torch's handler prints
+    ``Segfault encountered`` and the native frames: the first frame past the signal handler), else the last
+    ``...Error: ...`` line, else the last line. A worker's segfault comes first because the engine core then
+    only reports that its worker is gone (``RuntimeError: cancelled``)."""
     lines = [ln.strip() for ln in (stderr + "\n" + stdout).splitlines() if ln.strip()]
-    errors = [ln for ln in lines if "Error:" in ln or "Exception:" in ln]
-    why = (errors or lines or [f"exit status {returncode}"])[-1]
+    crash = next((i for i, ln in enumerate(lines) if "Segfault encountered" in ln), None)
+    if crash is not None:
+        frames = [ln for ln in lines[crash + 1:crash + 6] if ln.startswith("File ") and "sigaction" not in ln]
+        why = "segfault" + (f" at {frames[0][len('File '):]}" if frames else "")
+    else:
+        errors = [ln for ln in lines if "Error:" in ln or "Exception:" in ln]
+        why = (errors or lines or [f"exit status {returncode}"])[-1]
     return why if len(why) <= 300 else why[:297] + "..."
 
 

@@ -11,6 +11,15 @@ def test_failure_reason_picks_the_last_error_line():
     assert failure_reason("last words\n", "", 3) == "last words"
     assert failure_reason("", "", -9) == "exit status -9"
     assert len(failure_reason("", "RuntimeError: " + "x" * 1000, 1)) == 300
+    # a worker's segfault (torch's handler, as vLLM's CPU cache write printed it) wins over the engine's
+    # "cancelled", which only says the worker is gone
+    crash = ("!!!!!!! Segfault encountered !!!!!!!\n"
+             '  File "./signal/../sysdeps/unix/sysv/linux/x86_64/libc_sigaction.c", line 0, in 0x00007fe81fc5a04f\n'
+             '  File "/tmp/vllm/csrc/cpu/cpu_attn_vec.hpp", line 305, in reshape_and_cache(...)\n'
+             "ERROR [core.py:1512] RuntimeError: cancelled\n")
+    assert failure_reason("", crash, 1) == ('segfault at "/tmp/vllm/csrc/cpu/cpu_attn_vec.hpp", line 305, in '
+                                            "reshape_and_cache(...)")
+    assert failure_reason("", "!!!!!!! Segfault encountered !!!!!!!\nRuntimeError: cancelled\n", 1) == "segfault"
 
 
 def test_run_worker_returns_the_result_or_the_error():
