@@ -12,7 +12,8 @@ import json
 import subprocess
 import sys
 
-__all__ = ["BUILTIN_KV_DTYPES", "ROTKV_KV_DTYPES", "DEFAULT_KV_DTYPES", "run_worker", "failure_reason"]
+__all__ = ["BUILTIN_KV_DTYPES", "ROTKV_KV_DTYPES", "DEFAULT_KV_DTYPES", "run_worker", "failure_reason",
+           "auto_first", "model_folder"]
 
 # vLLM 0.32's own cache dtypes other than the model dtype, in order of bits per element (the names of
 # vllm.config.cache.CacheDType; MLA-only and NVFP4 layouts are left out). Which of them start on a given
@@ -60,3 +61,20 @@ def run_worker(module: str, job: dict, timeout: float = 3600) -> dict:
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT "):])
     return {"error": failure_reason(p.stdout, p.stderr, p.returncode)}
+
+
+def auto_first(dtypes: str) -> list[str]:
+    """``--dtypes`` (comma-separated) as a list that starts with ``auto``, the baseline of every ratio."""
+    names = [d for d in dtypes.split(",") if d]
+    return ["auto"] + [d for d in names if d != "auto"]
+
+
+def model_folder(model: str) -> str:
+    """``--model``: a bundled model's name (converted and calibrated on first use) or a model folder."""
+    from rotkv_vllm.bundled_model import BUNDLED_MODELS
+
+    if model in BUNDLED_MODELS:
+        from rotkv_vllm.demo import prepare_bundled
+
+        return str(prepare_bundled(model))
+    return model

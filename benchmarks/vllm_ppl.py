@@ -32,7 +32,7 @@ import time
 
 import torch
 
-from benchmarks.engine_runs import DEFAULT_KV_DTYPES, run_worker
+from benchmarks.engine_runs import DEFAULT_KV_DTYPES, auto_first, model_folder, run_worker
 from rotkv_vllm.bundled_model import BUNDLED_MODELS
 
 
@@ -156,17 +156,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     from transformers import AutoTokenizer
 
-    model = args.model
-    if model in BUNDLED_MODELS:
-        from rotkv_vllm.demo import prepare_bundled
-
-        model = str(prepare_bundled(model))
+    model = model_folder(args.model)
     tok = AutoTokenizer.from_pretrained(model)
     windows = _windows(tok, args.windows, args.window)
     prompts = _prompts(tok, args.prompts)
-    dtypes = args.dtypes.split(",")
-    if "auto" not in dtypes:
-        dtypes.insert(0, "auto")
+    dtypes = auto_first(args.dtypes)
     results = {}
     for dt in dtypes:
         t0 = time.perf_counter()

@@ -38,7 +38,7 @@ import time
 
 from pathlib import Path
 
-from benchmarks.engine_runs import DEFAULT_KV_DTYPES, run_worker
+from benchmarks.engine_runs import DEFAULT_KV_DTYPES, auto_first, model_folder, run_worker
 from rotkv_vllm.bundled_model import BUNDLED_MODELS
 
 FIGURES = ("kv_capacity_tokens", "max_concurrency_2048", "block_size", "prefill_tokens_per_s_batch1",
@@ -108,6 +108,16 @@ def gen_lengths(n: int, gen_len: int, spread: float) -> list[int]:
     return [max(1, round(gen_len * (1 - spread + 2 * spread * ((i * stride) % n + 0.5) / n))) for i in range(n)]
 
 
+def add_workload_args(ap: argparse.ArgumentParser) -> None:
+    """The memory-limited workload's flags (shared with ``benchmarks.serving_trace``)."""
+    ap.add_argument("--small-kv-mib", type=int, default=32, help="KV cache (MiB) of the memory-limited runs")
+    ap.add_argument("--prompt-len", type=int, default=64)
+    ap.add_argument("--gen-len", type=int, default=192, help="generated tokens per request (the mean, with a spread)")
+    ap.add_argument("--gen-spread", type=float, default=0.5,
+                    help="memory-limited run: generation lengths spread over gen-len x [1 - s, 1 + s] (0: all equal)")
+    ap.add_argument("--requests", type=int, default=96, help="requests of the memory-limited run")
+
+
 def _run(job: dict) -> dict:
     return run_worker("benchmarks.vllm_serving", job)
 
@@ -120,12 +130,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                          f"on first use: {', '.join(BUNDLED_MODELS)} (default smollm2)")
     ap.add_argument("--dtypes", default=",".join(DEFAULT_KV_DTYPES))
     ap.add_argument("--kv-space", type=int, default=1, help="GiB of KV cache for the capacity rows")
-    ap.add_argument("--small-kv-mib", type=int, default=32, help="KV cache (MiB) of the memory-limited runs")
-    ap.add_argument("--prompt-len", type=int, default=64)
-    ap.add_argument("--gen-len", type=int, default=192, help="generated tokens per request (the mean, with a spread)")
-    ap.add_argument("--gen-spread", type=float, default=0.5,
-                    help="memory-limited run: generation lengths spread over gen-len x [1 - s, 1 + s] (0: all equal)")
-    ap.add_argument("--requests", type=int, default=96, help="requests of the memory-limited run")
+    add_workload_args(ap)
     ap.add_argument("--reps", type=int, default=3, help="timed runs per speed figure (median)")
     ap.add_argument("--json", help="write the rows as a JSON list of objects")
     args = ap.parse_args(argv)
@@ -133,14 +138,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print("RESULT " + json.dumps(_worker(json.loads(args.worker))), flush=True)
         return []
 
-    model = args.model
-    if model in BUNDLED_MODELS:
-        from rotkv_vllm.demo import prepare_bundled
-
-        model = str(prepare_bundled(model))
-    dtypes = args.dtypes.split(",")
-    if dtypes[0] != "auto":
-        dtypes = ["auto"] + [d for d in dtypes if d != "auto"]
+    model = model_folder(args.model)
+    dtypes = auto_first(args.dtypes)
     lens = gen_lengths(args.requests, args.gen_len, args.gen_spread)  # checks the arguments
     if args.reps < 1:
         raise ValueError(f"--reps={args.reps}: expected >= 1")

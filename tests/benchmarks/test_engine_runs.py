@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from benchmarks.engine_runs import DEFAULT_KV_DTYPES, failure_reason, run_worker
+from benchmarks.engine_runs import DEFAULT_KV_DTYPES, auto_first, failure_reason, model_folder, run_worker
 
 
 def test_failure_reason_picks_the_last_error_line():
@@ -34,3 +34,9 @@ def test_run_worker_returns_the_result_or_the_error():
 def test_default_dtypes_put_auto_first_and_each_once():
     assert DEFAULT_KV_DTYPES[0] == "auto" and len(set(DEFAULT_KV_DTYPES)) == len(DEFAULT_KV_DTYPES)
     assert {"rotkv2", "fp8", "int4_per_token_head", "turboquant_3bit_nc"} <= set(DEFAULT_KV_DTYPES)
+
+
+def test_auto_first_and_model_folder():
+    assert auto_first("rotkv2,auto,fp8") == ["auto", "rotkv2", "fp8"]
+    assert auto_first("rotkv2") == ["auto", "rotkv2"]
+    assert model_folder("/some/folder") == "/some/folder"
