@@ -29,10 +29,11 @@ import time
 from pathlib import Path
 
 from benchmarks.engine_runs import auto_first, model_folder, run_worker
-from benchmarks.vllm_serving import add_workload_args, gen_lengths
+from benchmarks.vllm_serving import add_workload_args, gen_lengths, workload_prompts
 from rotkv_vllm.bundled_model import BUNDLED_MODELS
 
-TENTH_FIGURES = ("running", "waiting", "scheduled_tokens", "cache_usage", "ms_per_step")
+# per-step figures a tenth averages, in the order of a trace entry after its time
+STEP_MEANS = ("running", "waiting", "scheduled_tokens", "cache_usage")
 
 
 def _observe_scheduler(trace: list, counts: dict) -> None:
@@ -89,8 +90,7 @@ def _worker(job: dict) -> dict:
               kv_cache_memory_bytes=job["small_kv_mib"] << 20)
 
     def prompts(n: int, salt: int) -> list:  # the same prompts as vllm_serving's memory-limited run
-        return [TokensPrompt(prompt_token_ids=[(1000 + 7919 * (salt * 1000 + i) + 31 * j) % 40000 + 100
-                                               for j in range(p_len)]) for i in range(n)]
+        return [TokensPrompt(prompt_token_ids=ids) for ids in workload_prompts(n, salt, p_len)]
 
     llm.generate(prompts(1, 99), SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True), use_tqdm=False)
     trace.clear()
@@ -124,7 +124,7 @@ def tenths(steps: list, end: float) -> list[dict]:
         part = steps[lo:hi]
         stop = steps[hi][0] if hi < n else end
         rows.append({"tenth": k, "start_s": part[0][0],
-                     **{name: sum(s[i + 1] for s in part) / len(part) for i, name in enumerate(TENTH_FIGURES[:4])},
+                     **{name: sum(s[i + 1] for s in part) / len(part) for i, name in enumerate(STEP_MEANS)},
                      "ms_per_step": 1e3 * (stop - part[0][0]) / len(part)})
     return rows
 

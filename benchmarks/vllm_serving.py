@@ -64,9 +64,7 @@ def _worker(job: dict) -> dict:
     p_len, g_len = job["prompt_len"], job["gen_len"]
 
     def prompts(n: int, salt: int) -> list:
-        # Distinct token sequences (no prefix-cache reuse between requests or runs).
-        return [TokensPrompt(prompt_token_ids=[(1000 + 7919 * (salt * 1000 + i) + 31 * j) % 40000 + 100
-                                               for j in range(p_len)]) for i in range(n)]
+        return [TokensPrompt(prompt_token_ids=ids) for ids in workload_prompts(n, salt, p_len)]
 
     def timed(n: int, max_tokens: int | list[int], salt: int) -> float:
         lens = max_tokens if isinstance(max_tokens, list) else [max_tokens] * n
@@ -106,6 +104,12 @@ def gen_lengths(n: int, gen_len: int, spread: float) -> list[int]:
     while math.gcd(stride, n) != 1:
         stride += 1
     return [max(1, round(gen_len * (1 - spread + 2 * spread * ((i * stride) % n + 0.5) / n))) for i in range(n)]
+
+
+def workload_prompts(n: int, salt: int, prompt_len: int) -> list[list[int]]:
+    """Token ids of ``n`` prompts of ``prompt_len`` tokens, distinct across requests and across ``salt`` (no
+    prefix-cache reuse between requests or runs)."""
+    return [[(1000 + 7919 * (salt * 1000 + i) + 31 * j) % 40000 + 100 for j in range(prompt_len)] for i in range(n)]
 
 
 def add_workload_args(ap: argparse.ArgumentParser) -> None:
