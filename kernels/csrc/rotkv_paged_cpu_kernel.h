@@ -27,7 +27,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <memory>
@@ -45,6 +44,7 @@ namespace ROTKV_ISA_NAMESPACE {
 namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr int kPrefetchTiles = 2;        // how far ahead a work item prefetches its tiles' slots
 constexpr int kRowBlock = 8;             // rows whose scores / accumulators are kept in registers together
 constexpr float kMagic = 8388608.0f;  // 2^23: float(2^23 + q) - (2^23 + z) == q - z exactly (Vec::code_float)
 
@@ -683,8 +683,8 @@ void attend_item_t(const AttnParams& P, const WorkItem& w) {
   // scratch: rows (m, l, lim, acc, q pointers), tile (records, key scales, X, cos/sin, scores, p)
   size_t off = 0;
   auto take = [&](size_t bytes) { const size_t o = off; off += align64(bytes); return o; };
-  const size_t o_m = take(R * 4), o_l = take(R * 4), o_lim = take(R * 4), o_nfirst = take(R * 4),
-               o_acc = take(size_t(R) * D * 4);
+  const size_t o_m = take(R * 4), o_l = take(R * 4), o_lv = take(size_t(R) * N * 4), o_lim = take(R * 4),
+               o_nfirst = take(R * 4), o_acc = take(size_t(R) * D * 4);
   const size_t o_tb = take(size_t(N) * row_bytes), o_ks = take(size_t(n_kg) * N * 4),
                o_kz = take(size_t(n_kg) * N * 4), o_vs = take(size_t(n_vg) * N * 4),
                o_vz = take(size_t(n_vg) * N * 4), o_x = take(size_t(rw) * N * 4),
@@ -703,6 +703,7 @@ void attend_item_t(const AttnParams& P, const WorkItem& w) {
   char* base = static_cast<char*>(scratch->mem);
   float* m = reinterpret_cast<float*>(base + o_m);
   float* l = reinterpret_cast<float*>(base + o_l);
+  float* lv = reinterpret_cast<float*>(base + o_lv);  // per-lane sums of the tiles' p
   float* lim = reinterpret_cast<float*>(base + o_lim);
   // -(first key of the row's sliding window), or null without a window
   float* nfirst = P.sliding_window ? reinterpret_cast<float*>(base + o_nfirst) : nullptr;
@@ -743,6 +744,25 @@ void attend_item_t(const AttnParams& P, const WorkItem& w) {
     if (nfirst) nfirst[k] = -static_cast<float>(qpos - P.sliding_window + 1);
   }
   std::memset(acc, 0, size_t(R) * D * 4);
+  std::memset(lv, 0, size_t(R) * N * 4);
+
+  // Prefetch a tile's slots (one contiguous run) kPrefetchTiles tiles ahead: its first reads are gathers, which
+  // would otherwise wait on memory one cache line at a time, and between two steps the pages of a layer leave
+  // the caches (the model's weights stream through them). Pages follow each other in block-table order, not in
+  // memory, so the hardware's stream prefetch stops at every page boundary. The item's first tiles are fetched
+  // before the sinks and the recent window, which then hide their latency.
+  const bool direct = P.block_size % N == 0;
+  auto prefetch_tile = [&](int64_t pn) {
+    if (!direct || pn >= hi) return;
+    const int64_t bn = P.block_table[static_cast<int64_t>(r) * P.bt_stride + pn / P.block_size];
+    const uint8_t* nb = P.records + bn * P.page_stride + (pn % P.block_size) * P.slot_bytes;
+    const int64_t span = static_cast<int64_t>(N) * P.slot_bytes;
+    for (int64_t o = 0; o < span; o += 64) __builtin_prefetch(nb + o);
+  };
+  {
+    const int64_t first = std::max<int64_t>(lo, S) / N * N;
+    for (int i = 0; i < kPrefetchTiles; ++i) prefetch_tile(first + static_cast<int64_t>(i) * N);
+  }
 
   if (lo < hi && w.split == 0 && S > lo) {
     // sinks: full-precision K (post-RoPE) and V (rotated forward into the accumulators' basis); only those
@@ -813,7 +833,6 @@ void attend_item_t(const AttnParams& P, const WorkItem& w) {
   const float* srow[N];
   // Pages hold whole tiles when the block size is a multiple of N (tiles start at multiples of N): the
   // kernel then reads the slots where they are; otherwise it copies each tile's records first.
-  const bool direct = P.block_size % N == 0;
   const int stride = direct ? static_cast<int>(P.slot_bytes) : row_bytes;
   for (int i = 0; i < N; ++i) lane_off[i] = i * stride;
   // Values with lanes over channels: for 2 and 4 bits, N whole bytes are zero-extended at once and each of
@@ -845,16 +864,7 @@ void attend_item_t(const AttnParams& P, const WorkItem& w) {
       const int64_t blk = P.block_table[static_cast<int64_t>(r) * P.bt_stride + p0 / P.block_size];
       tbase = P.records + blk * P.page_stride + (p0 % P.block_size) * P.slot_bytes;
       for (int i = 0; i < N; ++i) trow[i] = tbase + i * stride;
-      // Prefetch the next tile's slots (one contiguous run): its first reads are gathers, which would
-      // otherwise wait on memory one cache line at a time. Pages follow each other in block-table order,
-      // not in memory, so the hardware's stream prefetch stops at every page boundary.
-      const int64_t pn = p0 + N;
-      if (pn < hi) {
-        const int64_t bn = P.block_table[static_cast<int64_t>(r) * P.bt_stride + pn / P.block_size];
-        const uint8_t* nb = P.records + bn * P.page_stride + (pn % P.block_size) * P.slot_bytes;
-        const int64_t span = static_cast<int64_t>(N) * P.slot_bytes;
-        for (int64_t o = 0; o < span; o += 64) __builtin_prefetch(nb + o);
-      }
+      prefetch_tile(p0 + kPrefetchTiles * N);
     } else {
       for (int i = 0; i < N; ++i) {
         uint8_t* dst = tb + i * row_bytes;
@@ -952,26 +962,33 @@ void attend_item_t(const AttnParams& P, const WorkItem& w) {
         });
       }
     }
-    // 5. online softmax per row; Sc becomes p
+    // 5. online softmax per row; Sc becomes p. The running max moves only when a lane exceeds it (a compare,
+    // not a horizontal max, on most tiles), and the tile's p joins the row's per-lane sums lv (one add, not a
+    // horizontal sum: lv is summed once, after the last tile)
     for (int k = 0; k < R; ++k) {
       float* sk = Sc + static_cast<size_t>(k) * N;
       const typename V::F sv = V::load(sk);
-      const float tmax = V::hmax(sv);
-      if (tmax == kNegInf) {
+      if (V::any_gt(sv, m[k])) {
+        const float mn = V::hmax(sv);  // > m[k]
+        const float alpha = std::exp2(m[k] - mn);  // 0 while m[k] is -inf
+        m[k] = mn;
+        if (alpha != 1.0f) {
+          l[k] *= alpha;
+          float* lk = lv + static_cast<size_t>(k) * N;
+          const typename V::F av = V::set1(alpha);
+          V::store(lk, V::mul(V::load(lk), av));
+          float* a = acc + static_cast<size_t>(k) * D;
+          for (int c = 0; c < D; c += N) V::store(a + c, V::mul(V::load(a + c), av));
+        }
+      }
+      if (m[k] == kNegInf) {  // nothing unmasked yet: every lane is -inf
         V::store(sk, V::zero());
         continue;
       }
-      const float mn = std::max(m[k], tmax);
-      const float alpha = std::exp2(m[k] - mn);
-      const typename V::F pv = V::exp2(V::sub(sv, V::set1(mn)));
+      const typename V::F pv = V::exp2(V::sub(sv, V::set1(m[k])));
       V::store(sk, pv);
-      l[k] = l[k] * alpha + V::hsum(pv);
-      if (alpha != 1.0f) {
-        float* a = acc + static_cast<size_t>(k) * D;
-        const typename V::F av = V::set1(alpha);
-        for (int c = 0; c < D; c += N) V::store(a + c, V::mul(V::load(a + c), av));
-      }
-      m[k] = mn;
+      float* lk = lv + static_cast<size_t>(k) * N;
+      V::store(lk, V::add(V::load(lk), pv));
     }
     // 6. values, in their rotated basis
     const uint8_t* vbase = tbase + P.key_bytes;
@@ -1025,6 +1042,7 @@ void attend_item_t(const AttnParams& P, const WorkItem& w) {
   if (interleaved) permute_rows(false);
 
   // partial results of this split
+  for (int k = 0; k < R; ++k) l[k] += V::hsum(V::load(lv + static_cast<size_t>(k) * N));
   for (int k = 0; k < R; ++k) {
     const int ti = k / per_tok, hq = w.rot * per_tok + k % per_tok;
     const int64_t idx = (static_cast<int64_t>(w.tok_lo + ti) * Hq + hq) * P.num_splits + w.split;

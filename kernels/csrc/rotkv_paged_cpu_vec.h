@@ -6,6 +6,7 @@
 //   load, store, set1, add, sub, mul, fmadd(a, b, c) = a * b + c, max
 //   fnmadd1(b, a), fmadd1(b, a)  a - b and a + b on the FMA pipes (same rounding as sub / add)
 //   hmax, hsum            horizontal max / sum (to a scalar)
+//   any_gt(a, b)          whether some lane of a is > b (false for NaN lanes)
 //   exp2                  2^x per lane, relative error below 2^-22 for x >= -126, exactly 0 below
 //   mask_gt(pos, lim, s)  s where pos <= lim, -inf elsewhere
 //   gather32(base, off)   the 32-bit little-endian word at base + off[lane]
@@ -125,6 +126,7 @@ struct Vec {
   static inline F load_f16(const uint16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
   static inline float hmax(F a) { return _mm512_reduce_max_ps(a); }
   static inline float hsum(F a) { return _mm512_reduce_add_ps(a); }
+  static inline bool any_gt(F a, float b) { return _mm512_cmp_ps_mask(a, _mm512_set1_ps(b), _CMP_GT_OQ) != 0; }
   static inline F exp2(F x) {
     const F xc = _mm512_max_ps(x, _mm512_set1_ps(-126.0f));
     const F n = _mm512_roundscale_ps(xc, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -272,6 +274,7 @@ struct Vec {
     m = _mm_add_ss(m, _mm_shuffle_ps(m, m, 1));
     return _mm_cvtss_f32(m);
   }
+  static inline bool any_gt(F a, float b) { return _mm256_movemask_ps(_mm256_cmp_ps(a, _mm256_set1_ps(b), _CMP_GT_OQ)) != 0; }
   static inline F exp2(F x) {
     const F xc = _mm256_max_ps(x, _mm256_set1_ps(-126.0f));
     const F n = _mm256_round_ps(xc, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -399,6 +402,7 @@ struct Vec {
   static inline F load_f16(const uint16_t* p) { return half_to_float(*p); }
   static inline float hmax(F a) { return a; }
   static inline float hsum(F a) { return a; }
+  static inline bool any_gt(F a, float b) { return a > b; }
   static inline F exp2(F x) { return x >= -126.0f ? std::exp2(x) : 0.0f; }
   static inline F mask_gt(F pos, F lim, F s) { return pos <= lim ? s : -std::numeric_limits<float>::infinity(); }
   static inline I load_i(const int32_t* p) { return *p; }
