@@ -13,7 +13,7 @@ import subprocess
 import sys
 
 __all__ = ["BUILTIN_KV_DTYPES", "ROTKV_KV_DTYPES", "DEFAULT_KV_DTYPES", "run_worker", "failure_reason",
-           "auto_first", "model_folder"]
+           "auto_first", "model_folder", "mp_worker_cpus"]
 
 # vLLM 0.32's own cache dtypes other than the model dtype, in order of bits per element (the names of
 # vllm.config.cache.CacheDType; MLA-only and NVFP4 layouts are left out). Which of them start on a given
@@ -78,3 +78,29 @@ def model_folder(model: str) -> str:
 
         return str(prepare_bundled(model))
     return model
+
+
+def mp_worker_cpus() -> list[int]:
+    """The CPUs vLLM 0.32's multiprocess engine binds its (single) CPU worker's OpenMP threads to: its
+    ``OMPProcessManager`` reads ``VLLM_CPU_OMP_THREADS_BIND`` (``auto``: one logical CPU per physical core of the
+    first NUMA node, less the cores it reserves for the scheduler and front end; one of two on a 2-core machine).
+    An empty list means ``nobind`` (the worker keeps torch's default threads).
+
+    An in-process engine (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) binds nothing and computes on every core; a
+    benchmark that runs one in place of ``vllm serve`` sets this many threads to see the same compute.
+
+    Raises:
+        RuntimeError: vLLM's manager is not the one this reads (another vLLM version).
+    """
+    from types import SimpleNamespace
+
+    try:
+        from vllm.utils.ompmultiprocessing import OMPProcessManager
+
+        one_rank = SimpleNamespace(parallel_config=SimpleNamespace(local_world_size=1, data_parallel_rank_local=None,
+                                                                   _api_process_count=1), kv_transfer_config=None)
+        manager = OMPProcessManager(one_rank)
+        return [] if manager.skip_setup else list(manager.cpu_lists[0])
+    except (ImportError, AttributeError, TypeError, IndexError) as e:
+        raise RuntimeError(f"vLLM's OMPProcessManager changed ({type(e).__name__}: {e}): this reads vLLM 0.32's "
+                           "CPU thread binding") from e

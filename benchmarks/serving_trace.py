@@ -13,10 +13,14 @@ whose fused attention op returns at once (its output is whatever the buffer held
 generation lengths are fixed, so the work is not; the write, the ring reads and the rest of the model still
 run): the throughput a free attention kernel would leave, the bound on what a faster kernel can gain.
 
-The engine runs in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) so that its scheduler can be observed; that is
-faster than the multiprocess engine ``vllm_serving`` measures (no IPC, no front-end process competing for the
-cores), so compare ratios, not tokens per second, across the two. ``--json PATH`` writes every row (``kind``
-``"run"`` or ``"tenth"``) as a JSON list of objects.
+The engine runs in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) so that its scheduler can be observed. vLLM binds
+no threads there, so its worker would compute on every core, while the multiprocess engine that ``vllm_serving``
+measures (and ``vllm serve`` runs) binds its worker's OpenMP threads to the cores it does not keep for the
+scheduler and front end (one of two on a 2-core machine): ``--threads`` (default: that count,
+``engine_runs.mp_worker_cpus``) sets the in-process worker's threads to match, ``--threads 0`` leaves torch's
+default. The front end then shares the worker's thread instead of running beside it, so compare ratios, not
+tokens per second, with ``vllm_serving``. ``--json PATH`` writes every row (``kind`` ``"run"`` or ``"tenth"``)
+as a JSON list of objects.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import time
 
 from pathlib import Path
 
-from benchmarks.engine_runs import auto_first, model_folder, run_worker
+from benchmarks.engine_runs import auto_first, model_folder, mp_worker_cpus, run_worker
 from benchmarks.vllm_serving import add_workload_args, gen_lengths, workload_prompts
 from rotkv_vllm.bundled_model import BUNDLED_MODELS
 
@@ -80,6 +84,10 @@ def _worker(job: dict) -> dict:
     _observe_scheduler(trace, counts)
     if job["free_attention"]:
         _free_attention()
+    if job["threads"]:
+        import torch
+
+        torch.set_num_threads(job["threads"])  # before the engine: its CPU worker disables set_num_threads
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -101,7 +109,10 @@ def _worker(job: dict) -> dict:
     seconds = time.perf_counter() - t0
     assert [len(o.outputs[0].token_ids) for o in outs] == lens
     steps = [(t - t0, *rest) for t, *rest in trace]
+    import torch
+
     return {"seconds": seconds, "generated_tokens": sum(lens), "preemptions": counts["preemptions"],
+            "threads": torch.get_num_threads(),
             "steps": steps, "block_size": llm.llm_engine.vllm_config.cache_config.block_size,
             "num_blocks": llm.llm_engine.vllm_config.cache_config.num_gpu_blocks}
 
@@ -141,12 +152,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--dtypes", default="auto,rotkv2")
     ap.add_argument("--free-attention", action="store_true",
                     help="add a run per rotkv dtype with the fused attention op returning at once")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="the in-process worker's threads (default: the cores vLLM's multiprocess engine binds its "
+                         "worker to; 0: torch's default)")
     add_workload_args(ap)
     ap.add_argument("--json", help="write the rows as a JSON list of objects")
     args = ap.parse_args(argv)
     if args.worker:
         print("RESULT " + json.dumps(_worker(json.loads(args.worker))), flush=True)
         return []
+    if args.threads is None:
+        args.threads = len(mp_worker_cpus())
+    elif args.threads < 0:
+        raise ValueError(f"--threads={args.threads}: expected >= 0")
 
     model = model_folder(args.model)
     gen_lengths(args.requests, args.gen_len, args.gen_spread)  # checks the arguments
@@ -156,8 +174,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         runs += [(d, True) for d in dtypes if d.startswith("rotkv")]
     rows, base = [], None
     for dtype, free in runs:
-        job = dict(model=model, dtype=dtype, free_attention=free, prompt_len=args.prompt_len, gen_len=args.gen_len,
-                   gen_spread=args.gen_spread, requests=args.requests, small_kv_mib=args.small_kv_mib)
+        job = dict(model=model, dtype=dtype, free_attention=free, threads=args.threads, prompt_len=args.prompt_len,
+                   gen_len=args.gen_len, gen_spread=args.gen_spread, requests=args.requests,
+                   small_kv_mib=args.small_kv_mib)
         r = _run(job)
         variant = "free attention" if free else ""
         if "error" in r:
@@ -172,6 +191,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                "block_size": r["block_size"], "num_blocks": r["num_blocks"], "seconds": r["seconds"],
                "generated_tokens": r["generated_tokens"], "tokens_per_s": tok_s,
                "tokens_per_s_ratio": tok_s / base if base else None, "preemptions": r["preemptions"],
+               "threads": r["threads"],
                "steps": len(steps), "mean_running": sum(s[1] for s in steps) / len(steps),
                "ms_per_step": 1e3 * r["seconds"] / len(steps)}
         rows.append(run)
@@ -182,8 +202,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
             rows.append({"kind": "tenth", "kv_cache_dtype": dtype, "variant": variant, **t})
             print(f"{t['tenth']:>6}{t['start_s']:>9.1f}{t['running']:>9.1f}{t['waiting']:>9.1f}"
                   f"{t['scheduled_tokens']:>13.1f}{t['cache_usage']:>7.2f}{t['ms_per_step']:>9.1f}", flush=True)
-    print(f"\n{Path(model).name}, in-process vLLM CPU engine (eager): {args.requests} requests of {args.prompt_len} + "
-          f"{args.gen_len} (spread {args.gen_spread}) tokens through {args.small_kv_mib} MiB")
+    threads = f"{args.threads} worker threads" if args.threads else "torch's default threads"
+    print(f"\n{Path(model).name}, in-process vLLM CPU engine (eager, {threads}): {args.requests} requests of "
+          f"{args.prompt_len} + {args.gen_len} (spread {args.gen_spread}) tokens through {args.small_kv_mib} MiB")
     print(f"{'dtype':<22}{'tok/s':>9}{'x auto':>8}{'preempt':>9}{'running':>9}{'ms/step':>9}{'steps':>7}")
     for r in rows:
         if r["kind"] != "run":

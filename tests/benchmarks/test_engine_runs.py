@@ -40,3 +40,21 @@ def test_auto_first_and_model_folder():
     assert auto_first("rotkv2,auto,fp8") == ["auto", "rotkv2", "fp8"]
     assert auto_first("rotkv2") == ["auto", "rotkv2"]
     assert model_folder("/some/folder") == "/some/folder"
+
+
+def test_mp_worker_cpus_follows_vllms_binding(monkeypatch):
+    import os
+
+    from benchmarks.engine_runs import mp_worker_cpus
+
+    allowed = sorted(os.sched_getaffinity(0))
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "auto")
+    cpus = mp_worker_cpus()
+    # auto: some of the allowed CPUs, and on more than one core at least one kept for the scheduler
+    assert cpus and set(cpus) <= set(allowed)
+    if len(allowed) > 1:
+        assert len(cpus) < len(allowed)
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", str(allowed[0]))
+    assert mp_worker_cpus() == [allowed[0]]
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+    assert mp_worker_cpus() == []
