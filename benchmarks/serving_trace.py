@@ -77,6 +77,8 @@ def _free_attention() -> None:
 
 def _worker(job: dict) -> dict:
     """Runs in its own process: one in-process engine, one memory-limited run, its trace."""
+    import torch
+
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)  # the engine takes kv_cache_memory_bytes
     trace: list = []
@@ -85,8 +87,6 @@ def _worker(job: dict) -> dict:
     if job["free_attention"]:
         _free_attention()
     if job["threads"]:
-        import torch
-
         torch.set_num_threads(job["threads"])  # before the engine: its CPU worker disables set_num_threads
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
@@ -109,8 +109,6 @@ def _worker(job: dict) -> dict:
     seconds = time.perf_counter() - t0
     assert [len(o.outputs[0].token_ids) for o in outs] == lens
     steps = [(t - t0, *rest) for t, *rest in trace]
-    import torch
-
     return {"seconds": seconds, "generated_tokens": sum(lens), "preemptions": counts["preemptions"],
             "threads": torch.get_num_threads(),
             "steps": steps, "block_size": llm.llm_engine.vllm_config.cache_config.block_size,

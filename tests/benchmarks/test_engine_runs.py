@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from benchmarks.engine_runs import DEFAULT_KV_DTYPES, auto_first, failure_reason, model_folder, run_worker
+import os
+
+from benchmarks.engine_runs import (DEFAULT_KV_DTYPES, auto_first, failure_reason, model_folder, mp_worker_cpus,
+                                    run_worker)
 
 
 def test_failure_reason_picks_the_last_error_line():
@@ -43,10 +46,6 @@ def test_auto_first_and_model_folder():
 
 
 def test_mp_worker_cpus_follows_vllms_binding(monkeypatch):
-    import os
-
-    from benchmarks.engine_runs import mp_worker_cpus
-
     allowed = sorted(os.sched_getaffinity(0))
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "auto")
     cpus = mp_worker_cpus()
